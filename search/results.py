@@ -1,0 +1,117 @@
+"""The results table (`results.csv`, one row per trial) and the run summary."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from ray.tune import Callback
+
+SEARCHED = ("lr", "weight_decay", "batch_size", "dropout", "epochs", "scheduler")
+BEST = ("best_val_acc", "best_val_loss", "best_val_f1", "best_epoch")
+FINISHED = ("completed", "stopped_early")
+
+
+def trial_rows(trials: list, checkpoint_root: str, ended: dict[str, str] | None = None
+               ) -> pd.DataFrame:
+    """One row per Tune trial: its config, outcome, epochs run, best val metrics, checkpoint.
+
+    `ended` maps trial ids to the Tune status they are about to get (callbacks see it late).
+    """
+    rows = []
+    for t in trials:
+        last = t.last_result or {}
+        epochs_run = int(last.get("training_iteration", 0) or 0)
+        planned = int(t.config.get("epochs", epochs_run) or 0)
+        status = (ended or {}).get(t.trial_id, t.status)
+        if status == "ERROR":
+            outcome = "failed"
+        elif status == "TERMINATED":
+            outcome = "completed" if epochs_run >= planned else "stopped_early"
+        else:
+            outcome = status.lower()
+        ckpt = Path(checkpoint_root) / t.trial_id / "best.pt"
+        rows.append({
+            "trial_id": t.trial_id,
+            "status": outcome,
+            "epochs_run": epochs_run,
+            **{k: t.config.get(k) for k in SEARCHED},
+            **{k: v for k, v in t.config.items() if k not in SEARCHED},
+            **{k: last.get(k) for k in BEST},
+            "node_ip": last.get("node_ip"),
+            "checkpoint": str(ckpt) if ckpt.is_file() else "",
+        })
+    return pd.DataFrame(rows)
+
+
+def ranked(table: pd.DataFrame) -> pd.DataFrame:
+    """Finished trials with a checkpoint first, best val accuracy first, ties by lower val loss."""
+    if table.empty:
+        return table
+    usable = table["status"].isin(FINISHED) & (table["checkpoint"] != "")
+    order = table.assign(_usable=usable).sort_values(
+        ["_usable", "best_val_acc", "best_val_loss"], ascending=[False, False, True],
+        na_position="last")
+    return order.drop(columns="_usable").reset_index(drop=True)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Writes text to a temp file and renames it over `path`, so readers never see half."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, doc: dict[str, Any]) -> None:
+    write_atomic(path, json.dumps(doc, indent=2, default=str) + "\n")
+
+
+class ResultsWriter(Callback):
+    """Keeps `results.csv` current as trials end, so an interrupted search still has one."""
+
+    def __init__(self, path: str, checkpoint_root: str) -> None:
+        self.path, self.checkpoint_root = path, checkpoint_root
+
+    def _write(self, trials: list, ended: dict[str, str] | None = None) -> None:
+        table = ranked(trial_rows(trials, self.checkpoint_root, ended))
+        write_atomic(Path(self.path), table.to_csv(index=False))
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        self._write(trials, {trial.trial_id: "TERMINATED"})
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        self._write(trials, {trial.trial_id: "ERROR"})
+
+    def on_experiment_end(self, trials: list, **info) -> None:
+        self._write(trials)
+
+
+class ProgressPrinter(Callback):
+    """One short line per trial epoch and per trial end, instead of Tune's large tables."""
+
+    def __init__(self, num_samples: int) -> None:
+        self.num_samples, self.ended = num_samples, 0
+
+    def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
+        epochs = trial.config.get("epochs", "?")
+        print(f"  trial {trial.trial_id} epoch {result.get('training_iteration')}/{epochs}: "
+              f"val acc {result.get('val_acc', float('nan')):.4f} "
+              f"loss {result.get('val_loss', float('nan')):.4f} "
+              f"({result.get('train_images_per_s', 0):.0f} img/s)", flush=True)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        self.ended += 1
+        last = trial.last_result or {}
+        print(f"trial {trial.trial_id} ended after {last.get('training_iteration', 0)} epoch(s): "
+              f"best val acc {last.get('best_val_acc', float('nan')):.4f} "
+              f"[{self.ended}/{self.num_samples} trials]", flush=True)
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        self.ended += 1
+        print(f"trial {trial.trial_id} failed (see {trial.local_path}/error.txt) "
+              f"[{self.ended}/{self.num_samples} trials]", flush=True)

@@ -1,0 +1,123 @@
+"""The search space: an Optuna define-by-run function built from a small, validated spec.
+
+A spec entry is one of
+  {low: a, high: b, log: true|false}  a range (integers when both ends are integers),
+  [v1, v2, ...]                       a categorical choice,
+  a single value                      fixed, not searched (still logged as a param).
+Any training setting of `trainables.TrainConfig` may be searched this way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from trainables.errors import UserError
+from trainables.schedules import SCHEDULERS
+from trainables.train import AMP_MODES, OPTIMIZERS, TrainConfig
+from trainables.augment import POLICIES
+
+# The six knobs every search tunes; ranges suit AdamW on small images and can be overridden.
+DEFAULT_SPACE: dict[str, Any] = {
+    "lr": {"low": 5e-4, "high": 1e-2, "log": True},
+    "weight_decay": {"low": 1e-5, "high": 0.1, "log": True},
+    "batch_size": [32, 64, 128],
+    "dropout": {"low": 0.0, "high": 0.3},
+    "epochs": None,  # None: from half of --max-epochs up to --max-epochs
+    "scheduler": ["cosine", "onecycle", "step", "plateau"],
+}
+SEARCHABLE = {f.name for f in dataclasses.fields(TrainConfig)} - {"model", "seed", "threads"}
+_CHOICES = {"scheduler": SCHEDULERS, "optimizer": OPTIMIZERS, "amp": AMP_MODES,
+            "augment": POLICIES}
+_POSITIVE = {"lr", "batch_size", "epochs", "accum_steps"}
+_UNIT = {"dropout", "label_smoothing"}
+
+
+def resolve_space(space: dict[str, Any], max_epochs: int) -> dict[str, Any]:
+    """Fills the epochs default and checks every entry; raises UserError on a bad one."""
+    space = {k: v for k, v in space.items()}
+    if space.get("epochs") is None:
+        space["epochs"] = {"low": max(1, (max_epochs + 1) // 2), "high": max_epochs}
+    for name, spec in space.items():
+        _check_entry(name, spec, max_epochs)
+    return space
+
+
+class SpaceSampler:
+    """Callable define-by-run space for `OptunaSearch`; returns the fixed entries as constants.
+
+    A class rather than a closure so the searcher state (which holds it) can be pickled for
+    resume.
+    """
+
+    def __init__(self, space: dict[str, Any]) -> None:
+        self.space = space
+
+    def __call__(self, trial) -> dict[str, Any]:
+        fixed = {}
+        for name, spec in self.space.items():
+            if isinstance(spec, dict):
+                low, high = spec["low"], spec["high"]
+                if isinstance(low, int) and isinstance(high, int) and not isinstance(low, bool):
+                    trial.suggest_int(name, low, high, log=bool(spec.get("log", False)))
+                else:
+                    trial.suggest_float(name, float(low), float(high),
+                                        log=bool(spec.get("log", False)))
+            elif isinstance(spec, list):
+                trial.suggest_categorical(name, spec)
+            else:
+                fixed[name] = spec
+        return fixed
+
+
+def _check_entry(name: str, spec: Any, max_epochs: int) -> None:
+    where = f"search space entry {name!r}"
+    if name not in SEARCHABLE:
+        raise UserError(f"{where} is not a training setting; use one of "
+                        f"{', '.join(sorted(SEARCHABLE))}")
+    if isinstance(spec, dict):
+        if set(spec) - {"low", "high", "log"} or not {"low", "high"} <= set(spec):
+            raise UserError(f"{where} must look like {{low: A, high: B, log: true|false}}, "
+                            f"not {spec}")
+        values = [spec["low"], spec["high"]]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            raise UserError(f"{where} needs numeric low and high, not {spec}")
+        if spec["low"] > spec["high"]:
+            raise UserError(f"{where} has low {spec['low']} above high {spec['high']}; "
+                            "swap them")
+        if spec.get("log") and spec["low"] <= 0:
+            raise UserError(f"{where} is log-scaled, so low must be positive, not {spec['low']}")
+    elif isinstance(spec, list):
+        if not spec:
+            raise UserError(f"{where} is an empty list; give at least one value")
+        values = spec
+    else:
+        values = [spec]
+    for v in values:
+        _check_value(name, v, max_epochs)
+
+
+def _check_value(name: str, v: Any, max_epochs: int) -> None:
+    where = f"search space entry {name!r}"
+    if name in _CHOICES:
+        if v not in _CHOICES[name]:
+            raise UserError(f"{where}: unknown {name} {v!r}; choose from "
+                            f"{', '.join(_CHOICES[name])}")
+        return
+    if name == "hflip":
+        if not isinstance(v, bool):
+            raise UserError(f"{where} must be true or false, not {v!r}")
+        return
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        raise UserError(f"{where} must be numeric, not {v!r}")
+    if name in _POSITIVE and v <= 0:
+        raise UserError(f"{where} must be positive, not {v}; use a value above 0")
+    if name in ("batch_size", "epochs", "accum_steps", "warmup_epochs") and v != int(v):
+        raise UserError(f"{where} must be a whole number, not {v}")
+    if name == "epochs" and v > max_epochs:
+        raise UserError(f"{where} allows {v} epochs, more than --max-epochs {max_epochs}; "
+                        "raise --max-epochs or lower the range")
+    if name in _UNIT and not 0 <= v < 1:
+        raise UserError(f"{where} must be in [0, 1), not {v}")
+    if v < 0:
+        raise UserError(f"{where} must not be negative, not {v}")

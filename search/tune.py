@@ -1,0 +1,167 @@
+"""Ray Tune wiring: resources, the trial function, Optuna + ASHA, start and resume."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from search.config import SearchConfig
+from search.space import SpaceSampler
+from trainables.errors import UserError
+from trainables.train import TrainConfig, TrialInputs, fit, train_worker
+
+METRIC = "best_val_acc"  # running best: monotone per trial, what ASHA rungs and Optuna compare
+DDP_TRIAL_CPU = 0.1  # what a trial that only drives a TorchTrainer reserves next to its workers
+
+
+@dataclass(frozen=True)
+class ResourcePlan:
+    """How trials map onto the cluster."""
+
+    workers: int
+    cpus_per_worker: float
+    gpus_per_worker: float
+    trial_cpus: float  # the Tune trial's own reservation
+    concurrency: int
+
+    @property
+    def threads(self) -> int:
+        return max(1, int(round(self.cpus_per_worker)))
+
+    def describe(self) -> str:
+        mode = "inline" if self.workers == 1 else f"DDP x{self.workers} via Ray Train"
+        gpu = f", {self.gpus_per_worker:g} GPU" if self.gpus_per_worker else ""
+        return (f"{self.concurrency} trial(s) at once, each {mode}: "
+                f"{self.cpus_per_worker:g} CPU{gpu} per worker")
+
+
+def plan_resources(cfg: SearchConfig, total: dict[str, float],
+                   nodes: list[dict[str, float]]) -> ResourcePlan:
+    """Sizes workers and concurrency to the cluster; a trial that can never fit is a UserError."""
+    w, g = cfg.workers_per_trial, cfg.gpus_per_worker
+    cpus, gpus = float(total.get("CPU", 0)), float(total.get("GPU", 0))
+    trial_cpus = DDP_TRIAL_CPU if w > 1 else 0.0
+    c = cfg.cpus_per_worker
+    if c is None:  # one CPU per worker, shrunk so one DDP trial fits beside its driver
+        c = 1.0 if w == 1 else min(1.0, math.floor((cpus - trial_cpus) / w * 20) / 20)
+        c = max(c, 0.05)
+    need_cpu, need_gpu = trial_cpus + w * c, w * g
+    biggest_cpu = max((n.get("CPU", 0) for n in nodes), default=0)
+    biggest_gpu = max((n.get("GPU", 0) for n in nodes), default=0)
+    if need_cpu > cpus + 1e-9 or need_gpu > gpus + 1e-9 or c > biggest_cpu + 1e-9 \
+            or g > biggest_gpu + 1e-9:
+        raise UserError(
+            f"a trial needs {need_cpu:g} CPU and {need_gpu:g} GPU ({w} worker(s) of {c:g} CPU, "
+            f"{g:g} GPU) but the cluster has {cpus:g} CPU and {gpus:g} GPU (largest node "
+            f"{biggest_cpu:g} CPU, {biggest_gpu:g} GPU); lower --workers-per-trial, "
+            "--cpus-per-worker or --gpus-per-worker, or add nodes")
+    fits = math.floor(cpus / need_cpu + 1e-9)
+    if need_gpu:
+        fits = min(fits, math.floor(gpus / need_gpu + 1e-9))
+    concurrency = min(cfg.max_concurrent or fits, cfg.num_samples)
+    return ResourcePlan(w, c, g, trial_cpus, max(1, concurrency))
+
+
+def run_trial(config: dict[str, Any], inputs: TrialInputs | None = None,
+              setup: dict[str, Any] | None = None) -> None:
+    """The Tune function trainable.
+
+    One worker: the training loop runs right here (no Ray Train start-up cost). Several: the same
+    loop runs in a Ray Train `TorchTrainer` (DDP) whose rank-0 reports are forwarded to Tune.
+    """
+    from ray import tune
+
+    trial_id = tune.get_context().get_trial_id()
+    checkpoint = str(Path(setup["checkpoint_root"]) / trial_id / "best.pt")
+    train_cfg = TrainConfig.from_dict({**setup["fixed"], **config})
+    if setup["workers"] == 1:
+        fit(train_cfg, inputs, checkpoint, report=tune.report)
+        return
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    per_worker = {"CPU": setup["cpus_per_worker"]}
+    if setup["gpus_per_worker"]:
+        per_worker["GPU"] = setup["gpus_per_worker"]
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"config": dataclasses.asdict(train_cfg), "inputs": inputs,
+                           "checkpoint_path": checkpoint},
+        scaling_config=ScalingConfig(num_workers=setup["workers"],
+                                     use_gpu=bool(setup["gpus_per_worker"]),
+                                     resources_per_worker=per_worker),
+        # a deterministic name lets a retried trial find its own Ray Train run again
+        run_config=RunConfig(name=f"ddp-{trial_id}", storage_path=setup["train_storage"],
+                             callbacks=[TuneReportCallback()]),
+    )
+    trainer.fit()
+
+
+def make_trainable(cfg: SearchConfig, plan: ResourcePlan, inputs: TrialInputs,
+                   experiment_dir: Path):
+    """`run_trial` bound to the shared inputs (via the object store) and sized for the plan."""
+    from ray import tune
+
+    fixed = {k: getattr(cfg, k) for k in ("model", "optimizer", "augment", "hflip", "amp",
+                                          "accum_steps", "label_smoothing", "mixup", "cutmix",
+                                          "warmup_epochs", "grad_clip", "seed")}
+    setup = {
+        "fixed": fixed | {"threads": plan.threads},
+        "workers": plan.workers,
+        "cpus_per_worker": plan.cpus_per_worker,
+        "gpus_per_worker": plan.gpus_per_worker,
+        "checkpoint_root": str(experiment_dir / "checkpoints"),
+        "train_storage": str(experiment_dir / "ray_train"),
+    }
+    trainable = tune.with_parameters(run_trial, inputs=inputs, setup=setup)
+    if plan.workers == 1:
+        return tune.with_resources(trainable, {"cpu": plan.cpus_per_worker,
+                                               "gpu": plan.gpus_per_worker})
+    return tune.with_resources(trainable, {"cpu": plan.trial_cpus})
+
+
+def make_tuner(cfg: SearchConfig, plan: ResourcePlan, trainable, callbacks: list):
+    """A fresh Tuner: Optuna TPE proposes, ASHA stops weak trials, Tune runs them."""
+    import optuna
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    sampler = optuna.samplers.TPESampler(
+        seed=cfg.seed, n_startup_trials=max(2, min(10, cfg.num_samples // 3)),
+        multivariate=True, constant_liar=True)
+    # When ASHA stops a trial, Optuna is told COMPLETE with the trial's best val accuracy so far.
+    # That is deliberate: the partial score is lower than a full run's would be, which is what
+    # the sampler should learn (ASHA stopped it for being behind at its rung).
+    searcher = OptunaSearch(space=SpaceSampler(cfg.space), metric=METRIC, mode="max",
+                            sampler=sampler)
+    scheduler = ASHAScheduler(metric=METRIC, mode="max", max_t=cfg.max_epochs,
+                              grace_period=min(cfg.grace_period, cfg.max_epochs),
+                              reduction_factor=cfg.reduction_factor)
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
+                                    num_samples=cfg.num_samples,
+                                    max_concurrent_trials=plan.concurrency,
+                                    time_budget_s=cfg.time_budget_s,
+                                    trial_dirname_creator=lambda t: f"trial_{t.trial_id}"),
+        run_config=tune.RunConfig(name=cfg.experiment,
+                                  storage_path=str(Path(cfg.experiment_dir).parent),
+                                  failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
+                                  callbacks=callbacks, verbose=0),
+    )
+
+
+def restore_tuner(experiment_dir: Path, trainable):
+    """The interrupted Tuner: finished trials stay finished, unfinished ones run again."""
+    from ray import tune
+
+    if not tune.Tuner.can_restore(str(experiment_dir)):
+        raise UserError(f"{experiment_dir} holds no resumable search (it never started or its "
+                        "state is missing); run without --resume to start it")
+    return tune.Tuner.restore(str(experiment_dir), trainable=trainable, resume_unfinished=True,
+                              resume_errored=False)

@@ -1,0 +1,93 @@
+"""Augmentation (albumentations, on uint8 HWC arrays) and the batch iterators of one worker.
+
+Normalisation happens per batch on the device (`normalize`), so the CPU side only moves uint8.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no version check over the network
+
+POLICIES = ("none", "light", "strong")
+
+
+def train_transform(policy: str, image_size: int, *, hflip: bool = False, seed: int = 0):
+    """A label-preserving albumentations pipeline, or None for `policy='none'`.
+
+    `light` suits most data (small shifts, scale, rotation, brightness/contrast); `strong` adds
+    colour jitter, blur and cutout. Flips are off by default because they change the meaning of
+    digits, letters and hand signs; turn them on with `hflip` for natural photos.
+    """
+    import albumentations as A
+
+    if policy not in POLICIES:
+        raise ValueError(f"unknown augmentation policy {policy!r}")
+    if policy == "none" and not hflip:
+        return None
+    ops = [A.HorizontalFlip(p=0.5)] if hflip else []
+    if policy in ("light", "strong"):
+        ops += [
+            A.Affine(translate_percent=(-0.1, 0.1), scale=(0.9, 1.1), rotate=(-10, 10), p=0.8),
+            A.RandomBrightnessContrast(0.2, 0.2, p=0.5),
+        ]
+    if policy == "strong":
+        hole = max(1, image_size // 4)
+        ops += [
+            A.ColorJitter(0.3, 0.3, 0.3, 0.05, p=0.5),
+            A.GaussianBlur(blur_limit=(3, 3), p=0.1),
+            A.CoarseDropout(num_holes_range=(1, 2), hole_height_range=(hole // 2, hole),
+                            hole_width_range=(hole // 2, hole), p=0.5),
+        ]
+    return A.Compose(ops, seed=seed)
+
+
+def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 NCHW -> float NCHW scaled like the model's pretraining data."""
+    return (x.float().div_(255.0) - mean) / std
+
+
+def train_batches(images: np.ndarray, labels: np.ndarray, indices: np.ndarray, *,
+                  batch_size: int, transform=None, drop_last: bool = True,
+                  prefetch: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yields (uint8 NCHW, int64) batches of `images[indices]` in the given order.
+
+    With `prefetch`, the next batch is built (gathered and augmented) in a background thread while
+    the current one trains; numpy and OpenCV release the GIL, so the two overlap.
+    """
+    stops = range(0, len(indices), batch_size)
+    chunks = [indices[s:s + batch_size] for s in stops]
+    if drop_last and len(chunks) > 1 and len(chunks[-1]) < batch_size:
+        chunks.pop()  # a ragged last batch adds noise, and a batch of one breaks BatchNorm
+
+    def build(idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = images[idx]
+        if transform is not None:
+            batch = np.stack([transform(image=img)["image"] for img in batch])
+        return (torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous(),
+                torch.from_numpy(labels[idx]))
+
+    if not prefetch:
+        for idx in chunks:
+            yield build(idx)
+        return
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(build, chunks[0]) if chunks else None
+        for nxt in chunks[1:] + [None]:
+            batch = pending.result()
+            pending = pool.submit(build, nxt) if nxt is not None else None
+            yield batch
+
+
+def eval_batches(images: np.ndarray, indices: np.ndarray | None = None,
+                 batch_size: int = 256) -> Iterator[torch.Tensor]:
+    """Yields uint8 NCHW batches of `images[indices]` (all images when `indices` is None)."""
+    n = len(images) if indices is None else len(indices)
+    for s in range(0, n, batch_size):
+        idx = slice(s, s + batch_size) if indices is None else indices[s:s + batch_size]
+        yield torch.from_numpy(np.array(images[idx])).permute(0, 3, 1, 2)  # own, writable copy

@@ -1,0 +1,285 @@
+"""Data sources: decode a dataset once into uint8 arrays at the training size.
+
+Every source returns an `ImageData`: images (N, H, W, 3) uint8, integer labels, class names and an id
+per image. The arrays are put into Ray's object store once and read zero-copy by every trial, so no
+JPEG is decoded per trial or per epoch. A lazy reader for data larger than memory can slot in behind
+the same fields later.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from trainables.errors import UserError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
+SPLIT_NAMES = ("train", "val", "test")
+
+
+@dataclass
+class ImageData:
+    """A decoded, labelled image set.
+
+    Attributes:
+        images: (N, H, W, 3) uint8 array at the training resolution.
+        labels: (N,) int64 class indices into `class_names`.
+        class_names: Sorted class names.
+        ids: One id per image (path relative to the data root, or an index for built-in data).
+        splits: Index arrays of a split the data came with (`train`, optionally `val`, `test`).
+        source: Where the data came from, for the record.
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    class_names: list[str]
+    ids: list[str]
+    splits: dict[str, np.ndarray] = field(default_factory=dict)
+    source: str = ""
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def facts(self) -> dict:
+        """Summary numbers worth recording with an experiment."""
+        counts = np.bincount(self.labels, minlength=self.num_classes)
+        return {
+            "source": self.source,
+            "num_images": int(len(self.labels)),
+            "num_classes": self.num_classes,
+            "image_size": int(self.images.shape[1]),
+            "min_class_count": int(counts.min()),
+            "max_class_count": int(counts.max()),
+            "predefined_split": ",".join(sorted(self.splits)) or "none",
+        }
+
+
+def load_data(
+    path: str | Path | None,
+    *,
+    image_size: int,
+    image_col: str = "image_path",
+    label_col: str = "target",
+    on_bad_image: str = "skip",
+) -> ImageData:
+    """Reads the built-in digits (path None), a folder of class folders, or a CSV.
+
+    A folder holding `train/` (and optionally `val/`, `test/`) class folders keeps that split.
+    """
+    if path is None:
+        return load_digits(image_size)
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise UserError(f"data path {path} does not exist; pass --data with a folder of class "
+                        "folders or a CSV file")
+    if path.is_file():
+        if path.suffix.lower() != ".csv":
+            raise UserError(f"data path {path} is a file but not a .csv; pass a CSV with "
+                            "image-path and label columns or a folder of class folders")
+        return read_csv(path, image_size=image_size, image_col=image_col, label_col=label_col,
+                        on_bad_image=on_bad_image)
+    return read_image_folder(path, image_size=image_size, on_bad_image=on_bad_image)
+
+
+def load_digits(image_size: int) -> ImageData:
+    """scikit-learn's 1,797 handwritten digits (8x8 grey), upscaled to RGB `image_size`."""
+    from sklearn.datasets import load_digits as sk_digits
+
+    bunch = sk_digits()
+    grey = (bunch.images * (255.0 / 16.0)).round().astype(np.uint8)
+    images = np.stack([
+        np.asarray(Image.fromarray(g).resize((image_size, image_size), Image.Resampling.BILINEAR))
+        for g in grey
+    ])
+    images = np.repeat(images[..., None], 3, axis=3)
+    return ImageData(
+        images=np.ascontiguousarray(images),
+        labels=bunch.target.astype(np.int64),
+        class_names=[str(c) for c in bunch.target_names],
+        ids=[str(i) for i in range(len(grey))],
+        source="sklearn-digits",
+    )
+
+
+def read_image_folder(root: Path, *, image_size: int, on_bad_image: str = "skip") -> ImageData:
+    """Reads `root/<class>/*` or, when `root/train` exists, `root/{train,val,test}/<class>/*`."""
+    parts = [s for s in SPLIT_NAMES if (root / s).is_dir()]
+    if parts and "train" not in parts:
+        raise UserError(f"{root} has {'/'.join(parts)} folders but no train/ folder; add "
+                        "train/<class>/ folders or pass a folder of class folders")
+    if not parts:
+        files = _class_files(root)
+        return _decode_labelled(files, root, image_size, on_bad_image, str(root))
+    per_part = {p: _class_files(root / p) for p in parts}
+    class_names = sorted({c for c, _ in per_part["train"]})
+    for p in parts:
+        unknown = sorted({c for c, _ in per_part[p]} - set(class_names))
+        if unknown:
+            raise UserError(f"{root / p} has classes {unknown} that train/ does not have; "
+                            "every val/test class needs training images")
+    files, owner = [], []
+    for p in parts:
+        files += per_part[p]
+        owner += [p] * len(per_part[p])
+    data = _decode_labelled(files, root, image_size, on_bad_image, str(root), class_names,
+                            extra=np.array(owner))
+    return data
+
+
+def read_csv(path: Path, *, image_size: int, image_col: str, label_col: str,
+             on_bad_image: str = "skip") -> ImageData:
+    """Reads a CSV with an image-path column and a label column (paths relative to the CSV)."""
+    import pandas as pd
+
+    try:
+        table = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read CSV {path}: {exc}; check that it is a comma-separated "
+                        "file with a header row") from None
+    missing = [c for c in (image_col, label_col) if c not in table.columns]
+    if missing:
+        raise UserError(f"CSV {path} has no column {', '.join(map(repr, missing))} (it has "
+                        f"{', '.join(map(repr, table.columns))}); pass --image-col and --label-col")
+    table = table.dropna(subset=[image_col, label_col])
+    if table.empty:
+        raise UserError(f"CSV {path} has no rows with both {image_col!r} and {label_col!r}; "
+                        "add labelled rows")
+    labels = table[label_col].astype(str).str.strip().tolist()
+    files = [(lab, path.parent / str(p)) for lab, p in zip(labels, table[image_col])]
+    return _decode_labelled(files, path.parent, image_size, on_bad_image, str(path))
+
+
+def read_unlabelled(path: str | Path, *, image_size: int, image_col: str = "image_path",
+                    on_bad_image: str = "skip") -> tuple[np.ndarray, list[str]]:
+    """Reads images to predict: a folder (searched recursively) or a CSV with an image column."""
+    import pandas as pd
+
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise UserError(f"predict path {path} does not exist; pass a folder of images or a CSV")
+    if path.is_file():
+        table = pd.read_csv(path)
+        if image_col not in table.columns:
+            raise UserError(f"CSV {path} has no column {image_col!r} (it has "
+                            f"{', '.join(map(repr, table.columns))}); pass --image-col")
+        files = [path.parent / str(p) for p in table[image_col].dropna()]
+        root = path.parent
+    else:
+        files = sorted(f for f in path.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+        root = path
+    if not files:
+        raise UserError(f"no images found in {path}; expected image files "
+                        f"({', '.join(sorted(IMAGE_SUFFIXES))})")
+    images, kept = decode_images(files, image_size, on_bad_image)
+    ids = [_rel(files[i], root) for i in kept]
+    if not ids:
+        raise UserError(f"none of the images in {path} could be read; check the files")
+    return images, ids
+
+
+def decode_images(files: list[Path], image_size: int,
+                  on_bad_image: str = "skip") -> tuple[np.ndarray, list[int]]:
+    """Decodes files in parallel to (N, S, S, 3) uint8; returns the array and kept positions."""
+    if on_bad_image not in ("skip", "error"):
+        raise UserError(f"--on-bad-image must be 'skip' or 'error', not {on_bad_image!r}")
+    workers = min(8, (os.cpu_count() or 1) * 2)
+    with ThreadPoolExecutor(workers) as pool:
+        decoded = list(pool.map(lambda f: _decode_one(f, image_size), files))
+    kept = []
+    for i, (f, img) in enumerate(zip(files, decoded)):
+        if isinstance(img, str):
+            if on_bad_image == "error":
+                raise UserError(f"cannot read image {f}: {img}; fix or remove it, or pass "
+                                "--on-bad-image skip")
+            log.warning("skipping unreadable image %s: %s", f, img)
+        else:
+            kept.append(i)
+    out = np.empty((len(kept), image_size, image_size, 3), np.uint8)
+    for j, i in enumerate(kept):
+        out[j] = decoded[i]
+    return out, kept
+
+
+def _decode_one(path: Path, size: int) -> np.ndarray | str:
+    """One image to (size, size, 3) uint8 (shorter side resized, centre cropped), or an error."""
+    try:
+        with Image.open(path) as im:
+            im.draft("RGB", (size, size))  # JPEG: decode at a reduced scale, far faster for photos
+            im = ImageOps.exif_transpose(im).convert("RGB")
+            im = ImageOps.fit(im, (size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
+            return np.asarray(im, dtype=np.uint8)
+    except FileNotFoundError:
+        return "file not found"
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        return f"not a readable image ({type(exc).__name__}: {exc})"
+
+
+def _class_files(root: Path) -> list[tuple[str, Path]]:
+    """(class, file) pairs for root/<class>/<image>; folders without images are not classes."""
+    pairs = []
+    for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        pairs += [(d.name, f) for f in sorted(d.rglob("*")) if f.suffix.lower() in IMAGE_SUFFIXES]
+    if not pairs:
+        raise UserError(f"no images found under {root}; expected class folders like "
+                        f"{root}/<class>/<image>.jpg, a train/ folder, or a CSV file")
+    return pairs
+
+
+def _decode_labelled(files: list[tuple[str, Path]], root: Path, image_size: int,
+                     on_bad_image: str, source: str, class_names: list[str] | None = None,
+                     extra: np.ndarray | None = None) -> ImageData:
+    class_names = class_names or _sorted_classes({c for c, _ in files})
+    index = {c: i for i, c in enumerate(class_names)}
+    images, kept = decode_images([f for _, f in files], image_size, on_bad_image)
+    if not kept:
+        raise UserError(f"none of the {len(files)} images under {source} could be read; "
+                        "check the files")
+    labels = np.array([index[files[i][0]] for i in kept], np.int64)
+    splits = {}
+    if extra is not None:
+        owner = extra[kept]
+        splits = {p: np.flatnonzero(owner == p) for p in SPLIT_NAMES if (owner == p).any()}
+    return ImageData(images=images, labels=labels, class_names=class_names,
+                     ids=[_rel(files[i][1], root) for i in kept], splits=splits, source=source)
+
+
+def _sorted_classes(names: set[str]) -> list[str]:
+    """Numeric labels sort as numbers ('2' before '10'); anything else sorts as text."""
+    try:
+        return sorted(names, key=float)
+    except ValueError:
+        return sorted(names)
+
+
+def _rel(path: Path, root: Path) -> str:
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return str(path)
+
+
+def save_image_data(data: ImageData, path: str | Path) -> None:
+    """Caches decoded data (uncompressed .npz) so resume and ensembles skip decoding."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, images=data.images, labels=data.labels,
+             class_names=np.array(data.class_names, dtype=str), ids=np.array(data.ids, dtype=str),
+             source=np.array(data.source), **{f"split_{k}": v for k, v in data.splits.items()})
+    tmp.replace(path)
+
+
+def load_image_data(path: str | Path) -> ImageData:
+    with np.load(path, allow_pickle=False) as z:
+        return ImageData(images=z["images"], labels=z["labels"],
+                         class_names=z["class_names"].tolist(), ids=z["ids"].tolist(),
+                         splits={k[6:]: z[k] for k in z.files if k.startswith("split_")},
+                         source=str(z["source"]))

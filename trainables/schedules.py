@@ -1,0 +1,78 @@
+"""Learning-rate schedules with optional warmup, stepped per optimizer update.
+
+cosine and step come from timm's schedulers (which carry warmup); one-cycle from torch, whose
+ramp-up is its warmup; reduce-on-plateau from torch (timm deprecated its own), after a linear warmup. `LRSchedule` hides the two calling conventions from the loop.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SCHEDULERS = ("cosine", "step", "onecycle", "plateau", "constant")
+
+
+class LRSchedule:
+    """Drives one optimizer's learning rate.
+
+    Call `after_update()` after every optimizer step and `after_epoch(val_loss)` after each
+    validation; each schedule uses the one it needs.
+    """
+
+    def __init__(self, name: str, optimizer: torch.optim.Optimizer, *, epochs: int,
+                 updates_per_epoch: int, warmup_epochs: int = 0) -> None:
+        from timm.scheduler import create_scheduler_v2
+
+        if name not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {name!r}")
+        self.name, self.updates, self.epoch = name, 0, 0
+        warmup = min(warmup_epochs, max(epochs - 1, 0))
+        lr = optimizer.param_groups[0]["lr"]
+        common = dict(num_epochs=epochs, warmup_epochs=warmup, warmup_lr=lr * 0.01,
+                      updates_per_epoch=updates_per_epoch)
+        if name == "onecycle":
+            pct = warmup / epochs if warmup else 0.25
+            self.sched = torch.optim.lr_scheduler.OneCycleLR(
+                optimizer, max_lr=lr, total_steps=max(1, epochs * updates_per_epoch),
+                pct_start=min(max(pct, 0.01), 0.9))
+        elif name == "plateau":
+            # patience scales with the run length: a 10-epoch trial cannot wait 10 epochs
+            self.sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                optimizer, mode="min", factor=0.2, patience=max(1, epochs // 6))
+            self.optimizer, self.base_lr = optimizer, lr
+            self.warmup_updates = warmup * updates_per_epoch
+            self._set_warmup_lr()
+        elif name == "step":
+            self.sched, _ = create_scheduler_v2(
+                optimizer, "step", decay_epochs=max(1, epochs // 3), decay_rate=0.1,
+                step_on_epochs=False, **common)
+        elif name == "cosine":
+            self.sched, _ = create_scheduler_v2(
+                optimizer, "cosine", min_lr=lr * 1e-3, step_on_epochs=False, **common)
+        else:  # constant after an optional warmup
+            self.sched, _ = create_scheduler_v2(
+                optimizer, "step", decay_epochs=epochs + 1, decay_rate=1.0,
+                step_on_epochs=False, **common)
+
+    def after_update(self) -> None:
+        self.updates += 1
+        if self.name == "onecycle":
+            if self.updates < self.sched.total_steps:
+                self.sched.step()
+        elif self.name == "plateau":
+            self._set_warmup_lr()
+        else:
+            self.sched.step_update(num_updates=self.updates)
+
+    def after_epoch(self, val_loss: float) -> None:
+        self.epoch += 1
+        if self.name == "plateau" and self.updates >= self.warmup_updates:
+            self.sched.step(val_loss)
+
+    def _set_warmup_lr(self) -> None:
+        if self.updates < self.warmup_updates:
+            frac = 0.01 + 0.99 * self.updates / self.warmup_updates
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.base_lr * frac
+        elif self.updates == self.warmup_updates:
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.base_lr

@@ -1,0 +1,90 @@
+"""One stratified train/val/test split per experiment, drawn from the seed and saved with it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from trainables.errors import UserError
+
+
+@dataclass(frozen=True)
+class Split:
+    """Index arrays into an `ImageData`; `test` is only ever used for reporting."""
+
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+
+    @property
+    def hash(self) -> str:
+        """Short content hash: equal hashes mean every trial and member saw the same split."""
+        h = hashlib.sha256()
+        for part in (self.train, self.val, self.test):
+            h.update(np.asarray(part, np.int64).tobytes())
+            h.update(b"|")
+        return h.hexdigest()[:12]
+
+    def sizes(self) -> dict[str, int]:
+        return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
+
+    def save(self, path: Path, ids: list[str] | None = None) -> None:
+        doc = {"hash": self.hash, **{k: getattr(self, k).tolist() for k in ("train", "val", "test")}}
+        if ids is not None:
+            doc["ids"] = {k: [ids[i] for i in getattr(self, k)] for k in ("train", "val", "test")}
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(doc))
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> Split:
+        doc = json.loads(Path(path).read_text())
+        split = cls(*(np.asarray(doc[k], np.int64) for k in ("train", "val", "test")))
+        if split.hash != doc["hash"]:
+            raise UserError(f"split file {path} does not match its recorded hash; it was edited "
+                            "or is corrupt: restore it or start a new experiment")
+        return split
+
+
+def draw_split(labels: np.ndarray, *, val_fraction: float, test_fraction: float, seed: int,
+               predefined: dict[str, np.ndarray] | None = None,
+               class_names: list[str] | None = None) -> Split:
+    """Stratified split; parts the data already defines (`predefined`) are kept as they are.
+
+    Parts missing from `predefined` are drawn from its train part, stratified by class.
+    """
+    from sklearn.model_selection import train_test_split
+
+    predefined = predefined or {}
+    pool = predefined.get("train", np.arange(len(labels)))
+    parts = {"test": test_fraction, "val": val_fraction}  # fractions of the whole data set
+    drawn = {}
+    for name, fraction in parts.items():
+        if name in predefined:
+            drawn[name] = np.sort(predefined[name])
+            continue
+        _check_class_counts(labels[pool], class_names, need=3 if len(drawn) == 0 else 2)
+        share = min(fraction * len(labels) / len(pool), 0.5)
+        try:
+            pool, part = train_test_split(pool, test_size=share, random_state=seed,
+                                          stratify=labels[pool])
+        except ValueError as exc:
+            raise UserError(f"cannot draw a stratified {name} split of {fraction:.0%} from "
+                            f"{len(pool)} images: {exc}; add images or change "
+                            f"--{name}-fraction") from None
+        drawn[name] = np.sort(part)
+    return Split(train=np.sort(pool), val=drawn["val"], test=drawn["test"])
+
+
+def _check_class_counts(labels: np.ndarray, class_names: list[str] | None, need: int) -> None:
+    counts = np.bincount(labels)
+    few = [i for i, n in enumerate(counts) if 0 < n < need]
+    if few:
+        i = few[0]
+        name = class_names[i] if class_names else str(i)
+        raise UserError(f"class {name!r} has {counts[i]} image(s), too few to split into train, "
+                        f"val and test (needs at least {need}); add images of it or remove it")
