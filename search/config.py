@@ -43,6 +43,8 @@ class SearchConfig:
                                 "(never seen by the search).")
     # model and fixed training settings
     model: str = _opt("resnet10t", "timm model name.")
+    plugins: list = _opt([], "Python module to import before models are built, e.g. one that "
+                         "registers a custom timm model (repeatable).", cli_list=True)
     pretrained: bool = _opt(False, "Start from timm's pretrained weights (needs a network unless "
                             "--pretrained-file is given).")
     pretrained_file: str | None = _opt(None, "Local pretrained weights file for --model "
@@ -148,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
         if not f.metadata.get("cli", True):
             parser.add_argument(flag, action="append", metavar="NAME=SPEC", help=help_text)
             continue
+        if f.metadata.get("cli_list"):
+            parser.add_argument(flag, action="append", metavar="MODULE", help=help_text)
+            continue
         kind = _base_type(f.type)
         if f.default is not None and "default" not in help_text.lower():
             help_text += f" (default: {f.default})"
@@ -214,8 +219,9 @@ def validate(cfg: SearchConfig) -> SearchConfig:
                                           "label_smoothing", "mixup", "cutmix",
                                           "warmup_epochs", "grad_clip", "hflip")}
     resolve_space({k: v for k, v in fixed.items()}, cfg.max_epochs)  # same value checks
-    from trainables.models import check_model_name
+    from trainables.models import check_model_name, import_plugins
 
+    import_plugins(cfg.plugins)
     check_model_name(cfg.model)
     return dataclasses.replace(cfg, space=space)
 

@@ -72,20 +72,44 @@ def write_json(path: Path, doc: dict[str, Any]) -> None:
 
 
 class ResultsWriter(Callback):
-    """Keeps `results.csv` current as trials end, so an interrupted search still has one."""
+    """Keeps `results.csv` current as trials end, so an interrupted search still has one.
+
+    A trial counts as ended only when Tune reported it complete or failed (in this run or, read
+    back from results.csv, in the run this one resumes); a trial Tune merely cleaned up on an
+    interrupt is marked `interrupted`, since --resume will run it again.
+    """
 
     def __init__(self, path: str, checkpoint_root: str) -> None:
         self.path, self.checkpoint_root = path, checkpoint_root
+        self.ended: dict[str, str] | None = None
 
-    def _write(self, trials: list, ended: dict[str, str] | None = None) -> None:
-        table = ranked(trial_rows(trials, self.checkpoint_root, ended))
+    def __getstate__(self) -> dict:  # pickled for resume: re-read what ended from results.csv
+        return {**self.__dict__, "ended": None}
+
+    def _ended(self) -> dict[str, str]:
+        if self.ended is None:
+            self.ended = {}
+            if Path(self.path).is_file():
+                old = pd.read_csv(self.path, dtype={"trial_id": str})
+                done = old[old["status"].isin(FINISHED + ("failed",))]
+                self.ended = {t: ("ERROR" if s == "failed" else "TERMINATED")
+                              for t, s in zip(done["trial_id"], done["status"])}
+        return self.ended
+
+    def _write(self, trials: list) -> None:
+        ended = self._ended()
+        status = {t.trial_id: ended.get(t.trial_id, "INTERRUPTED" if t.status in (
+            "TERMINATED", "ERROR") else t.status) for t in trials}
+        table = ranked(trial_rows(trials, self.checkpoint_root, status))
         write_atomic(Path(self.path), table.to_csv(index=False))
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
-        self._write(trials, {trial.trial_id: "TERMINATED"})
+        self._ended()[trial.trial_id] = "TERMINATED"
+        self._write(trials)
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
-        self._write(trials, {trial.trial_id: "ERROR"})
+        self._ended()[trial.trial_id] = "ERROR"
+        self._write(trials)
 
     def on_experiment_end(self, trials: list, **info) -> None:
         self._write(trials)

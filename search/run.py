@@ -21,8 +21,10 @@ log = logging.getLogger("search")
 def main(argv: list[str] | None = None) -> int:
     """Entry point; user mistakes end in one sentence and exit code 2, never a traceback."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for noisy in ("alembic", "mlflow", "urllib3", "filelock"):
+    for noisy in ("alembic", "mlflow", "urllib3", "filelock", "optuna"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # our ProgressPrinter reports trials; Tune's own tables would repeat it at length
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     try:
         cfg = parse_config(argv)
         return run(cfg)

@@ -11,6 +11,7 @@ from typing import Any
 from search.config import SearchConfig
 from search.space import SpaceSampler
 from trainables.errors import UserError
+from trainables.models import import_plugins
 from trainables.train import TrainConfig, TrialInputs, fit, train_worker
 
 METRIC = "best_val_acc"  # running best: monotone per trial, what ASHA rungs and Optuna compare
@@ -74,6 +75,7 @@ def run_trial(config: dict[str, Any], inputs: TrialInputs | None = None,
     """
     from ray import tune
 
+    import_plugins(setup["plugins"])
     trial_id = tune.get_context().get_trial_id()
     checkpoint = str(Path(setup["checkpoint_root"]) / trial_id / "best.pt")
     train_cfg = TrainConfig.from_dict({**setup["fixed"], **config})
@@ -90,7 +92,7 @@ def run_trial(config: dict[str, Any], inputs: TrialInputs | None = None,
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"config": dataclasses.asdict(train_cfg), "inputs": inputs,
-                           "checkpoint_path": checkpoint},
+                           "checkpoint_path": checkpoint, "plugins": setup["plugins"]},
         scaling_config=ScalingConfig(num_workers=setup["workers"],
                                      use_gpu=bool(setup["gpus_per_worker"]),
                                      resources_per_worker=per_worker),
@@ -111,6 +113,7 @@ def make_trainable(cfg: SearchConfig, plan: ResourcePlan, inputs: TrialInputs,
                                           "warmup_epochs", "grad_clip", "seed")}
     setup = {
         "fixed": fixed | {"threads": plan.threads},
+        "plugins": list(cfg.plugins),
         "workers": plan.workers,
         "cpus_per_worker": plan.cpus_per_worker,
         "gpus_per_worker": plan.gpus_per_worker,

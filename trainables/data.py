@@ -215,7 +215,10 @@ def _decode_one(path: Path, size: int) -> np.ndarray | str:
         with Image.open(path) as im:
             im.draft("RGB", (size, size))  # JPEG: decode at a reduced scale, far faster for photos
             im = ImageOps.exif_transpose(im).convert("RGB")
-            im = ImageOps.fit(im, (size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
+            w, h = im.size
+            side = min(w, h)
+            box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
+            im = im.resize((size, size), Image.Resampling.BILINEAR, box=box, reducing_gap=3.0)
             return np.asarray(im, dtype=np.uint8)
     except FileNotFoundError:
         return "file not found"

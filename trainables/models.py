@@ -11,6 +11,18 @@ from torch import nn
 from trainables.errors import UserError
 
 
+def import_plugins(modules: list[str] | tuple[str, ...]) -> None:
+    """Imports user modules (e.g. ones registering custom timm models) in this process."""
+    import importlib
+
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise UserError(f"cannot import plugin module {name!r} ({exc}); put it on "
+                            "PYTHONPATH or install it") from None
+
+
 def check_model_name(name: str) -> None:
     """Raises a UserError naming close matches when timm has no model called `name`."""
     import timm

@@ -17,7 +17,7 @@ from trainables.augment import eval_batches, normalize, train_batches, train_tra
 from trainables.checkpoint import load_checkpoint, save_checkpoint
 from trainables.data import ImageData
 from trainables.metrics import classification_metrics
-from trainables.models import create_model, unwrap
+from trainables.models import create_model, import_plugins, unwrap
 from trainables.schedules import LRSchedule
 
 AMP_MODES = ("auto", "fp16", "bf16", "off")
@@ -77,6 +77,7 @@ def train_worker(loop_config: dict) -> None:
     import ray.train
 
     ctx = ray.train.get_context()
+    import_plugins(loop_config.get("plugins", ()))
     fit(TrainConfig.from_dict(loop_config["config"]), loop_config["inputs"],
         loop_config.get("checkpoint_path"), rank=ctx.get_world_rank(),
         world_size=ctx.get_world_size(), report=ray.train.report)
@@ -154,6 +155,8 @@ class _Loop:
         start = time.perf_counter()
         train_loss, seen = self._train(order)
         train_s = time.perf_counter() - start
+        if self.world_size > 1:
+            _sync_buffers(self.model)
         probs = predict_proba(unwrap(self.model), self.data.images, self.inputs.val_idx,
                               mean=self.mean, std=self.std, amp=self.amp)
         val = classification_metrics(probs, self.data.labels[self.inputs.val_idx])
@@ -273,6 +276,18 @@ def _checkpoint(cfg: TrainConfig, model: nn.Module, data: ImageData, inputs: Tri
         "val_indices": torch.tensor(np.asarray(inputs.val_idx, np.int64)),
         "val_probs": torch.from_numpy(np.asarray(val_probs, np.float32)),
     }
+
+
+def _sync_buffers(model: nn.Module) -> None:
+    """Copies rank 0's BatchNorm statistics to every rank.
+
+    DDP broadcasts buffers before each forward, so the last batch leaves ranks slightly apart;
+    evaluation (and the plateau schedule that reads its loss) must agree on every rank.
+    """
+    import torch.distributed as dist
+
+    for buf in unwrap(model).buffers():
+        dist.broadcast(buf, src=0)
 
 
 def _device() -> torch.device:

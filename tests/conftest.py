@@ -1,0 +1,65 @@
+"""Shared fixtures: real image files written per test, and a real local Ray per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data" / "sign-language-digits" / "images"
+
+
+def write_image(path: Path, cls: int, rng: np.random.Generator, size: int = 24,
+                fmt: str | None = None) -> None:
+    """A small RGB image whose class is visible: a bright square at a class-specific spot."""
+    img = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
+    q = size // 3
+    r, c = divmod(cls % 9, 3)
+    img[r * q:(r + 1) * q, c * q:(c + 1) * q, cls % 3] = 255
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(img).save(path, format=fmt)
+
+
+@pytest.fixture
+def make_folder(tmp_path: Path):
+    """make_folder(classes=3, per_class=8, root=None) -> a folder of class folders of PNG/JPEGs."""
+
+    def make(classes: int = 3, per_class: int = 8, root: Path | None = None,
+             seed: int = 0) -> Path:
+        root = root or tmp_path / "images"
+        rng = np.random.default_rng(seed)
+        for k in range(classes):
+            for i in range(per_class):
+                suffix = ".png" if i % 2 else ".jpg"
+                write_image(root / f"class_{k}" / f"img_{i}{suffix}", k, rng)
+        return root
+
+    return make
+
+
+@pytest.fixture
+def make_csv(tmp_path: Path):
+    """make_csv(classes=3, per_class=8) -> a CSV (image_path, target) beside its images."""
+
+    def make(classes: int = 3, per_class: int = 8, image_col: str = "image_path",
+             label_col: str = "target") -> Path:
+        rng = np.random.default_rng(1)
+        root = tmp_path / "csvdata"
+        rows = [f"{image_col},{label_col}"]
+        for k in range(classes):
+            for i in range(per_class):
+                rel = f"files/{k}_{i}.png"
+                write_image(root / rel, k, rng)
+                rows.append(f"{rel},label_{k}")
+        path = root / "train.csv"
+        path.write_text("\n".join(rows) + "\n")
+        return path
+
+    return make

@@ -1,0 +1,292 @@
+"""The search config: defaults < YAML < flags, validation as UserError, the CLI's help and errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from search.config import SearchConfig, build_parser, parse_config
+from search.space import DEFAULT_SPACE
+from trainables.errors import UserError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _yaml(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "search.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def _cli(*args: str, cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": "",
+           "NO_ALBUMENTATIONS_UPDATE": "1"}
+    return subprocess.run([sys.executable, "-m", "search.run", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+# ---------------------------------------------------------------- precedence
+
+
+def test_defaults():
+    cfg = parse_config([])
+    assert cfg.model == "resnet10t" and cfg.num_samples == 10 and cfg.max_epochs == 10
+    assert cfg.data is None and cfg.resolved_image_size == 32
+    assert cfg.hflip is False
+    # the epochs range is filled from --max-epochs
+    assert cfg.space["epochs"] == {"low": 5, "high": 10}
+    assert cfg.space["lr"] == DEFAULT_SPACE["lr"]
+    assert DEFAULT_SPACE["epochs"] is None  # the shared default is not mutated
+
+
+def test_yaml_overrides_defaults_and_flags_override_yaml(tmp_path):
+    path = _yaml(tmp_path, """
+num_samples: 5
+max_epochs: 4
+seed: 3
+hflip: true
+experiment: from_yaml
+space:
+  dropout: 0.1
+  batch_size: [8, 16]
+""")
+    cfg = parse_config(["--config", path, "--num-samples", "7", "--no-hflip",
+                        "--space", "batch_size=[32]"])
+    assert cfg.num_samples == 7            # flag beats YAML
+    assert cfg.hflip is False              # --no-hflip beats YAML true
+    assert cfg.max_epochs == 4 and cfg.seed == 3 and cfg.experiment == "from_yaml"  # YAML
+    assert cfg.grace_period == 2 and cfg.model == "resnet10t"  # defaults
+    assert cfg.space["dropout"] == 0.1     # YAML space entry
+    assert cfg.space["batch_size"] == [32]  # --space beats YAML space
+    assert cfg.space["lr"] == DEFAULT_SPACE["lr"]  # untouched default entry
+    assert cfg.space["epochs"] == {"low": 2, "high": 4}  # from YAML's max_epochs
+
+
+def test_yaml_keys_may_use_dashes(tmp_path):
+    cfg = parse_config(["--config", _yaml(tmp_path, "num-samples: 3\nmax-epochs: 2\n")])
+    assert cfg.num_samples == 3 and cfg.max_epochs == 2
+
+
+def test_yaml_resume_and_overwrite_are_ignored(tmp_path):
+    cfg = parse_config(["--config", _yaml(tmp_path, "resume: true\noverwrite: true\n")])
+    assert cfg.resume is False and cfg.overwrite is False
+    assert parse_config(["--resume"]).resume is True
+
+
+def test_space_flag_list():
+    cfg = parse_config(["--space", "batch_size=[16,32]"])
+    assert cfg.space["batch_size"] == [16, 32]
+
+
+def test_space_flag_range_and_fixed():
+    cfg = parse_config(["--space", "lr={low: 0.0001, high: 0.01, log: true}",
+                        "--space", "dropout=0.2", "--space", "epochs={low: 1, high: 3}",
+                        "--max-epochs", "3"])
+    assert cfg.space["lr"] == {"low": 1e-4, "high": 1e-2, "log": True}
+    assert cfg.space["dropout"] == 0.2
+    assert cfg.space["epochs"] == {"low": 1, "high": 3}
+
+
+_EXPONENT_BUG = pytest.mark.xfail(strict=True, reason=(
+    "bug: search/config.py reads --space specs and --config files with yaml.safe_load, which "
+    "(YAML 1.1) reads 1e-4 and 1e-2 as strings, so the example the --help text itself gives, "
+    "--space 'lr={low: 1e-4, high: 1e-2, log: true}', fails with \"search space entry 'lr' "
+    "needs numeric low and high\"; only 1.0e-4 or 0.0001 work"))
+
+
+@_EXPONENT_BUG
+def test_space_flag_exponent_notation_from_the_help_text():
+    cfg = parse_config(["--space", "lr={low: 1e-4, high: 1e-2, log: true}"])
+    assert cfg.space["lr"] == {"low": 1e-4, "high": 1e-2, "log": True}
+
+
+@_EXPONENT_BUG
+def test_yaml_exponent_notation(tmp_path):
+    cfg = parse_config(["--config", _yaml(tmp_path, "space:\n  weight_decay: "
+                                                     "{low: 1e-5, high: 1e-1, log: true}\n")])
+    assert cfg.space["weight_decay"] == {"low": 1e-5, "high": 0.1, "log": True}
+
+
+def test_config_is_frozen():
+    cfg = parse_config([])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.num_samples = 3  # type: ignore[misc]
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_unknown_yaml_key(tmp_path):
+    with pytest.raises(UserError) as info:
+        parse_config(["--config", _yaml(tmp_path, "num_samples: 2\nlearning_rate: 0.1\n")])
+    assert "learning_rate" in str(info.value)
+
+
+def test_invalid_yaml(tmp_path):
+    path = _yaml(tmp_path, "num_samples: [1, 2\nseed: 3\n")
+    with pytest.raises(UserError) as info:
+        parse_config(["--config", path])
+    assert path in str(info.value) and "YAML" in str(info.value)
+
+
+def test_yaml_that_is_not_a_mapping(tmp_path):
+    with pytest.raises(UserError, match="mapping"):
+        parse_config(["--config", _yaml(tmp_path, "- a\n- b\n")])
+
+
+def test_missing_config_file(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(UserError) as info:
+        parse_config(["--config", str(missing)])
+    assert str(missing) in str(info.value)
+
+
+def test_bad_value_in_yaml_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="max-epochs"):
+        parse_config(["--config", _yaml(tmp_path, "max_epochs: 0\n")])
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "bug: search/config.py parse_config/load_yaml never check the types of YAML values, so "
+    "'time_budget_s: 3e3' (a string to PyYAML) or 'max_epochs: \"5\"' reach validate() and "
+    "crash with TypeError: '>' not supported between 'str' and 'int' (a traceback from "
+    "python -m search.run) instead of a UserError naming the option"))
+@pytest.mark.parametrize("text", ["time_budget_s: 3e3\n", "max_epochs: '5'\n"])
+def test_wrong_type_in_yaml_is_a_user_error(tmp_path, text):
+    try:
+        cfg = parse_config(["--config", _yaml(tmp_path, text)])
+    except UserError:
+        return
+    # or accepted and converted to the field's type
+    assert isinstance(cfg.time_budget_s, (float, type(None))) and isinstance(cfg.max_epochs, int)
+
+
+def test_non_positive_log_lr():
+    with pytest.raises(UserError) as info:
+        parse_config(["--space", "lr={low: 0, high: 1e-2, log: true}"])
+    assert "'lr'" in str(info.value)
+    with pytest.raises(UserError) as info:
+        parse_config(["--space", "lr={low: 0, high: 0.01, log: true}"])
+    assert "'lr'" in str(info.value) and "positive" in str(info.value)
+
+
+def test_range_with_low_above_high():
+    with pytest.raises(UserError, match="swap"):
+        parse_config(["--space", "dropout={low: 0.3, high: 0.1}"])
+
+
+def test_epochs_range_above_max_epochs():
+    with pytest.raises(UserError) as info:
+        parse_config(["--max-epochs", "5", "--space", "epochs={low: 2, high: 8}"])
+    assert "max-epochs" in str(info.value) and "8" in str(info.value)
+
+
+def test_unknown_scheduler_in_space():
+    with pytest.raises(UserError) as info:
+        parse_config(["--space", "scheduler=[cosine, warmrestarts]"])
+    assert "warmrestarts" in str(info.value)
+
+
+def test_unknown_space_entry():
+    with pytest.raises(UserError, match="not a training setting"):
+        parse_config(["--space", "learning_rate=[0.1]"])
+
+
+def test_space_flag_without_spec():
+    with pytest.raises(UserError, match="NAME=SPEC"):
+        parse_config(["--space", "lr"])
+
+
+def test_unknown_timm_model():
+    with pytest.raises(UserError) as info:
+        parse_config(["--model", "resnet10tt"])
+    assert "resnet10tt" in str(info.value) and "resnet10t" in str(info.value)
+
+
+def test_max_epochs_zero():
+    with pytest.raises(UserError, match="max-epochs"):
+        parse_config(["--max-epochs", "0"])
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--num-samples", "0"], "num-samples"),
+    (["--val-fraction", "0.6"], "val-fraction"),
+    (["--image-size", "4"], "image-size"),
+    (["--experiment", "a/b"], "experiment"),
+    (["--accum-steps", "0"], "accum-steps"),
+    (["--reduction-factor", "1"], "reduction-factor"),
+])
+def test_other_bad_values(argv, flag):
+    with pytest.raises(UserError, match=flag):
+        parse_config(argv)
+
+
+def test_bad_fixed_setting_is_checked_like_the_space():
+    with pytest.raises(UserError, match="label_smoothing"):
+        parse_config(["--label-smoothing", "1.5"])
+
+
+# ---------------------------------------------------------------- help and CLI
+
+
+def test_help_mentions_every_field():
+    text = build_parser().format_help()
+    for f in dataclasses.fields(SearchConfig):
+        flag = "--" + f.name.replace("_", "-")
+        assert flag in text, flag
+    assert "--config" in text
+    assert "--no-hflip" in text
+
+
+def test_cli_help(tmp_path):
+    proc = _cli("--help", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "--max-epochs" in proc.stdout and "--space" in proc.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+def _assert_one_error_line(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+
+
+def test_cli_max_epochs_zero(tmp_path):
+    proc = _cli("--max-epochs", "0", cwd=tmp_path)
+    _assert_one_error_line(proc, "--max-epochs")
+
+
+@pytest.fixture(scope="module")
+def missing_data_run(tmp_path_factory):
+    """One `--data /nonexistent` run, shared by the tests that look at its outcome."""
+    cwd = tmp_path_factory.mktemp("cli_missing_data")
+    storage = cwd / "runs"
+    proc = _cli("--data", "/nonexistent", "--storage", str(storage), "--num-cpus", "1",
+                cwd=cwd)
+    return proc, storage
+
+
+def test_cli_missing_data(missing_data_run):
+    proc, _ = missing_data_run
+    _assert_one_error_line(proc, "/nonexistent")
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "bug: search/run.py run() opens the experiment (Experiment.open writes "
+    "<storage>/default/config.yaml) and starts Ray before the data is read; when --data is "
+    "wrong the half-made folder stays, so rerunning with the corrected --data fails with "
+    "'experiment folder ... already holds a search; pass --resume' (and --resume would reuse "
+    "the wrong --data); the user has to know to pass --overwrite"))
+def test_cli_missing_data_leaves_no_experiment_behind(missing_data_run):
+    proc, storage = missing_data_run
+    assert proc.returncode == 2
+    folder = storage / "default"
+    assert not (folder.exists() and any(folder.iterdir())), list(folder.iterdir())

@@ -1,0 +1,243 @@
+"""End to end: real local Ray, real Optuna, real MLflow store, real image files."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import REPO, write_image
+
+pytestmark = pytest.mark.slow
+SIX = {"lr", "weight_decay", "batch_size", "dropout", "epochs", "scheduler"}
+TINY = ["--image-size", "32", "--space", "batch_size=[8,16]", "--max-epochs", "2",
+        "--grace-period", "1", "--num-cpus", "2"]
+
+
+def _folder(root: Path, classes: int = 3, per_class: int = 14) -> Path:
+    rng = np.random.default_rng(0)
+    for k in range(classes):
+        for i in range(per_class):
+            write_image(root / f"c{k}" / f"{i}.png", k, rng)
+    return root
+
+
+def _cli(args: list[str], cwd: Path, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(cwd)])}
+    return subprocess.run([sys.executable, "-m", "search.run", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600, **kw)
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory) -> dict:
+    """One small search through the real CLI, shared by the checks below."""
+    work = tmp_path_factory.mktemp("e2e")
+    data = _folder(work / "images")
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    proc = _cli(["--data", str(data), "--num-samples", "3", "--experiment", "e2e",
+                 "--storage", str(work / "runs"), "--tracking-uri", uri, *TINY], work)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return {"work": work, "uri": uri, "exp_dir": work / "runs" / "e2e", "stdout": proc.stdout}
+
+
+def test_search_writes_results_and_summary(searched):
+    exp = searched["exp_dir"]
+    table = pd.read_csv(exp / "results.csv")
+    assert len(table) == 3
+    assert set(table["status"]) <= {"completed", "stopped_early"}
+    assert SIX <= set(table.columns)
+    assert (table["epochs_run"] >= 1).all()
+    assert table["best_val_acc"].is_monotonic_decreasing or table["best_val_acc"].iloc[0] == \
+        table["best_val_acc"].max()
+    for ckpt in table["checkpoint"]:
+        assert Path(ckpt).is_file()
+    summary = json.loads((exp / "summary.json").read_text())
+    assert summary["best_trial"]["trial_id"] == table["trial_id"].iloc[0]
+    assert 0.0 <= summary["test"]["accuracy"] <= 1.0
+    split = json.loads((exp / "split.json").read_text())
+    assert summary["split_hash"] == split["hash"]
+    assert len(split["test"]) == summary["split_sizes"]["test"] > 0
+    assert not set(split["test"]) & set(split["train"])
+    assert (exp / "config.yaml").is_file() and (exp / "init.pt").is_file()
+    assert "trials, best first" in searched["stdout"]
+    assert "test accuracy" in searched["stderr"] if "stderr" in searched else True
+
+
+def _run_tree(client, name: str):
+    exp = client.get_experiment_by_name(name)
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1
+    parent = parents[0]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    return parent, children
+
+
+def test_mlflow_run_tree(searched):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(searched["uri"])
+    parent, children = _run_tree(client, "e2e")
+    table = pd.read_csv(searched["exp_dir"] / "results.csv").set_index("trial_id")
+    assert parent.info.status == "FINISHED"
+    assert "test_accuracy" in parent.data.metrics
+    assert parent.data.params["split_hash"] == json.loads(
+        (searched["exp_dir"] / "split.json").read_text())["hash"]
+    assert "git_commit" in parent.data.tags or "package_version" in parent.data.tags
+    assert len(children) == 3
+    for child in children:
+        assert SIX <= set(child.data.params)
+        assert child.info.status == "FINISHED"
+        row = table.loc[child.data.tags["trial_id"]]
+        assert float(child.data.params["lr"]) == pytest.approx(row["lr"])
+        history = client.get_metric_history(child.info.run_id, "val_acc")
+        assert [m.step for m in history] == list(range(1, int(row["epochs_run"]) + 1))
+        assert not {"done", "pid", "time_total_s", "time_this_iter_s"} & set(child.data.metrics)
+        names = {a.path for a in client.list_artifacts(child.info.run_id)}
+        assert "confusion_matrix_val.png" in names
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_mlflow_server_serves_the_tree_over_rest(searched):
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", searched["uri"],
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        cwd=searched["work"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"{base}/health", timeout=2)
+                break
+            except OSError:
+                assert time.time() < deadline, "mlflow server did not come up"
+                assert server.poll() is None, "mlflow server exited"
+                time.sleep(0.5)
+        from mlflow import MlflowClient
+
+        parent, children = _run_tree(MlflowClient(base), "e2e")
+        assert len(children) == 3
+        req = urllib.request.Request(
+            f"{base}/api/2.0/mlflow/runs/search", method="POST",
+            data=json.dumps({"experiment_ids": [parent.info.experiment_id]}).encode(),
+            headers={"Content-Type": "application/json"})
+        runs = json.load(urllib.request.urlopen(req, timeout=10))["runs"]
+        assert len(runs) == 4
+        child_params = [{p["key"] for p in r["data"].get("params", [])} for r in runs
+                        if r["info"]["run_id"] != parent.info.run_id]
+        assert all(SIX <= p for p in child_params)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_ddp_trial_with_two_workers(tmp_path):
+    data = _folder(tmp_path / "images")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = _cli(["--data", str(data), "--num-samples", "1", "--workers-per-trial", "2",
+                 "--max-epochs", "1", "--experiment", "ddp", "--storage",
+                 str(tmp_path / "runs"), "--tracking-uri", uri, "--image-size", "32",
+                 "--space", "batch_size=[8]", "--num-cpus", "2"], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "DDP x2" in proc.stderr
+    table = pd.read_csv(tmp_path / "runs" / "ddp" / "results.csv")
+    assert table["status"].tolist() == ["completed"]
+    assert Path(table["checkpoint"][0]).is_file()
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    _, children = _run_tree(client, "ddp")
+    assert len(client.get_metric_history(children[0].info.run_id, "val_loss")) == 1
+
+
+def test_resume_after_interrupt_keeps_finished_trials(tmp_path):
+    data = _folder(tmp_path / "images")
+    args = ["--data", str(data), "--num-samples", "3", "--max-concurrent", "1",
+            "--experiment", "res", "--storage", str(tmp_path / "runs"), "--tracking-uri",
+            f"sqlite:///{tmp_path / 'mlflow.db'}", *TINY]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "search.run", *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    results = tmp_path / "runs" / "res" / "results.csv"
+    deadline = time.time() + 300
+    while not (results.is_file() and len(pd.read_csv(results)) >= 1):
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.time() < deadline, "no trial finished in time"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out[-3000:]
+    assert "--resume" in out
+    first = pd.read_csv(results)
+    print(first.to_string())
+    done = first[first["status"].isin(["completed", "stopped_early"])]
+    assert 1 <= len(done) < 3
+    stamps = {t: Path(c).stat().st_mtime_ns for t, c in zip(done["trial_id"], done["checkpoint"])}
+
+    resumed = _cli(["--resume", "--experiment", "res", "--storage", str(tmp_path / "runs")],
+                   tmp_path)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    final = pd.read_csv(results)
+    assert len(final) == 3 and final["status"].isin(["completed", "stopped_early"]).all()
+    for trial, stamp in stamps.items():  # finished trials were not trained again
+        row = final[final["trial_id"] == trial].iloc[0]
+        assert Path(row["checkpoint"]).stat().st_mtime_ns == stamp
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    _, children = _run_tree(client, "res")
+    assert len(children) == 3
+
+
+FLAKY = '''
+import os, pathlib, ray, timm
+from timm.models import register_model
+
+@register_model
+def flaky_net(pretrained=False, num_classes=10, drop_rate=0.0, **kwargs):
+    marker = pathlib.Path(os.environ["FLAKY_MARKER"])
+    in_trial = ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
+    if in_trial and not marker.exists():  # the first trial fails once, like a lost worker
+        marker.write_text("failed once")
+        raise RuntimeError("injected failure")
+    return timm.create_model("resnet10t", num_classes=num_classes, drop_rate=drop_rate)
+'''
+
+
+@pytest.mark.parametrize("max_failures,outcome", [(1, "completed"), (0, "failed")])
+def test_failing_trial_is_retried_and_does_not_stop_search(tmp_path, max_failures, outcome):
+    (tmp_path / "flaky_models.py").write_text(FLAKY)
+    data = _folder(tmp_path / "images")
+    marker = tmp_path / "marker"
+    env_marker = {"FLAKY_MARKER": str(marker)}
+    args = ["--data", str(data), "--model", "flaky_net", "--plugins", "flaky_models",
+            "--num-samples", "2", "--max-concurrent", "1", "--max-failures", str(max_failures),
+            "--space", "epochs=1", "--experiment", "flaky", "--storage", str(tmp_path / "runs"),
+            "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", *TINY]
+    os.environ.update(env_marker)
+    try:
+        proc = _cli(args, tmp_path)
+    finally:
+        os.environ.pop("FLAKY_MARKER")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert marker.read_text() == "failed once"
+    table = pd.read_csv(tmp_path / "runs" / "flaky" / "results.csv")
+    assert len(table) == 2
+    assert (table["status"] == "failed").sum() == (1 if outcome == "failed" else 0)
+    assert (table["status"] == "completed").sum() >= 1

@@ -1,0 +1,356 @@
+"""Data sources on real image files written per test: folders, splits, CSVs, bad inputs."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import write_image
+from trainables.data import (
+    ImageData,
+    load_data,
+    load_image_data,
+    read_unlabelled,
+    save_image_data,
+)
+from trainables.errors import UserError
+
+
+def _write_split_folder(root: Path, parts: dict[str, int], classes: int = 3) -> None:
+    rng = np.random.default_rng(3)
+    for part, per_class in parts.items():
+        for k in range(classes):
+            for i in range(per_class):
+                write_image(root / part / f"c{k}" / f"{i}.png", k, rng)
+
+
+# ---------------------------------------------------------------- good inputs
+
+
+def test_builtin_digits():
+    data = load_data(None, image_size=32)
+    assert data.images.shape == (1797, 32, 32, 3)
+    assert data.images.dtype == np.uint8
+    assert data.labels.shape == (1797,)
+    assert data.labels.dtype == np.int64
+    assert data.num_classes == 10
+    assert data.class_names == [str(i) for i in range(10)]
+    assert sorted(set(data.labels.tolist())) == list(range(10))
+    assert len(data.ids) == 1797
+    assert data.splits == {}
+    # grey upscaled to RGB: the three channels are equal, and the digits are not blank
+    assert np.array_equal(data.images[..., 0], data.images[..., 2])
+    assert data.images.max() > 200
+
+
+def test_folder_of_class_folders(make_folder):
+    root = make_folder(classes=3, per_class=4)
+    data = load_data(root, image_size=32)
+    assert data.images.shape == (12, 32, 32, 3)
+    assert data.images.dtype == np.uint8
+    assert data.class_names == ["class_0", "class_1", "class_2"]
+    assert np.bincount(data.labels).tolist() == [4, 4, 4]
+    assert data.splits == {}
+    assert data.source == str(root)
+    # ids are paths relative to the root and agree with the labels
+    for i, label in zip(data.ids, data.labels):
+        assert not Path(i).is_absolute()
+        assert Path(i).parts[0] == data.class_names[label]
+    facts = data.facts()
+    assert facts["num_images"] == 12 and facts["num_classes"] == 3
+    assert facts["image_size"] == 32 and facts["predefined_split"] == "none"
+
+
+def test_class_signal_survives_decoding(make_folder):
+    """The bright square write_image draws lands where the class says (no channel/axis mixup)."""
+    root = make_folder(classes=3, per_class=2)
+    data = load_data(root, image_size=24)  # same size as written: no resampling blur
+    for img, label in zip(data.images, data.labels):
+        q = 24 // 3
+        r, c = divmod(label % 9, 3)
+        patch = img[r * q:(r + 1) * q, c * q:(c + 1) * q, label % 3]
+        assert patch.mean() > 200
+
+
+def test_train_val_test_folders_keep_their_split(tmp_path):
+    root = tmp_path / "ds"
+    _write_split_folder(root, {"train": 4, "val": 2, "test": 1})
+    data = load_data(root, image_size=32)
+    assert data.class_names == ["c0", "c1", "c2"]
+    assert set(data.splits) == {"train", "val", "test"}
+    assert [len(data.splits[p]) for p in ("train", "val", "test")] == [12, 6, 3]
+    everything = np.concatenate([data.splits[p] for p in ("train", "val", "test")])
+    assert sorted(everything.tolist()) == list(range(len(data.labels)))
+    for part, idx in data.splits.items():
+        assert all(data.ids[i].startswith(f"{part}/") for i in idx)
+        assert np.bincount(data.labels[idx], minlength=3).min() >= 1
+    assert data.facts()["predefined_split"] == "test,train,val"
+
+
+def test_train_and_val_folders_without_test(tmp_path):
+    root = tmp_path / "ds"
+    _write_split_folder(root, {"train": 3, "val": 2})
+    data = load_data(root, image_size=16)
+    assert set(data.splits) == {"train", "val"}
+    assert len(data.splits["train"]) == 9 and len(data.splits["val"]) == 6
+
+
+def test_csv_with_relative_paths(make_csv):
+    path = make_csv(classes=3, per_class=3)
+    data = load_data(path, image_size=32)
+    assert data.images.shape == (9, 32, 32, 3)
+    assert data.class_names == ["label_0", "label_1", "label_2"]
+    assert np.bincount(data.labels).tolist() == [3, 3, 3]
+    assert all(i.startswith("files/") for i in data.ids)
+    assert data.source == str(path)
+
+
+def test_csv_with_custom_column_names(make_csv):
+    path = make_csv(classes=2, per_class=3, image_col="file", label_col="y")
+    data = load_data(path, image_size=16, image_col="file", label_col="y")
+    assert len(data.labels) == 6 and data.num_classes == 2
+
+
+def test_csv_run_from_another_directory(make_csv, tmp_path, monkeypatch):
+    """Paths are relative to the CSV, not to the working directory."""
+    path = make_csv(classes=2, per_class=2)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    data = load_data(path, image_size=16)
+    assert len(data.labels) == 4
+
+
+def test_numeric_class_names_sort_numerically(tmp_path):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "nums"
+    for name in ("10", "2", "1"):
+        for i in range(2):
+            write_image(root / name / f"{i}.png", int(name), rng)
+    data = load_data(root, image_size=16)
+    assert data.class_names == ["1", "2", "10"]
+    for i, label in zip(data.ids, data.labels):
+        assert Path(i).parts[0] == data.class_names[label]
+
+
+def test_text_class_names_sort_as_text(tmp_path):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "words"
+    for k, name in enumerate(("dog", "cat", "10")):
+        write_image(root / name / "a.png", k, rng)
+    assert load_data(root, image_size=16).class_names == ["10", "cat", "dog"]
+
+
+def test_large_jpeg_decodes_to_training_size(tmp_path):
+    root = tmp_path / "big"
+    big = np.zeros((1500, 1500, 3), np.uint8)
+    big[:, :750, 0] = 255  # left half red
+    big[:, 750:, 2] = 255  # right half blue
+    (root / "a").mkdir(parents=True)
+    Image.fromarray(big).save(root / "a" / "big.jpg", quality=90)
+    write_image(root / "b" / "small.png", 1, np.random.default_rng(0))
+    data = load_data(root, image_size=32)
+    assert data.images.shape == (2, 32, 32, 3)
+    img = data.images[data.ids.index(str(Path("a") / "big.jpg"))]
+    assert img[:, :12, 0].mean() > 200 and img[:, :12, 2].mean() < 50
+    assert img[:, -12:, 2].mean() > 200 and img[:, -12:, 0].mean() < 50
+
+
+def test_non_square_image_is_centre_cropped(tmp_path):
+    root = tmp_path / "wide"
+    wide = np.zeros((40, 120, 3), np.uint8)
+    wide[:, 40:80, 1] = 255  # green centre third
+    (root / "a").mkdir(parents=True)
+    Image.fromarray(wide).save(root / "a" / "w.png")
+    data = load_data(root, image_size=20)
+    assert data.images.shape == (1, 20, 20, 3)
+    assert data.images[0, :, :, 1].mean() > 200
+
+
+def test_read_unlabelled_folder_recursive(make_folder):
+    root = make_folder(classes=2, per_class=3)
+    images, ids = read_unlabelled(root, image_size=16)
+    assert images.shape == (6, 16, 16, 3)
+    assert len(ids) == 6 and all(not Path(i).is_absolute() for i in ids)
+
+
+def test_read_unlabelled_csv(make_csv):
+    path = make_csv(classes=2, per_class=2)
+    images, ids = read_unlabelled(path, image_size=16)
+    assert images.shape == (4, 16, 16, 3)
+    assert all(i.startswith("files/") for i in ids)
+
+
+def test_save_and_load_image_data_round_trip(tmp_path):
+    root = tmp_path / "ds"
+    _write_split_folder(root, {"train": 3, "val": 1})
+    data = load_data(root, image_size=16)
+    path = tmp_path / "cache" / "data.npz"
+    path.parent.mkdir()
+    save_image_data(data, path)
+    assert [p.name for p in path.parent.iterdir()] == ["data.npz"]  # no temp file left
+    back = load_image_data(path)
+    assert isinstance(back, ImageData)
+    assert np.array_equal(back.images, data.images) and back.images.dtype == np.uint8
+    assert np.array_equal(back.labels, data.labels)
+    assert back.class_names == data.class_names
+    assert back.ids == data.ids
+    assert back.source == data.source
+    assert set(back.splits) == set(data.splits)
+    for k in data.splits:
+        assert np.array_equal(back.splits[k], data.splits[k])
+    assert back.facts() == data.facts()
+
+
+def test_save_and_load_without_splits(tmp_path):
+    data = ImageData(images=np.zeros((2, 8, 8, 3), np.uint8), labels=np.array([0, 1]),
+                     class_names=["a", "b"], ids=["x", "y"], source="mem")
+    save_image_data(data, tmp_path / "d.npz")
+    back = load_image_data(tmp_path / "d.npz")
+    assert back.splits == {} and back.class_names == ["a", "b"] and back.ids == ["x", "y"]
+
+
+# ---------------------------------------------------------------- bad inputs
+
+
+def test_missing_path(tmp_path):
+    missing = tmp_path / "nope"
+    with pytest.raises(UserError, match="nope") as info:
+        load_data(missing, image_size=16)
+    assert "does not exist" in str(info.value)
+
+
+def test_empty_folder(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(UserError) as info:
+        load_data(empty, image_size=16)
+    assert str(empty) in str(info.value)
+    assert "no images" in str(info.value)
+
+
+def test_class_folders_without_images(tmp_path):
+    root = tmp_path / "hollow"
+    (root / "a").mkdir(parents=True)
+    (root / "a" / "notes.txt").write_text("not an image")
+    with pytest.raises(UserError, match="no images"):
+        load_data(root, image_size=16)
+
+
+def test_file_that_is_not_a_csv(tmp_path):
+    path = tmp_path / "data.txt"
+    path.write_text("image_path,target\n")
+    with pytest.raises(UserError) as info:
+        load_data(path, image_size=16)
+    assert str(path) in str(info.value) and ".csv" in str(info.value)
+
+
+def test_binary_file_named_csv(tmp_path):
+    path = tmp_path / "data.csv"
+    path.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(UserError) as info:
+        load_data(path, image_size=16)
+    assert str(path) in str(info.value)
+
+
+def test_csv_missing_column_lists_available_columns(make_csv):
+    path = make_csv(classes=2, per_class=2)
+    with pytest.raises(UserError) as info:
+        load_data(path, image_size=16, label_col="label")
+    msg = str(info.value)
+    assert str(path) in msg
+    assert "'label'" in msg
+    assert "'image_path'" in msg and "'target'" in msg
+
+
+def test_csv_with_no_labelled_rows(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_text("image_path,target\nx.png,\n")
+    with pytest.raises(UserError, match="no rows"):
+        load_data(path, image_size=16)
+
+
+def test_corrupt_image_is_skipped_with_a_warning(make_folder, caplog):
+    root = make_folder(classes=2, per_class=3)
+    bad = root / "class_1" / "x.jpg"
+    bad.write_bytes(b"this is not a jpeg \x00\xff" * 10)
+    with caplog.at_level(logging.WARNING, logger="trainables.data"):
+        data = load_data(root, image_size=16, on_bad_image="skip")
+    assert len(data.labels) == 6  # the 6 good images, not the bad one
+    assert str(Path("class_1") / "x.jpg") not in data.ids
+    assert np.bincount(data.labels).tolist() == [3, 3]
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(str(bad) in r.getMessage() for r in warnings)
+
+
+def test_corrupt_image_raises_under_error(make_folder):
+    root = make_folder(classes=2, per_class=3)
+    bad = root / "class_0" / "x.jpg"
+    bad.write_bytes(b"garbage" * 20)
+    with pytest.raises(UserError) as info:
+        load_data(root, image_size=16, on_bad_image="error")
+    assert str(bad) in str(info.value)
+
+
+def test_truncated_jpeg_is_named(make_folder):
+    root = make_folder(classes=2, per_class=2)
+    good = root / "class_0" / "img_0.jpg"
+    bad = root / "class_0" / "cut.jpg"
+    bad.write_bytes(good.read_bytes()[:40])
+    with pytest.raises(UserError, match="cut.jpg"):
+        load_data(root, image_size=16, on_bad_image="error")
+
+
+def test_all_images_unreadable(tmp_path):
+    root = tmp_path / "junk"
+    (root / "a").mkdir(parents=True)
+    (root / "a" / "x.png").write_bytes(b"junk")
+    with pytest.raises(UserError, match="could be read"):
+        load_data(root, image_size=16)
+
+
+def test_bad_on_bad_image_value(make_folder):
+    with pytest.raises(UserError, match="on-bad-image"):
+        load_data(make_folder(classes=1, per_class=1), image_size=16, on_bad_image="ignore")
+
+
+def test_val_class_missing_from_train(tmp_path):
+    root = tmp_path / "ds"
+    _write_split_folder(root, {"train": 2, "val": 1}, classes=2)
+    write_image(root / "val" / "zebra" / "z.png", 2, np.random.default_rng(0))
+    with pytest.raises(UserError) as info:
+        load_data(root, image_size=16)
+    msg = str(info.value)
+    assert "zebra" in msg and str(root / "val") in msg
+
+
+def test_val_folder_without_train_folder(tmp_path):
+    root = tmp_path / "ds"
+    _write_split_folder(root, {"val": 1}, classes=2)
+    with pytest.raises(UserError, match="train/"):
+        load_data(root, image_size=16)
+
+
+def test_read_unlabelled_folder_without_images(tmp_path):
+    root = tmp_path / "nothing"
+    (root / "sub").mkdir(parents=True)
+    (root / "sub" / "readme.txt").write_text("hi")
+    with pytest.raises(UserError) as info:
+        read_unlabelled(root, image_size=16)
+    assert str(root) in str(info.value) and "no images" in str(info.value)
+
+
+def test_read_unlabelled_missing_path(tmp_path):
+    with pytest.raises(UserError, match="gone"):
+        read_unlabelled(tmp_path / "gone", image_size=16)
+
+
+def test_read_unlabelled_csv_missing_column(make_csv):
+    path = make_csv(classes=1, per_class=1)
+    with pytest.raises(UserError) as info:
+        read_unlabelled(path, image_size=16, image_col="file")
+    assert "'file'" in str(info.value) and "'image_path'" in str(info.value)

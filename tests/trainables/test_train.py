@@ -1,0 +1,278 @@
+"""The training loop on a tiny real run without Ray: metrics, reports, checkpoints, determinism."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from trainables.checkpoint import load_checkpoint, save_checkpoint
+from trainables.data import ImageData, load_data
+from trainables.models import initial_state
+from trainables.schedules import SCHEDULERS, LRSchedule
+from trainables.split import Split, draw_split
+from trainables.train import (
+    TrainConfig,
+    TrialInputs,
+    amp_dtype,
+    fit,
+    load_trained,
+    predict_proba,
+)
+
+BASE = TrainConfig(model="resnet10t", epochs=2, batch_size=16, threads=1, amp="off")
+REPORT_KEYS = {"epoch", "train_loss", "val_loss", "val_acc", "val_f1", "lr",
+               "best_val_acc", "best_val_loss", "best_val_f1", "best_epoch"}
+
+
+@pytest.fixture
+def tiny(make_folder) -> tuple[ImageData, Split, TrialInputs]:
+    data = load_data(make_folder(classes=3, per_class=8), image_size=32)
+    split = draw_split(data.labels, val_fraction=0.25, test_fraction=0.15, seed=0,
+                       class_names=data.class_names)
+    init = initial_state("resnet10t", data.num_classes, seed=0)
+    inputs = TrialInputs(data=data, init_state=init, train_idx=split.train, val_idx=split.val)
+    return data, split, inputs
+
+
+def _mean_std(inputs: TrialInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.tensor(inputs.mean).view(1, 3, 1, 1),
+            torch.tensor(inputs.std).view(1, 3, 1, 1))
+
+
+def test_fit_reports_every_epoch_and_returns_best(tiny, tmp_path):
+    data, split, inputs = tiny
+    reports: list[dict] = []
+    cfg = dataclasses.replace(BASE, epochs=3)
+    best = fit(cfg, inputs, str(tmp_path / "ckpt" / "best.pt"), report=reports.append)
+
+    assert [r["epoch"] for r in reports] == [1, 2, 3]
+    for r in reports:
+        assert REPORT_KEYS <= set(r), REPORT_KEYS - set(r)
+        assert 0.0 <= r["val_acc"] <= 1.0 and 0.0 <= r["val_f1"] <= 1.0
+        assert math.isfinite(r["val_loss"]) and r["val_loss"] > 0
+        assert math.isfinite(r["train_loss"])
+    # best_* is the running best (accuracy first, then loss)
+    for i, r in enumerate(reports):
+        seen = reports[:i + 1]
+        assert r["best_val_acc"] == max(s["val_acc"] for s in seen)
+    assert set(best) == {"val_acc", "val_loss", "val_f1", "epoch"}
+    assert best["val_acc"] == max(r["val_acc"] for r in reports)
+    winner = reports[best["epoch"] - 1]
+    assert best["val_loss"] == winner["val_loss"] and best["val_f1"] == winner["val_f1"]
+    assert reports[-1]["best_epoch"] == best["epoch"]
+
+
+def test_checkpoint_is_a_plain_dict_written_atomically(tiny, tmp_path):
+    data, split, inputs = tiny
+    path = tmp_path / "ckpt" / "best.pt"
+    best = fit(BASE, inputs, str(path))
+
+    assert [p.name for p in path.parent.iterdir()] == ["best.pt"]  # no temp file left behind
+    ckpt = load_checkpoint(path)  # weights_only=True: plain types and tensors only
+    assert type(ckpt) is dict
+    assert {"model", "config", "class_names", "val_probs"} <= set(ckpt)
+    assert ckpt["config"] == dataclasses.asdict(BASE)
+    assert TrainConfig.from_dict(ckpt["config"]) == BASE
+    assert ckpt["class_names"] == data.class_names
+    assert ckpt["image_size"] == 32
+    assert ckpt["epoch"] == best["epoch"]
+    assert ckpt["metrics"]["val_acc"] == pytest.approx(best["val_acc"])
+    assert np.array_equal(ckpt["val_indices"].numpy(), split.val)
+    probs = ckpt["val_probs"].numpy()
+    assert probs.shape == (len(split.val), data.num_classes)
+    assert np.allclose(probs.sum(1), 1.0, atol=1e-5)
+    assert (probs >= 0).all()
+    # the model actually trained: its weights moved away from the shared initial state
+    moved = [k for k, v in ckpt["model"].items()
+             if v.is_floating_point() and not torch.equal(v, inputs.init_state[k])]
+    assert moved
+
+
+def test_save_checkpoint_failure_keeps_the_old_file(tmp_path):
+    path = tmp_path / "c.pt"
+    save_checkpoint({"a": torch.ones(2)}, path)
+    with pytest.raises(Exception):
+        save_checkpoint({"a": lambda: 1}, path)  # cannot be pickled: fails mid-write
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+    assert torch.equal(load_checkpoint(path)["a"], torch.ones(2))
+
+
+def test_load_trained_reproduces_val_probs(tiny, tmp_path):
+    data, split, inputs = tiny
+    path = tmp_path / "best.pt"
+    fit(BASE, inputs, str(path))
+    model, ckpt = load_trained(str(path), torch.device("cpu"))
+    assert not model.training
+    mean, std = _mean_std(inputs)
+    probs = predict_proba(model, data.images, split.val, mean=mean, std=std)
+    assert probs.shape == (len(split.val), data.num_classes)
+    assert np.allclose(probs, ckpt["val_probs"].numpy(), atol=1e-5)
+    # also from the dict itself
+    model2, _ = load_trained(ckpt, torch.device("cpu"))
+    probs2 = predict_proba(model2, data.images, split.val, mean=mean, std=std, batch_size=2)
+    assert np.allclose(probs2, probs, atol=1e-5)
+
+
+def test_predict_proba_all_images_and_empty(tiny):
+    data, _, inputs = tiny
+    model, _ = load_trained({"config": dataclasses.asdict(BASE), "class_names": data.class_names,
+                             "model": inputs.init_state}, torch.device("cpu"))
+    mean, std = _mean_std(inputs)
+    probs = predict_proba(model, data.images, mean=mean, std=std, batch_size=5)
+    assert probs.shape == (len(data.labels), 3)
+    assert np.allclose(probs.sum(1), 1.0, atol=1e-5)
+    empty = predict_proba(model, data.images, np.array([], np.int64), mean=mean, std=std)
+    assert empty.shape == (0, 3)
+
+
+def test_same_seed_same_result(tiny, tmp_path):
+    _, _, inputs = tiny
+    cfg = dataclasses.replace(BASE, batch_size=4)
+    runs = []
+    for name in ("a", "b"):
+        reports: list[dict] = []
+        best = fit(cfg, inputs, str(tmp_path / f"{name}.pt"), report=reports.append)
+        runs.append((best, reports, load_checkpoint(tmp_path / f"{name}.pt")))
+    (best_a, rep_a, ck_a), (best_b, rep_b, ck_b) = runs
+    assert best_a == best_b
+    assert [r["train_loss"] for r in rep_a] == [r["train_loss"] for r in rep_b]
+    assert torch.equal(ck_a["val_probs"], ck_b["val_probs"])
+    for k in ck_a["model"]:
+        assert torch.equal(ck_a["model"][k], ck_b["model"][k]), k
+
+    other: list[dict] = []
+    fit(dataclasses.replace(cfg, seed=1), inputs, None, report=other.append)
+    assert [r["train_loss"] for r in other] != [r["train_loss"] for r in rep_a]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "bug: trainables/train.py fit seeds torch only (torch.manual_seed), but timm's Mixup draws "
+    "lambda from numpy's global RNG (np.random.beta), so a mixup/cutmix trial depends on "
+    "whatever state numpy's global RNG is in and is not reproducible from cfg.seed"))
+def test_same_seed_same_result_with_mixup(tiny):
+    _, _, inputs = tiny
+    cfg = dataclasses.replace(BASE, batch_size=4, mixup=0.4)
+    losses = []
+    for outside in (1, 2):  # unrelated code touched numpy's global RNG before the trial
+        np.random.seed(outside)
+        reports: list[dict] = []
+        fit(cfg, inputs, None, report=reports.append)
+        losses.append([r["train_loss"] for r in reports])
+    assert losses[0] == losses[1]
+
+
+@pytest.mark.parametrize("extra", [
+    {"accum_steps": 2},
+    {"mixup": 0.2},
+    {"label_smoothing": 0.1},
+    {"mixup": 0.2, "cutmix": 1.0, "label_smoothing": 0.1},
+    {"grad_clip": 1.0, "optimizer": "sgd", "lr": 0.01},
+    {"augment": "strong", "hflip": True},
+    {"augment": "none", "scheduler": "plateau", "warmup_epochs": 1},
+    {"amp": "bf16"},
+], ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()))
+def test_training_options_run(tiny, extra):
+    _, _, inputs = tiny
+    cfg = dataclasses.replace(BASE, batch_size=4, **extra)
+    reports: list[dict] = []
+    best = fit(cfg, inputs, None, report=reports.append)
+    assert len(reports) == cfg.epochs
+    assert all(math.isfinite(r["train_loss"]) and math.isfinite(r["val_loss"]) for r in reports)
+    assert 0.0 <= best["val_acc"] <= 1.0
+    assert reports[0]["train_images_per_s"] > 0
+
+
+def test_accumulation_still_updates_weights(tiny, tmp_path):
+    _, _, inputs = tiny
+    path = tmp_path / "acc.pt"
+    # 14 train images / batch 4 -> 3 batches; accum 2 -> the last update has one micro-batch
+    fit(dataclasses.replace(BASE, batch_size=4, accum_steps=2, epochs=1), inputs, str(path))
+    state = load_checkpoint(path)["model"]
+    assert any(not torch.equal(v, inputs.init_state[k])
+               for k, v in state.items() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("name", SCHEDULERS)
+def test_schedule_warms_up_then_decays(name):
+    peak, epochs, per_epoch = 0.1, 6, 5
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=peak)
+    sched = LRSchedule(name, opt, epochs=epochs, updates_per_epoch=per_epoch, warmup_epochs=1)
+    lrs = [opt.param_groups[0]["lr"]]
+    for _ in range(epochs):
+        for _ in range(per_epoch):
+            param.grad = torch.ones(1)
+            opt.step()
+            sched.after_update()
+            lrs.append(opt.param_groups[0]["lr"])
+        sched.after_epoch(1.0)  # a flat validation loss
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs[0] < 0.5 * peak, f"{name}: no warmup, starts at {lrs[0]}"
+    # timm counts warmup inside the cosine (warmup_prefix=False): its top is a little below peak
+    assert max(lrs) == pytest.approx(peak, rel=0.1), name
+    assert max(lrs) <= peak * (1 + 1e-6)
+    if name == "constant":
+        assert lrs[-1] == pytest.approx(peak)
+    else:
+        assert lrs[-1] < 0.5 * peak, f"{name}: ends at {lrs[-1]}"
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "possible bug: trainables/schedules.py builds timm's cosine/step schedules with the default "
+    "warmup_prefix=False, so warmup epochs are counted inside the decay instead of before it "
+    "(SearchConfig.warmup_epochs says 'warmup epochs before the schedule'); with warmup the "
+    "searched peak lr is never reached (3 of 10 warmup epochs: top lr is about 0.92*lr)"))
+def test_cosine_reaches_peak_after_warmup():
+    peak, epochs, per_epoch = 0.1, 10, 4
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=peak)
+    sched = LRSchedule("cosine", opt, epochs=epochs, updates_per_epoch=per_epoch,
+                       warmup_epochs=3)
+    lrs = []
+    for _ in range(epochs * per_epoch):
+        opt.step()
+        sched.after_update()
+        lrs.append(opt.param_groups[0]["lr"])
+    assert max(lrs) == pytest.approx(peak, rel=0.02)
+
+
+@pytest.mark.parametrize("name", ["cosine", "constant", "step"])
+def test_schedule_without_warmup_starts_at_peak(name):
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.05)
+    LRSchedule(name, opt, epochs=4, updates_per_epoch=3, warmup_epochs=0)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
+
+
+def test_unknown_schedule():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    with pytest.raises(ValueError, match="linear"):
+        LRSchedule("linear", opt, epochs=2, updates_per_epoch=1)
+
+
+def test_amp_dtype_on_cpu():
+    cpu = torch.device("cpu")
+    assert amp_dtype("off", cpu) is None
+    assert amp_dtype("bf16", cpu) is torch.bfloat16
+    assert amp_dtype("fp16", cpu) is torch.float16
+    assert amp_dtype("auto", cpu) in (None, torch.bfloat16)
+    assert amp_dtype("auto", torch.device("cuda")) is torch.float16
+    assert amp_dtype("off", torch.device("cuda")) is None
+
+
+def test_train_config_from_dict_ignores_other_keys():
+    cfg = TrainConfig.from_dict({"lr": 0.5, "epochs": 3, "trial_id": "x", "num_samples": 9})
+    assert cfg.lr == 0.5 and cfg.epochs == 3
+    assert cfg.batch_size == TrainConfig().batch_size
+
+
+def test_fit_without_checkpoint_path_writes_nothing(tiny, tmp_path, monkeypatch):
+    _, _, inputs = tiny
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    best = fit(dataclasses.replace(BASE, epochs=1), inputs, None)
+    assert best["epoch"] == 1
+    assert list(cwd.iterdir()) == []
