@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -14,6 +15,21 @@ import yaml
 
 from search.space import DEFAULT_SPACE, resolve_space
 from trainables.errors import UserError
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-4` (no dot) as text; read it as the number everybody means."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$|^[-+]?\.(?:inf|Inf|INF)$"
+               r"|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."))
+
+
+def read_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
@@ -128,12 +144,11 @@ def parse_config(argv: list[str] | None = None) -> SearchConfig:
         if not spec:
             raise UserError(f"--space {item!r} must look like NAME=SPEC, e.g. "
                             "'lr={low: 1e-4, high: 1e-2, log: true}'")
-        space[name.strip()] = yaml.safe_load(spec)
-    try:
-        cfg = SearchConfig(**values, space=space)
-    except TypeError as exc:
-        raise UserError(f"bad config: {exc}") from None
-    return validate(cfg)
+        try:
+            space[name.strip()] = read_yaml(spec)
+        except yaml.YAMLError:
+            raise UserError(f"--space {item!r}: {spec!r} is not valid YAML") from None
+    return validate(SearchConfig(**_typed(values), space=space))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -171,7 +186,7 @@ def load_yaml(path: str) -> dict[str, Any]:
     if not p.is_file():
         raise UserError(f"config file {p} does not exist; pass an existing YAML file to --config")
     try:
-        doc = yaml.safe_load(p.read_text()) or {}
+        doc = read_yaml(p.read_text()) or {}
     except yaml.YAMLError as exc:
         raise UserError(f"config file {p} is not valid YAML ({str(exc).splitlines()[0]}); "
                         "fix the syntax") from None
@@ -224,6 +239,29 @@ def validate(cfg: SearchConfig) -> SearchConfig:
     import_plugins(cfg.plugins)
     check_model_name(cfg.model)
     return dataclasses.replace(cfg, space=space)
+
+
+def _typed(values: dict[str, Any]) -> dict[str, Any]:
+    """Checks each option's value against its declared type (ints may stand for floats)."""
+    fields = {f.name: f for f in dataclasses.fields(SearchConfig)}
+    out = {}
+    for name, value in values.items():
+        f = fields[name]
+        kind = _base_type(f.type)
+        optional = "None" in str(f.type)
+        if value is None and optional:
+            out[name] = value
+        elif kind is float and isinstance(value, int) and not isinstance(value, bool):
+            out[name] = float(value)
+        elif isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+            out[name] = value
+        else:
+            raise UserError(f"option {name} must be {_KIND_NAMES.get(kind, kind.__name__)}, "
+                            f"not {value!r}; fix it in the config file or flags")
+    return out
+
+
+_KIND_NAMES = {int: "a whole number", float: "a number", bool: "true or false", str: "text"}
 
 
 def _base_type(tp: Any) -> type:

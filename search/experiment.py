@@ -20,6 +20,7 @@ from pathlib import Path
 import yaml
 
 from search.config import SearchConfig, validate
+from trainables.checkpoint import save_checkpoint
 from trainables.data import ImageData, load_data, load_image_data, save_image_data
 from trainables.errors import UserError
 from trainables.split import Split, draw_split
@@ -53,41 +54,43 @@ class Experiment:
             doc.update(storage=cfg.storage, experiment=cfg.experiment, resume=True,
                        overwrite=False)
             return cls(validate(SearchConfig(**doc)), d, True)
-        if d.exists() and any(d.iterdir()):
-            if not cfg.overwrite:
-                raise UserError(f"experiment folder {d} already holds a search; pass --resume "
-                                "to continue it, --experiment NAME for a new one, or "
-                                "--overwrite to replace it")
-            shutil.rmtree(d)
-        d.mkdir(parents=True, exist_ok=True)
-        exp = cls(cfg, d, False)
-        doc = dataclasses.replace(cfg, resume=False, overwrite=False).to_dict()
-        (d / "config.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
-        return exp
+        if d.exists() and any(d.iterdir()) and not cfg.overwrite:
+            raise UserError(f"experiment folder {d} already holds a search; pass --resume "
+                            "to continue it, --experiment NAME for a new one, or "
+                            "--overwrite to replace it")
+        return cls(cfg, d, False)
+
+    def create(self, data: ImageData, split: Split,
+               init: tuple[dict, list[float], list[float]]) -> None:
+        """Writes the folder of a new experiment, once its inputs are known to be good."""
+        if self.resumed:
+            return
+        if self.dir.exists() and self.cfg.overwrite:
+            shutil.rmtree(self.dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        doc = dataclasses.replace(self.cfg, resume=False, overwrite=False).to_dict()
+        (self.dir / "config.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+        save_image_data(data, self.path("data.npz"))
+        split.save(self.path("split.json"), data.ids)
+        state, mean, std = init
+        save_checkpoint({"model": state, "mean": mean, "std": std, "model_name": self.cfg.model},
+                        self.path("init.pt"))
 
     def path(self, name: str) -> Path:
         return self.dir / name
 
     def data_and_split(self) -> tuple[ImageData, Split]:
-        """Decodes the data once (cached in data.npz) and draws or reloads the split."""
+        """Decodes the data once (a resumed search reads its data.npz) and draws the split."""
         cfg = self.cfg
-        cache = self.path("data.npz")
-        if self.resumed and cache.is_file():
-            data = load_image_data(cache)
-        else:
-            log.info("reading %s at %d px ...", cfg.data or "the built-in digits",
-                     cfg.resolved_image_size)
-            data = load_data(cfg.data, image_size=cfg.resolved_image_size,
-                             image_col=cfg.image_col, label_col=cfg.label_col,
-                             on_bad_image=cfg.on_bad_image)
-            save_image_data(data, cache)
-        if self.resumed and self.path("split.json").is_file():
-            split = Split.load(self.path("split.json"))
-        else:
-            split = draw_split(data.labels, val_fraction=cfg.val_fraction,
-                               test_fraction=cfg.test_fraction, seed=cfg.seed,
-                               predefined=data.splits, class_names=data.class_names)
-            split.save(self.path("split.json"), data.ids)
+        if self.resumed and self.path("data.npz").is_file():
+            return load_image_data(self.path("data.npz")), Split.load(self.path("split.json"))
+        log.info("reading %s at %d px ...", cfg.data or "the built-in digits",
+                 cfg.resolved_image_size)
+        data = load_data(cfg.data, image_size=cfg.resolved_image_size, image_col=cfg.image_col,
+                         label_col=cfg.label_col, on_bad_image=cfg.on_bad_image)
+        split = draw_split(data.labels, val_fraction=cfg.val_fraction,
+                           test_fraction=cfg.test_fraction, seed=cfg.seed,
+                           predefined=data.splits, class_names=data.class_names)
         return data, split
 
     def tracking(self) -> dict | None:

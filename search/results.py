@@ -13,7 +13,7 @@ from ray.tune import Callback
 
 SEARCHED = ("lr", "weight_decay", "batch_size", "dropout", "epochs", "scheduler")
 BEST = ("best_val_acc", "best_val_loss", "best_val_f1", "best_epoch")
-FINISHED = ("completed", "stopped_early")
+FINISHED = ("completed", "stopped_early", "stopped_by_budget")
 
 
 def trial_rows(trials: list, checkpoint_root: str, ended: dict[str, str] | None = None

@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import sys
 import time
-from pathlib import Path
-
-import numpy as np
 
 from search.config import SearchConfig, parse_config
 from search.experiment import Experiment
@@ -35,14 +31,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(cfg: SearchConfig) -> int:
     """Runs (or resumes) one search and writes its results; returns the exit code."""
+    from search import session
+
     start = time.time()
     exp = Experiment.open(cfg)
     cfg = exp.cfg
+    data, split = exp.data_and_split()  # bad data fails here, before anything is written
+    init = session.shared_init(cfg, exp, data.num_classes)
+    exp.create(data, split, init)
     owns_ray = start_ray(cfg)
     try:
-        from search import session
-
-        outcome = session.search(cfg, exp, start)
+        outcome = session.search(cfg, exp, data, split, init, start)
     finally:
         if owns_ray:
             import ray

@@ -4,23 +4,23 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 
 from search.config import SearchConfig
 from search.experiment import Experiment
-from search.results import FINISHED, ProgressPrinter, ResultsWriter, ranked, write_json
+from search.results import (FINISHED, ProgressPrinter, ResultsWriter, ranked, write_atomic,
+                            write_json)
 from search.tracking import (TrialRecorder, client_for, code_version, experiment_id,
                              flat_params, log_params, log_prediction_pictures,
                              resolve_tracking_uri)
 from search.tune import make_trainable, make_tuner, plan_resources, restore_tuner
-from trainables.checkpoint import load_checkpoint, save_checkpoint
+from trainables.checkpoint import load_checkpoint
 from trainables.errors import UserError
 from trainables.metrics import classification_metrics
 from trainables.models import create_model, initial_state, normalization
+from trainables.data import ImageData
 from trainables.split import Split
 from trainables.train import TrialInputs, load_trained, predict_proba
 
@@ -29,15 +29,15 @@ TABLE_COLUMNS = ["trial_id", "status", "epochs_run", "lr", "weight_decay", "batc
                  "dropout", "epochs", "scheduler", "best_val_acc", "best_val_loss"]
 
 
-def search(cfg: SearchConfig, exp: Experiment, start: float) -> int:
+def search(cfg: SearchConfig, exp: Experiment, data: ImageData, split: Split,
+           init: tuple[dict, list[float], list[float]], start: float) -> int:
     """Runs the search in `exp`; returns 0, or 130 when it was interrupted (resumable)."""
     import ray
 
-    data, split = exp.data_and_split()
     log.info("data: %d images, %d classes, %d px; split train/val/test %s (hash %s)",
              len(data.labels), data.num_classes, data.images.shape[1],
              "/".join(str(v) for v in split.sizes().values()), split.hash)
-    init, mean, std = shared_init(cfg, exp, data.num_classes)
+    init, mean, std = init
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     plan = plan_resources(cfg, ray.cluster_resources(), nodes)
     log.info("resources: %s", plan.describe())
@@ -59,7 +59,12 @@ def search(cfg: SearchConfig, exp: Experiment, start: float) -> int:
     tuner.fit()
     table = pd.read_csv(exp.path("results.csv"), keep_default_na=False, na_values=[""])
     table["checkpoint"] = table["checkpoint"].fillna("")
-    if _interrupted(cfg, table, time.time() - start):
+    out_of_time = cfg.time_budget_s is not None and time.time() - start >= cfg.time_budget_s
+    if out_of_time:  # Tune ends running trials at the budget just as on an interrupt
+        table.loc[table["status"] == "interrupted", "status"] = "stopped_by_budget"
+        write_atomic(exp.path("results.csv"), table.to_csv(index=False))
+    _close_open_trial_runs(client, exp_id, parent, table)
+    if _interrupted(cfg, table, out_of_time):
         log.warning("search interrupted: %d of %d trials finished; continue it with "
                     "python -m search.run --resume --experiment %s --storage %s",
                     int(table["status"].isin(FINISHED).sum()), cfg.num_samples, cfg.experiment,
@@ -70,7 +75,7 @@ def search(cfg: SearchConfig, exp: Experiment, start: float) -> int:
 
 def shared_init(cfg: SearchConfig, exp: Experiment, num_classes: int
                 ) -> tuple[dict, list[float], list[float]]:
-    """The initial weights all trials share (saved as init.pt), and the model's normalisation."""
+    """The initial weights all trials share (a resumed search reads init.pt) and normalisation."""
     path = exp.path("init.pt")
     if exp.resumed and path.is_file():
         saved = load_checkpoint(path)
@@ -78,7 +83,6 @@ def shared_init(cfg: SearchConfig, exp: Experiment, num_classes: int
     state = initial_state(cfg.model, num_classes, seed=cfg.seed, pretrained=cfg.pretrained,
                           pretrained_file=cfg.pretrained_file)
     mean, std = normalization(create_model(cfg.model, num_classes))
-    save_checkpoint({"model": state, "mean": mean, "std": std, "model_name": cfg.model}, path)
     return state, mean, std
 
 
@@ -166,10 +170,21 @@ def _fixed_params(cfg: SearchConfig, plan) -> dict:
                     "gpus_per_worker": plan.gpus_per_worker}
 
 
-def _interrupted(cfg: SearchConfig, table: pd.DataFrame, elapsed: float) -> bool:
+def _close_open_trial_runs(client, exp_id: str, parent: str, table: pd.DataFrame) -> None:
+    """Child runs Tune never reported as ended: FINISHED at the time budget, else KILLED."""
+    status = dict(zip(table["trial_id"].astype(str), table["status"]))
+    running = client.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = "
+                                 f"'{parent}' and attributes.status = 'RUNNING'")
+    for run in running:
+        outcome = status.get(run.data.tags.get("trial_id", ""), "interrupted")
+        client.set_tag(run.info.run_id, "outcome", outcome)
+        client.set_terminated(run.info.run_id,
+                              "FINISHED" if outcome == "stopped_by_budget" else "KILLED")
+
+
+def _interrupted(cfg: SearchConfig, table: pd.DataFrame, out_of_time: bool) -> bool:
     """Trials left unfinished, or fewer trials than asked with time left, mean an interruption."""
+    if out_of_time:
+        return False
     ended = table["status"].isin(FINISHED + ("failed",))
-    if not ended.all():
-        return True
-    out_of_time = cfg.time_budget_s is not None and elapsed >= cfg.time_budget_s
-    return len(table) < cfg.num_samples and not out_of_time
+    return not ended.all() or len(table) < cfg.num_samples

@@ -38,8 +38,11 @@ def resolve_tracking_uri(uri: str | None) -> str:
 
 def client_for(uri: str):
     """An MlflowClient; a plain-folder store needs MLflow's explicit opt-in."""
+    import logging
+
     from mlflow import MlflowClient
 
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # mlflow sets INFO on import
     if uri.startswith("file:"):
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     return MlflowClient(tracking_uri=uri)

@@ -134,6 +134,7 @@ def make_tuner(cfg: SearchConfig, plan: ResourcePlan, trainable, callbacks: list
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     sampler = optuna.samplers.TPESampler(
         seed=cfg.seed, n_startup_trials=max(2, min(10, cfg.num_samples // 3)),
         multivariate=True, constant_liar=True)

@@ -58,7 +58,7 @@ def create_model(name: str, num_classes: int, *, drop_rate: float = 0.0,
     elif pretrained:
         kwargs["pretrained"] = True
     try:
-        return timm.create_model(name, **kwargs)
+        model = timm.create_model(name, **kwargs)
     except (RuntimeError, OSError, ValueError, KeyError) as exc:
         if not kwargs.get("pretrained"):
             raise
@@ -66,6 +66,30 @@ def create_model(name: str, num_classes: int, *, drop_rate: float = 0.0,
         raise UserError(f"cannot load pretrained weights for {name} from {where} "
                         f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); pass "
                         "--pretrained-file with a local weights file for this model") from None
+    if pretrained_file:
+        _check_weights_cover(model, Path(pretrained_file).expanduser(), name)
+    return model
+
+
+def _check_weights_cover(model: nn.Module, path: Path, name: str) -> None:
+    """timm loads a file loosely when the head changes; refuse one that matches the body poorly.
+
+    Otherwise a file for the wrong thing (a training checkpoint, another model) would leave the
+    model at random weights with only a warning.
+    """
+    from timm.models import load_state_dict
+
+    try:
+        saved = load_state_dict(str(path))
+    except Exception as exc:  # any unreadable file: pickle, safetensors or zip errors
+        raise UserError(f"cannot read weights file {path} ({type(exc).__name__}); pass a "
+                        "state dict saved with torch.save or safetensors") from None
+    own = model.state_dict()
+    matched = sum(1 for k, v in saved.items()
+                  if k in own and getattr(v, "shape", None) == own[k].shape)
+    if matched < 0.5 * len(own):
+        raise UserError(f"weights file {path} matches only {matched} of {len(own)} tensors of "
+                        f"{name}; pass a state dict saved from this architecture")
 
 
 def initial_state(name: str, num_classes: int, *, seed: int, pretrained: bool = False,

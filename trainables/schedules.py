@@ -27,8 +27,9 @@ class LRSchedule:
         self.name, self.updates, self.epoch = name, 0, 0
         warmup = min(warmup_epochs, max(epochs - 1, 0))
         lr = optimizer.param_groups[0]["lr"]
-        common = dict(num_epochs=epochs, warmup_epochs=warmup, warmup_lr=lr * 0.01,
-                      updates_per_epoch=updates_per_epoch)
+        # warmup comes first and the schedule fills the epochs after it, so it still peaks at lr
+        common = dict(num_epochs=epochs - warmup, warmup_epochs=warmup, warmup_prefix=True,
+                      warmup_lr=lr * 0.01, updates_per_epoch=updates_per_epoch)
         if name == "onecycle":
             pct = warmup / epochs if warmup else 0.25
             self.sched = torch.optim.lr_scheduler.OneCycleLR(
@@ -43,7 +44,7 @@ class LRSchedule:
             self._set_warmup_lr()
         elif name == "step":
             self.sched, _ = create_scheduler_v2(
-                optimizer, "step", decay_epochs=max(1, epochs // 3), decay_rate=0.1,
+                optimizer, "step", decay_epochs=max(1, (epochs - warmup) // 3), decay_rate=0.1,
                 step_on_epochs=False, **common)
         elif name == "cosine":
             self.sched, _ = create_scheduler_v2(

@@ -93,6 +93,7 @@ def fit(cfg: TrainConfig, inputs: TrialInputs, checkpoint_path: str | None = Non
     """
     torch.set_num_threads(max(1, cfg.threads))
     torch.manual_seed(cfg.seed * 1000 + rank)
+    np.random.seed(cfg.seed * 1000 + rank)  # timm's Mixup draws from numpy's global RNG
     data: ImageData = _resolve(inputs.data)
     device = _device()
     model = create_model(cfg.model, data.num_classes, drop_rate=cfg.dropout)

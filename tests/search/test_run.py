@@ -241,3 +241,21 @@ def test_failing_trial_is_retried_and_does_not_stop_search(tmp_path, max_failure
     assert len(table) == 2
     assert (table["status"] == "failed").sum() == (1 if outcome == "failed" else 0)
     assert (table["status"] == "completed").sum() >= 1
+
+
+def test_trial_that_can_never_fit_is_refused(tmp_path):
+    data = _folder(tmp_path / "images")
+    proc = _cli(["--data", str(data), "--cpus-per-worker", "8", "--num-cpus", "2",
+                 "--storage", str(tmp_path / "runs"), "--tracking-uri",
+                 f"sqlite:///{tmp_path / 'mlflow.db'}"], tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: a trial needs 8 CPU")
+    assert "Traceback" not in proc.stderr
+
+
+def test_existing_experiment_is_not_overwritten(searched):
+    before = (searched["exp_dir"] / "results.csv").read_bytes()
+    proc = _cli(["--experiment", "e2e", "--storage", str(searched["work"] / "runs")],
+                searched["work"])
+    assert proc.returncode == 2 and "--resume" in proc.stderr and "Traceback" not in proc.stderr
+    assert (searched["exp_dir"] / "results.csv").read_bytes() == before

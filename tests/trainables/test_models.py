@@ -50,11 +50,6 @@ def test_weights_of_another_architecture_are_a_user_error(tmp_path):
     assert "resnet10t" in str(info.value) and str(other) in str(info.value)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: trainables/models.py create_model passes the file to timm, which drops the head and "
-    "loads with strict=False when num_classes differs, so a file whose keys match none of the "
-    "model's (here a training checkpoint {'weights': ..., 'epoch': ...}) is accepted with only "
-    "a timm warning and the model silently keeps its random weights"))
 def test_weights_file_matching_no_key_is_a_user_error(tmp_path):
     torch.manual_seed(0)
     source = create_model("resnet10t", 5)

@@ -149,10 +149,6 @@ def test_same_seed_same_result(tiny, tmp_path):
     assert [r["train_loss"] for r in other] != [r["train_loss"] for r in rep_a]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: trainables/train.py fit seeds torch only (torch.manual_seed), but timm's Mixup draws "
-    "lambda from numpy's global RNG (np.random.beta), so a mixup/cutmix trial depends on "
-    "whatever state numpy's global RNG is in and is not reproducible from cfg.seed"))
 def test_same_seed_same_result_with_mixup(tiny):
     _, _, inputs = tiny
     cfg = dataclasses.replace(BASE, batch_size=4, mixup=0.4)
@@ -221,11 +217,6 @@ def test_schedule_warms_up_then_decays(name):
         assert lrs[-1] < 0.5 * peak, f"{name}: ends at {lrs[-1]}"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "possible bug: trainables/schedules.py builds timm's cosine/step schedules with the default "
-    "warmup_prefix=False, so warmup epochs are counted inside the decay instead of before it "
-    "(SearchConfig.warmup_epochs says 'warmup epochs before the schedule'); with warmup the "
-    "searched peak lr is never reached (3 of 10 warmup epochs: top lr is about 0.92*lr)"))
 def test_cosine_reaches_peak_after_warmup():
     peak, epochs, per_epoch = 0.1, 10, 4
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=peak)

@@ -1,0 +1,169 @@
+"""The search space with a real Optuna study: ranges, log scale, choices, fixed values, pickling."""
+
+from __future__ import annotations
+
+import pickle
+
+import optuna
+import pytest
+from optuna.distributions import (
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+)
+
+from search.space import DEFAULT_SPACE, SEARCHABLE, SpaceSampler, resolve_space
+from trainables.errors import UserError
+from trainables.train import TrainConfig
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+SPACE = {
+    "lr": {"low": 1e-4, "high": 1e-1, "log": True},
+    "dropout": {"low": 0.0, "high": 0.3},
+    "epochs": {"low": 2, "high": 6},
+    "accum_steps": {"low": 1, "high": 8, "log": True},
+    "batch_size": [16, 32, 64],
+    "scheduler": ["cosine", "step"],
+    "weight_decay": 0.01,
+    "hflip": True,
+}
+
+
+def _ask(space: dict, n: int = 1, seed: int = 0):
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    sampler = SpaceSampler(space)
+    out = []
+    for _ in range(n):
+        trial = study.ask()
+        fixed = sampler(trial)
+        out.append((trial, fixed))
+        study.tell(trial, 0.0)
+    return out
+
+
+def test_ranges_are_in_bounds_with_the_right_type():
+    for trial, _ in _ask(SPACE, n=40):
+        p = trial.params
+        assert isinstance(p["lr"], float) and 1e-4 <= p["lr"] <= 1e-1
+        assert isinstance(p["dropout"], float) and 0.0 <= p["dropout"] <= 0.3
+        assert isinstance(p["epochs"], int) and 2 <= p["epochs"] <= 6
+        assert isinstance(p["accum_steps"], int) and 1 <= p["accum_steps"] <= 8
+        assert p["batch_size"] in (16, 32, 64)
+        assert p["scheduler"] in ("cosine", "step")
+
+
+def test_distributions_follow_the_spec():
+    trial, _ = _ask(SPACE)[0]
+    d = trial.distributions
+    assert isinstance(d["lr"], FloatDistribution) and d["lr"].log is True
+    assert (d["lr"].low, d["lr"].high) == (1e-4, 1e-1)
+    assert isinstance(d["dropout"], FloatDistribution) and d["dropout"].log is False
+    assert isinstance(d["epochs"], IntDistribution) and d["epochs"].log is False
+    assert isinstance(d["accum_steps"], IntDistribution) and d["accum_steps"].log is True
+    assert isinstance(d["batch_size"], CategoricalDistribution)
+    assert list(d["batch_size"].choices) == [16, 32, 64]
+    assert list(d["scheduler"].choices) == ["cosine", "step"]
+
+
+def test_log_scale_spreads_over_decades():
+    lrs = [t.params["lr"] for t, _ in _ask({"lr": {"low": 1e-5, "high": 1e-1, "log": True}},
+                                            n=200)]
+    # uniform in log10: about a quarter per decade; uniform in value would put ~90% in the top one
+    assert sum(lr < 1e-2 for lr in lrs) > 100
+    assert sum(lr < 1e-3 for lr in lrs) > 50
+
+
+def test_float_bounds_written_as_ints_stay_floats_when_mixed():
+    trial, _ = _ask({"dropout": {"low": 0, "high": 0.5}})[0]
+    assert isinstance(trial.distributions["dropout"], FloatDistribution)
+
+
+def test_scalars_are_fixed_not_searched():
+    trial, fixed = _ask(SPACE)[0]
+    assert fixed == {"weight_decay": 0.01, "hflip": True}
+    assert "weight_decay" not in trial.params and "hflip" not in trial.params
+    # params + fixed together make a whole training config
+    cfg = TrainConfig.from_dict({**trial.params, **fixed})
+    assert cfg.weight_decay == 0.01 and cfg.hflip is True
+    assert cfg.lr == trial.params["lr"]
+
+
+def test_same_seed_same_proposals():
+    a = [t.params for t, _ in _ask(SPACE, n=5, seed=3)]
+    b = [t.params for t, _ in _ask(SPACE, n=5, seed=3)]
+    c = [t.params for t, _ in _ask(SPACE, n=5, seed=4)]
+    assert a == b and a != c
+
+
+def test_sampler_is_picklable():
+    sampler = SpaceSampler(SPACE)
+    back = pickle.loads(pickle.dumps(sampler))
+    assert back.space == SPACE
+    t1, f1 = _ask(SPACE, seed=9)[0]
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=9))
+    t2 = study.ask()
+    f2 = back(t2)
+    assert t2.params == t1.params and f2 == f1
+
+
+def test_default_space_samples():
+    space = resolve_space(DEFAULT_SPACE, 10)
+    for trial, fixed in _ask(space, n=10):
+        assert fixed == {}
+        assert 5 <= trial.params["epochs"] <= 10
+        assert trial.params["scheduler"] in ("cosine", "onecycle", "step", "plateau")
+
+
+# ---------------------------------------------------------------- resolve_space
+
+
+@pytest.mark.parametrize("max_epochs, low", [(10, 5), (9, 5), (1, 1), (2, 1), (3, 2)])
+def test_resolve_space_fills_epochs(max_epochs, low):
+    space = resolve_space({"epochs": None, "lr": 0.01}, max_epochs)
+    assert space["epochs"] == {"low": low, "high": max_epochs}
+    assert space["lr"] == 0.01
+
+
+def test_resolve_space_keeps_an_explicit_epochs_and_does_not_mutate():
+    given = {"epochs": [2, 3], "batch_size": [8]}
+    space = resolve_space(given, 5)
+    assert space["epochs"] == [2, 3]
+    missing = {"lr": 0.01}
+    assert resolve_space(missing, 4)["epochs"] == {"low": 2, "high": 4}
+    assert missing == {"lr": 0.01}
+    assert DEFAULT_SPACE["epochs"] is None
+    resolve_space(DEFAULT_SPACE, 10)
+    assert DEFAULT_SPACE["epochs"] is None
+
+
+@pytest.mark.parametrize("space, needle", [
+    ({"model": ["resnet18"]}, "not a training setting"),
+    ({"seed": [1, 2]}, "not a training setting"),
+    ({"lr": {"low": 0.1}}, "low: A, high: B"),
+    ({"lr": {"low": 0.1, "high": 0.2, "step": 1}}, "low: A, high: B"),
+    ({"lr": {"low": "a", "high": 0.2}}, "numeric"),
+    ({"lr": {"low": 0.2, "high": 0.1}}, "swap"),
+    ({"lr": {"low": -1.0, "high": 0.1, "log": True}}, "positive"),
+    ({"batch_size": []}, "empty list"),
+    ({"batch_size": [16, 0]}, "positive"),
+    ({"batch_size": [16.5]}, "whole number"),
+    ({"epochs": {"low": 1, "high": 12}}, "max-epochs"),
+    ({"dropout": 1.0}, r"\[0, 1\)"),
+    ({"label_smoothing": [0.1, 1.2]}, r"\[0, 1\)"),
+    ({"weight_decay": -0.1}, "negative"),
+    ({"optimizer": ["adamw", "lion"]}, "lion"),
+    ({"amp": "fp8"}, "fp8"),
+    ({"augment": ["heavy"]}, "heavy"),
+    ({"hflip": "yes"}, "true or false"),
+    ({"mixup": "lots"}, "numeric"),
+])
+def test_resolve_space_rejects(space, needle):
+    with pytest.raises(UserError, match=needle):
+        resolve_space(space, 10)
+
+
+def test_every_searchable_name_is_a_train_setting():
+    fields = set(TrainConfig.__dataclass_fields__)
+    assert SEARCHABLE <= fields
+    assert {"model", "seed", "threads"}.isdisjoint(SEARCHABLE)
