@@ -1,0 +1,1 @@
+"""Ensembles of the best trials: soft/hard/weighted voting and model soups, reported honestly."""

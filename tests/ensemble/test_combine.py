@@ -1,0 +1,147 @@
+"""Voting, greedy vote weights and calibration on small hand-computed probability arrays."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ensemble.combine import ece, ensemble_metrics, fit_vote_weights, hard_vote, soft_vote
+
+A = np.array([[0.8, 0.2], [0.4, 0.6]])
+B = np.array([[0.6, 0.4], [0.0, 1.0]])
+
+
+def test_soft_vote_is_the_mean():
+    np.testing.assert_allclose(soft_vote([A, B]), [[0.7, 0.3], [0.2, 0.8]])
+    np.testing.assert_allclose(soft_vote(np.stack([A, B])), [[0.7, 0.3], [0.2, 0.8]])
+
+
+def test_soft_vote_weights_are_normalised():
+    # 0.75 * A + 0.25 * B
+    np.testing.assert_allclose(soft_vote([A, B], weights=[3, 1]), [[0.75, 0.25], [0.3, 0.7]])
+    np.testing.assert_allclose(soft_vote([A, B], weights=[0, 2]), B)
+
+
+def test_hard_vote_majority_shares():
+    members = [np.array([[0.6, 0.3, 0.1], [0.1, 0.1, 0.8]]),
+               np.array([[0.5, 0.4, 0.1], [0.2, 0.7, 0.1]]),
+               np.array([[0.2, 0.7, 0.1], [0.1, 0.6, 0.3]])]
+    np.testing.assert_allclose(hard_vote(members), [[2 / 3, 1 / 3, 0], [0, 2 / 3, 1 / 3]])
+    # a weight of 3 on the third member outvotes the other two
+    np.testing.assert_allclose(hard_vote(members, weights=[1, 1, 3]),
+                               [[0.4, 0.6, 0], [0, 0.8, 0.2]])
+
+
+def test_hard_vote_tie_goes_to_the_soft_vote_favourite():
+    m0 = np.array([[0.50, 0.40, 0.10], [0.45, 0.10, 0.45]])  # votes 0, then 0 (own tie: lower)
+    m1 = np.array([[0.05, 0.90, 0.05], [0.10, 0.20, 0.70]])  # votes 1, then 2
+    votes = hard_vote([m0, m1])
+    # row 0: soft vote [0.275, 0.65, 0.075] favours class 1; row 1: [0.275, 0.15, 0.575] class 2
+    assert votes.argmax(1).tolist() == [1, 2]
+    np.testing.assert_allclose(votes, [[0.5, 0.5, 0], [0.5, 0, 0.5]], atol=1e-5)
+    np.testing.assert_allclose(votes.sum(1), 1.0)
+    # the tie-break follows the soft vote, not the member order
+    assert hard_vote([m1, m0]).argmax(1).tolist() == [1, 2]
+
+
+def _noise(rng: np.random.Generator, n: int, c: int) -> np.ndarray:
+    return rng.dirichlet(np.ones(c), size=n)
+
+
+def test_fit_vote_weights_finds_the_perfect_member():
+    rng = np.random.default_rng(0)
+    n, c = 60, 4
+    labels = rng.integers(0, c, n)
+    perfect = np.full((n, c), 0.01)
+    perfect[np.arange(n), labels] = 0.97
+    members = [_noise(rng, n, c), perfect, _noise(rng, n, c), _noise(rng, n, c)]
+    w = fit_vote_weights(members, labels)
+    assert w.shape == (4,)
+    assert w.sum() == pytest.approx(1.0)
+    assert w.argmax() == 1
+    # any noise in the mix lowers the true-class probability, so every round picks it
+    np.testing.assert_allclose(w, [0, 1, 0, 0])
+
+
+def test_fit_vote_weights_selects_complementary_members():
+    n = 20
+    labels = np.zeros(n, dtype=np.int64)
+    right_first = np.tile([0.9, 0.1], (n, 1))
+    right_first[n // 2:] = [0.1, 0.9]
+    right_second = right_first[::-1].copy()
+    # either alone: half at p=0.9, half at p=0.1 (NLL 1.20); together p=0.5 everywhere (NLL 0.69)
+    w = fit_vote_weights([right_first, right_second], labels, rounds=24)
+    assert (w > 0).all()
+    np.testing.assert_allclose(w, [0.5, 0.5], atol=0.05)
+    assert w.sum() == pytest.approx(1.0)
+
+
+def test_fit_vote_weights_accuracy_metric():
+    labels = np.array([0, 0, 0, 0])
+    # always right but unsure (NLL 0.92)
+    unsure = np.tile([0.4, 0.3, 0.3], (4, 1))
+    # sure and right 3 times, badly wrong once (NLL 0.76, accuracy 0.75); mixed with fewer than
+    # 9 copies of `unsure` it still gets the last sample wrong
+    sure = np.array([[0.99, 0.005, 0.005]] * 3 + [[0.05, 0.9, 0.05]])
+    by_acc = fit_vote_weights([unsure, sure], labels, metric="accuracy", rounds=5)
+    np.testing.assert_allclose(by_acc, [1, 0])
+    by_nll = fit_vote_weights([unsure, sure], labels, metric="nll", rounds=5)
+    assert by_nll[1] > 0  # NLL takes `sure` first
+    assert by_nll.sum() == pytest.approx(1.0)
+
+
+def test_fit_vote_weights_accuracy_ties_broken_by_nll():
+    labels = np.array([0, 1, 0])
+    weak = np.array([[0.6, 0.4], [0.4, 0.6], [0.6, 0.4]])
+    strong = np.array([[0.9, 0.1], [0.1, 0.9], [0.9, 0.1]])
+    np.testing.assert_allclose(fit_vote_weights([weak, strong], labels, metric="accuracy"), [0, 1])
+
+
+def test_fit_vote_weights_ties_pick_the_lowest_index():
+    labels = np.array([0, 1])
+    same = np.array([[0.7, 0.3], [0.2, 0.8]])
+    np.testing.assert_allclose(fit_vote_weights([same, same, same], labels, rounds=4),
+                               [1, 0, 0])
+
+
+def test_ece_is_zero_for_confident_correct_predictions():
+    labels = np.array([0, 2, 1, 1])
+    assert ece(np.eye(3)[labels], labels) == 0.0
+
+
+def test_ece_hand_computed():
+    probs = np.array([[0.95, 0.05], [0.15, 0.85], [0.65, 0.35], [0.25, 0.75]])
+    labels = np.array([0, 0, 0, 1])  # confidences .95 .85 .65 .75; the .85 one is wrong
+    # 5 bins: (.8, 1] holds .95 and .85 (acc .5, conf .9), (.6, .8] holds .65, .75 (acc 1, conf .7)
+    assert ece(probs, labels, bins=5) == pytest.approx(0.5 * 0.4 + 0.5 * 0.3)
+    # 15 bins: every sample alone: (.05 + .85 + .35 + .25) / 4
+    assert ece(probs, labels) == pytest.approx(0.375)
+
+
+def test_ensemble_metrics_adds_ece():
+    probs = np.array([[0.95, 0.05], [0.15, 0.85], [0.65, 0.35], [0.25, 0.75]])
+    labels = np.array([0, 0, 0, 1])
+    out = ensemble_metrics(probs, labels)
+    assert set(out) == {"accuracy", "f1", "loss", "ece"}
+    assert out["accuracy"] == pytest.approx(0.75)
+    assert out["loss"] == pytest.approx(-np.log([0.95, 0.15, 0.65, 0.75]).mean())
+    assert out["ece"] == pytest.approx(0.375)
+
+
+def test_shape_and_weight_validation():
+    with pytest.raises(ValueError, match="member 1"):
+        soft_vote([A, np.ones((3, 2)) / 2])
+    with pytest.raises(ValueError, match="empty"):
+        soft_vote([])
+    with pytest.raises(ValueError, match="non-negative"):
+        soft_vote([A, B], weights=[1, -1])
+    with pytest.raises(ValueError, match="all zero"):
+        hard_vote([A, B], weights=[0, 0])
+    with pytest.raises(ValueError, match="one value per member"):
+        soft_vote([A, B], weights=[1, 2, 3])
+    with pytest.raises(ValueError, match="labels"):
+        fit_vote_weights([A, B], np.array([0, 2]))
+    with pytest.raises(ValueError, match="metric"):
+        fit_vote_weights([A, B], np.array([0, 1]), metric="f1")
+    with pytest.raises(ValueError, match="labels"):
+        ece(A, np.array([0]))
