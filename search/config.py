@@ -32,7 +32,7 @@ def read_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
-def _opt(default: Any, help: str, **extra: Any) -> Any:
+def opt(default: Any, help: str, **extra: Any) -> Any:
     if isinstance(default, (dict, list)):
         return field(default_factory=lambda: default, metadata={"help": help, **extra})
     return field(default=default, metadata={"help": help, **extra})
@@ -43,78 +43,78 @@ class SearchConfig:
     """Every option of `python -m search.run`; the field help is the `--help` text."""
 
     # data
-    data: str | None = _opt(None, "Labelled images: a folder of class folders, a folder with "
+    data: str | None = opt(None, "Labelled images: a folder of class folders, a folder with "
                             "train/ (val/, test/) class folders, or a CSV. Default: the built-in "
                             "scikit-learn digits.")
-    image_col: str = _opt("image_path", "CSV column holding image paths (relative to the CSV).")
-    label_col: str = _opt("target", "CSV column holding class labels.")
-    on_bad_image: str = _opt("skip", "What to do with an unreadable image: 'skip' it with a "
+    image_col: str = opt("image_path", "CSV column holding image paths (relative to the CSV).")
+    label_col: str = opt("target", "CSV column holding class labels.")
+    on_bad_image: str = opt("skip", "What to do with an unreadable image: 'skip' it with a "
                              "warning naming the file, or 'error' and stop.",
                              choices=("skip", "error"))
-    image_size: int | None = _opt(None, "Side in pixels images are decoded to once (default: 32 "
+    image_size: int | None = opt(None, "Side in pixels images are decoded to once (default: 32 "
                                   "for the digits, 64 for --data).")
-    val_fraction: float = _opt(0.15, "Share of the images held out for validation (model "
+    val_fraction: float = opt(0.15, "Share of the images held out for validation (model "
                                "selection).")
-    test_fraction: float = _opt(0.15, "Share of the images held out for the final test report "
+    test_fraction: float = opt(0.15, "Share of the images held out for the final test report "
                                 "(never seen by the search).")
     # model and fixed training settings
-    model: str = _opt("resnet10t", "timm model name.")
-    plugins: list = _opt([], "Python module to import before models are built, e.g. one that "
+    model: str = opt("resnet10t", "timm model name.")
+    plugins: list = opt([], "Python module to import before models are built, e.g. one that "
                          "registers a custom timm model (repeatable).", cli_list=True)
-    pretrained: bool = _opt(False, "Start from timm's pretrained weights (needs a network unless "
+    pretrained: bool = opt(False, "Start from timm's pretrained weights (needs a network unless "
                             "--pretrained-file is given).")
-    pretrained_file: str | None = _opt(None, "Local pretrained weights file for --model "
+    pretrained_file: str | None = opt(None, "Local pretrained weights file for --model "
                                        "(.pth, .bin or .safetensors).")
-    optimizer: str = _opt("adamw", "Optimizer when not searched: adamw or sgd.",
+    optimizer: str = opt("adamw", "Optimizer when not searched: adamw or sgd.",
                           choices=("adamw", "sgd"))
-    augment: str = _opt("light", "Augmentation policy: none, light or strong.",
+    augment: str = opt("light", "Augmentation policy: none, light or strong.",
                         choices=("none", "light", "strong"))
-    hflip: bool = _opt(False, "Add random horizontal flips (off: they change digits, letters "
+    hflip: bool = opt(False, "Add random horizontal flips (off: they change digits, letters "
                        "and hand signs).")
-    amp: str = _opt("auto", "Mixed precision: auto (fp16+GradScaler on CUDA, bf16 on CPUs with "
+    amp: str = opt("auto", "Mixed precision: auto (fp16+GradScaler on CUDA, bf16 on CPUs with "
                     "native bf16), fp16, bf16 or off.", choices=("auto", "fp16", "bf16", "off"))
-    accum_steps: int = _opt(1, "Gradient accumulation: micro-batches per optimizer step.")
-    label_smoothing: float = _opt(0.0, "Label smoothing of the cross-entropy loss.")
-    mixup: float = _opt(0.0, "Mixup alpha (0 turns mixup off).")
-    cutmix: float = _opt(0.0, "CutMix alpha (0 turns CutMix off).")
-    warmup_epochs: int = _opt(0, "Linear learning-rate warmup epochs before the schedule.")
-    grad_clip: float = _opt(0.0, "Clip gradients to this global norm (0: no clipping).")
-    space: dict = _opt(DEFAULT_SPACE, "Search space, from YAML or repeated --space "
+    accum_steps: int = opt(1, "Gradient accumulation: micro-batches per optimizer step.")
+    label_smoothing: float = opt(0.0, "Label smoothing of the cross-entropy loss.")
+    mixup: float = opt(0.0, "Mixup alpha (0 turns mixup off).")
+    cutmix: float = opt(0.0, "CutMix alpha (0 turns CutMix off).")
+    warmup_epochs: int = opt(0, "Linear learning-rate warmup epochs before the schedule.")
+    grad_clip: float = opt(0.0, "Clip gradients to this global norm (0: no clipping).")
+    space: dict = opt(DEFAULT_SPACE, "Search space, from YAML or repeated --space "
                        "NAME=SPEC (e.g. --space 'lr={low: 1e-4, high: 1e-2, log: true}', "
                        "--space 'batch_size=[32,64]', --space dropout=0.1 to fix a knob).",
                        cli=False)
     # search
-    num_samples: int = _opt(10, "Number of trials.")
-    max_epochs: int = _opt(10, "Most epochs a trial may train (the top of the epochs range and "
+    num_samples: int = opt(10, "Number of trials.")
+    max_epochs: int = opt(10, "Most epochs a trial may train (the top of the epochs range and "
                            "ASHA's budget).")
-    grace_period: int = _opt(2, "Epochs every trial gets before ASHA may stop it.")
-    reduction_factor: int = _opt(3, "ASHA keeps about 1 in this many trials at each rung.")
-    time_budget_s: float | None = _opt(None, "Stop starting and running trials after this many "
+    grace_period: int = opt(2, "Epochs every trial gets before ASHA may stop it.")
+    reduction_factor: int = opt(3, "ASHA keeps about 1 in this many trials at each rung.")
+    time_budget_s: float | None = opt(None, "Stop starting and running trials after this many "
                                        "seconds.")
-    seed: int = _opt(0, "Seed of the split, the initial weights, the data order and the search.")
-    max_failures: int = _opt(1, "Times a failing trial is retried before it is marked failed.")
+    seed: int = opt(0, "Seed of the split, the initial weights, the data order and the search.")
+    max_failures: int = opt(1, "Times a failing trial is retried before it is marked failed.")
     # resources
-    workers_per_trial: int = _opt(1, "Training processes per trial; above 1 the trial runs as "
+    workers_per_trial: int = opt(1, "Training processes per trial; above 1 the trial runs as "
                                   "DDP through a Ray Train TorchTrainer.")
-    cpus_per_worker: float | None = _opt(None, "CPUs per worker (default: 1, or what fits when "
+    cpus_per_worker: float | None = opt(None, "CPUs per worker (default: 1, or what fits when "
                                          "a trial has several workers).")
-    gpus_per_worker: float = _opt(0.0, "GPUs per worker; fractions share a GPU between trials.")
-    max_concurrent: int | None = _opt(None, "Most trials at once (default: what the cluster's "
+    gpus_per_worker: float = opt(0.0, "GPUs per worker; fractions share a GPU between trials.")
+    max_concurrent: int | None = opt(None, "Most trials at once (default: what the cluster's "
                                       "resources fit).")
-    address: str | None = _opt(None, "Ray cluster to join (default: RAY_ADDRESS, else start a "
+    address: str | None = opt(None, "Ray cluster to join (default: RAY_ADDRESS, else start a "
                                "local Ray).")
-    num_cpus: int | None = _opt(None, "CPUs of the local Ray started when no cluster is given "
+    num_cpus: int | None = opt(None, "CPUs of the local Ray started when no cluster is given "
                                 "(default: all).")
     # outputs
-    experiment: str = _opt("default", "Experiment name: the folder under --storage and the "
+    experiment: str = opt("default", "Experiment name: the folder under --storage and the "
                            "MLflow experiment.")
-    storage: str = _opt("runs", "Folder holding experiment folders (results, split, "
+    storage: str = opt("runs", "Folder holding experiment folders (results, split, "
                         "checkpoints); shared storage on a multi-node cluster.")
-    tracking_uri: str | None = _opt(None, "MLflow tracking URI (default: MLFLOW_TRACKING_URI, "
+    tracking_uri: str | None = opt(None, "MLflow tracking URI (default: MLFLOW_TRACKING_URI, "
                                     "else sqlite:///mlflow.db here).")
-    resume: bool = _opt(False, "Continue an interrupted search in the same experiment without "
+    resume: bool = opt(False, "Continue an interrupted search in the same experiment without "
                         "rerunning finished trials.", cli_only=True)
-    overwrite: bool = _opt(False, "Replace an existing experiment folder of the same name.",
+    overwrite: bool = opt(False, "Replace an existing experiment folder of the same name.",
                            cli_only=True)
 
     @property
@@ -148,7 +148,7 @@ def parse_config(argv: list[str] | None = None) -> SearchConfig:
             space[name.strip()] = read_yaml(spec)
         except yaml.YAMLError:
             raise UserError(f"--space {item!r}: {spec!r} is not valid YAML") from None
-    return validate(SearchConfig(**_typed(values), space=space))
+    return validate(SearchConfig(**typed(SearchConfig, values), space=space))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,14 +159,21 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Settings may also come from --config FILE.yaml; flags override the file.")
     parser.add_argument("--config", metavar="YAML", help="YAML file of options (keys as below, "
                         "with underscores); flags given here override it.")
-    for f in dataclasses.fields(SearchConfig):
+    add_options(parser, SearchConfig)
+    return parser
+
+
+def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One flag per dataclass field, with the field's help; every default is None (= unset)."""
+    for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata["help"]
         if not f.metadata.get("cli", True):
             parser.add_argument(flag, action="append", metavar="NAME=SPEC", help=help_text)
             continue
         if f.metadata.get("cli_list"):
-            parser.add_argument(flag, action="append", metavar="MODULE", help=help_text)
+            parser.add_argument(flag, action="append", metavar=f.metadata.get("metavar", "MODULE"),
+                                help=help_text)
             continue
         kind = _base_type(f.type)
         if f.default is not None and "default" not in help_text.lower():
@@ -178,7 +185,6 @@ def build_parser() -> argparse.ArgumentParser:
         choices = f.metadata.get("choices")
         parser.add_argument(flag, type=kind, default=None, choices=choices,
                             metavar=None if choices else f.name.upper(), help=help_text)
-    return parser
 
 
 def load_yaml(path: str) -> dict[str, Any]:
@@ -241,9 +247,9 @@ def validate(cfg: SearchConfig) -> SearchConfig:
     return dataclasses.replace(cfg, space=space)
 
 
-def _typed(values: dict[str, Any]) -> dict[str, Any]:
+def typed(cls: type, values: dict[str, Any]) -> dict[str, Any]:
     """Checks each option's value against its declared type (ints may stand for floats)."""
-    fields = {f.name: f for f in dataclasses.fields(SearchConfig)}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     out = {}
     for name, value in values.items():
         f = fields[name]

@@ -1,0 +1,190 @@
+"""`python -m ensemble.build --top K`: the best trials (and seed retrains) as votes and soups."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ensemble.compare import Row, choose, predict_members, soup_rows, vote_rows
+from ensemble.members import SearchState, open_search, retrain_seeds, top_members
+from ensemble.predict import check_tta, load, predictions_frame
+from ensemble.report import log_to_mlflow, table_lines, write_report
+from search.config import add_options, opt, typed
+from trainables.checkpoint import save_checkpoint
+from trainables.data import read_unlabelled
+from trainables.errors import UserError
+
+log = logging.getLogger("ensemble")
+
+
+@dataclass(frozen=True)
+class EnsembleConfig:
+    """Every option of `python -m ensemble.build`; the field help is the `--help` text."""
+
+    experiment: str = opt("default", "Search to build from (the --experiment of search.run).")
+    storage: str = opt("runs", "Folder holding experiment folders (the --storage of search.run).")
+    top: int = opt(5, "Number of best finished trials to combine.")
+    seeds: int = opt(0, "Retrain each selected trial's config with this many new seeds (on Ray) "
+                     "and add them as members.")
+    rounds: int = opt(25, "Rounds of greedy ensemble selection that fit the vote weights.")
+    tta: list = opt([], "Test-time augmentation view to average over (repeatable): hflip, vflip, "
+                    "shift, crop. Only use views that keep labels.", cli_list=True,
+                    metavar="VIEW")
+    predict: str | None = opt(None, "Unlabelled images to predict with the chosen ensemble: a "
+                              "folder or a CSV with an image column.")
+    image_col: str = opt("image_path", "Image column of a --predict CSV.")
+    output: str | None = opt(None, "Predictions CSV to write for --predict (default: "
+                             "<experiment>/ensemble/predictions.csv).")
+    tracking_uri: str | None = opt(None, "MLflow tracking URI (default: the search's).")
+    address: str | None = opt(None, "Ray cluster for --seeds retrains (default: RAY_ADDRESS, "
+                              "else a local Ray).")
+    num_cpus: int | None = opt(None, "CPUs of the local Ray started for --seeds.")
+
+
+def parse_args(argv: list[str] | None = None) -> EnsembleConfig:
+    parser = argparse.ArgumentParser(
+        prog="python -m ensemble.build",
+        description="Combine the best trials of a search into weighted soft votes and model "
+                    "soups; every choice is made on val and every row reported on test.")
+    add_options(parser, EnsembleConfig)
+    values = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    if "tta" in values:  # --tta hflip,shift works as well as --tta hflip --tta shift
+        values["tta"] = [v for item in values["tta"] for v in item.split(",") if v]
+    cfg = EnsembleConfig(**typed(EnsembleConfig, values))
+    if cfg.seeds < 0 or cfg.rounds < 1:
+        raise UserError("--seeds must not be negative and --rounds must be at least 1")
+    check_tta(cfg.tta)
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("alembic", "mlflow", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return build(parse_args(argv))
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def build(cfg: EnsembleConfig) -> int:
+    start = time.time()
+    state = open_search(cfg.storage, cfg.experiment)
+    members = top_members(state, cfg.top)
+    to_predict = None
+    if cfg.predict:  # read first: a bad path must fail before any work is done
+        to_predict = read_unlabelled(cfg.predict, image_size=int(state.data.images.shape[1]),
+                                     image_col=cfg.image_col)
+    out = state.dir / "ensemble"
+    out.mkdir(exist_ok=True)
+    if cfg.seeds:
+        members += _retrain(cfg, state, members, out / "seeds")
+    log.info("members: %s", ", ".join(f"{m.name} (val {m.val_acc:.4f})" for m in members))
+    preds = predict_members(state, members, cfg.tta)
+    y_val = state.data.labels[state.split.val]
+    y_test = state.data.labels[state.split.test]
+    rows = vote_rows(preds, y_val, y_test, cfg.rounds) + soup_rows(state, preds, cfg.tta)
+    chosen = choose(rows)
+    saved = _save_chosen(chosen, out, cfg.tta)
+    for r in rows:
+        if r.artifact and r.artifact["kind"] == "soup":
+            _save_artifact(r, out / f"{r.name.replace(' ', '_')}.pt", cfg.tta)
+    predictions_frame([state.data.ids[i] for i in state.split.test], chosen.test_probs,
+                      state.data.class_names, y_test).to_csv(out / "test_predictions.csv",
+                                                             index=False)
+    doc = _report_doc(cfg, state, members, rows, chosen)
+    write_report(out, doc, rows, chosen)
+    tracking = _tracking(cfg, state)
+    run_id = log_to_mlflow(tracking[0], cfg.experiment, tracking[1], doc, rows, out)
+    print("\n" + "\n".join(table_lines(rows, chosen)), flush=True)
+    if to_predict is not None:
+        _write_predictions(cfg, saved, to_predict, out)
+    log.info("\nchosen on val: %s; saved %s; report %s; MLflow run %s; %.0f s", chosen.name,
+             saved, out / "report.md", run_id, time.time() - start)
+    return 0
+
+
+def _retrain(cfg: EnsembleConfig, state: SearchState, members, out: Path):
+    import os
+
+    import ray
+
+    owns = not ray.is_initialized()
+    if owns:
+        address = cfg.address or os.environ.get("RAY_ADDRESS") or None
+        ray.init(address=address, num_cpus=None if address else cfg.num_cpus,
+                 include_dashboard=False, logging_level=logging.WARNING)
+    try:
+        return retrain_seeds(state, members, cfg.seeds, out_dir=out)
+    finally:
+        if owns:
+            ray.shutdown()
+
+
+def _save_artifact(row: Row, path: Path, tta: list[str]) -> None:
+    art = row.artifact
+    if art["kind"] == "vote":
+        save_checkpoint({"kind": "vote", "combiner": row.name, "members": art["members"],
+                         "weights": art["weights"], "hard": art.get("hard", False),
+                         "tta": tta}, path)
+        return
+    base = dict(art["base"])  # a soup is a normal training checkpoint with the averaged weights
+    base.update(model=art["state"], kind="soup", combiner=row.name, tta=tta,
+                ingredients=art["ingredients"], bn_recalibrated=art["bn_recalibrated"],
+                metrics={f"val_{k}": float(v) for k, v in row.val.items()})
+    base.pop("val_probs", None)
+    base.pop("val_indices", None)
+    save_checkpoint(base, path)
+
+
+def _save_chosen(chosen: Row, out: Path, tta: list[str]) -> Path:
+    path = out / "ensemble.pt"
+    _save_artifact(chosen, path, tta)
+    return path
+
+
+def _write_predictions(cfg: EnsembleConfig, saved: Path, data: tuple[np.ndarray, list[str]],
+                       out: Path) -> None:
+    from search.results import write_atomic
+
+    images, ids = data
+    model = load(saved)
+    frame = predictions_frame(ids, model.predict_proba(images), model.class_names)
+    dest = Path(cfg.output) if cfg.output else out / "predictions.csv"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(dest, frame.to_csv(index=False))
+    log.info("predictions for %d images: %s", len(ids), dest)
+
+
+def _report_doc(cfg: EnsembleConfig, state: SearchState, members, rows: list[Row],
+                chosen: Row) -> dict:
+    from search.tracking import code_version
+
+    return {"experiment": cfg.experiment, "top": cfg.top, "seeds": cfg.seeds, "tta": cfg.tta,
+            "split_hash": state.split.hash, "split_sizes": state.split.sizes(),
+            "members": [{"name": m.name, "checkpoint": m.checkpoint, "trial_id": m.trial_id,
+                         "seed": m.seed, "val_acc": m.val_acc} for m in members],
+            "rows": [r.record() for r in rows], "chosen": chosen.name, "code": code_version()}
+
+
+def _tracking(cfg: EnsembleConfig, state: SearchState) -> tuple[str, str | None]:
+    import json
+
+    from search.tracking import resolve_tracking_uri
+
+    saved = state.dir / "mlflow.json"
+    doc = json.loads(saved.read_text()) if saved.is_file() else {}
+    uri = resolve_tracking_uri(cfg.tracking_uri) if cfg.tracking_uri else \
+        doc.get("tracking_uri") or resolve_tracking_uri(None)
+    return uri, doc.get("parent_run_id")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""Ensemble members: the best finished trials of a search, plus retrains with new seeds."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from search.config import SearchConfig
+from search.results import FINISHED, ranked
+from trainables.checkpoint import load_checkpoint
+from trainables.data import ImageData, load_image_data
+from trainables.errors import UserError
+from trainables.split import Split
+
+log = logging.getLogger("ensemble")
+
+
+@dataclass(frozen=True)
+class Member:
+    """One model of an ensemble: a trial's best checkpoint, or a seed retrain of its config."""
+
+    name: str
+    checkpoint: str
+    trial_id: str
+    seed: int
+    val_acc: float
+
+
+@dataclass
+class SearchState:
+    """What a finished search left in its experiment folder."""
+
+    dir: Path
+    cfg: SearchConfig
+    results: pd.DataFrame
+    data: ImageData
+    split: Split
+
+
+def open_search(storage: str, experiment: str) -> SearchState:
+    """Reads an experiment folder written by `search.run`; a UserError lists what exists."""
+    root = Path(storage).expanduser().resolve()
+    d = root / experiment
+    needed = ("config.yaml", "results.csv", "data.npz", "split.json")
+    if not all((d / f).is_file() for f in needed):
+        names = sorted(p.name for p in root.iterdir() if (p / "results.csv").is_file()) \
+            if root.is_dir() else []
+        raise UserError(f"no finished search named {experiment!r} in {root} (found: "
+                        f"{', '.join(names) or 'none'}); pass --experiment NAME and --storage, "
+                        "or run python -m search.run first")
+    doc = yaml.safe_load((d / "config.yaml").read_text())
+    cfg = SearchConfig(**doc)
+    results = pd.read_csv(d / "results.csv", dtype={"trial_id": str}, keep_default_na=False,
+                          na_values=[""])
+    results["checkpoint"] = results["checkpoint"].fillna("")
+    return SearchState(d, cfg, results, load_image_data(d / "data.npz"),
+                       Split.load(d / "split.json"))
+
+
+def top_members(state: SearchState, top: int) -> list[Member]:
+    """The `top` finished trials by val accuracy (ties: lower val loss), as members."""
+    if top < 1:
+        raise UserError(f"--top must be at least 1, not {top}")
+    table = ranked(state.results)
+    usable = table[table["status"].isin(FINISHED) & (table["checkpoint"] != "")]
+    usable = usable[[Path(c).is_file() for c in usable["checkpoint"]]]
+    if usable.empty:
+        raise UserError(f"experiment {state.cfg.experiment!r} has no finished trial with a "
+                        "checkpoint; run or resume the search first")
+    if len(usable) < top:
+        log.warning("only %d finished trial(s) in %r, fewer than --top %d: building with %d",
+                    len(usable), state.cfg.experiment, top, len(usable))
+    members = [Member(name=f"trial-{r.trial_id}", checkpoint=r.checkpoint, trial_id=r.trial_id,
+                      seed=int(state.cfg.seed), val_acc=float(r.best_val_acc))
+               for r in usable.head(top).itertuples()]
+    _check_same_classes(members)
+    return members
+
+
+def _check_same_classes(members: list[Member]) -> None:
+    first = None
+    for m in members:
+        names = load_checkpoint(m.checkpoint)["class_names"]
+        if first is None:
+            first = (m, names)
+        elif names != first[1]:
+            raise UserError(f"members {first[0].name} and {m.name} were trained on different "
+                            f"class lists ({len(first[1])} vs {len(names)} classes); an ensemble "
+                            "can only combine models of the same classes")
+
+
+def retrain_seeds(state: SearchState, members: list[Member], seeds: int, *,
+                  out_dir: Path) -> list[Member]:
+    """Retrains each member's config with `seeds` new seeds, in parallel on Ray.
+
+    Same training function, same split and the same shared initial weights (so soups stay
+    possible); the seed changes data order, augmentation and dropout. Retrains already on disk
+    from an earlier build are reused.
+    """
+    import ray
+
+    from trainables.train import TrainConfig, TrialInputs
+
+    init = load_checkpoint(state.dir / "init.pt")
+    inputs = TrialInputs(data=ray.put(state.data), init_state=ray.put(init["model"]),
+                         train_idx=state.split.train, val_idx=state.split.val,
+                         mean=init["mean"], std=init["std"])
+    cpus = state.cfg.cpus_per_worker or 1.0
+    task = ray.remote(_train_one).options(num_cpus=cpus, num_gpus=state.cfg.gpus_per_worker)
+    jobs, new = [], []
+    for m in members:
+        cfg = TrainConfig.from_dict(load_checkpoint(m.checkpoint)["config"])
+        for s in range(1, seeds + 1):
+            seed = cfg.seed + 1000 * s
+            path = out_dir / f"{m.trial_id}-seed{seed}" / "best.pt"
+            run_cfg = dataclasses.replace(cfg, seed=seed, threads=max(1, int(round(cpus))))
+            if not path.is_file():
+                jobs.append(task.remote(run_cfg, inputs, str(path), list(state.cfg.plugins)))
+            new.append((m, seed, path))
+    if jobs:
+        log.info("retraining %d member config(s) x %d seed(s): %d run(s) on Ray", len(members),
+                 seeds, len(jobs))
+        ray.get(jobs)
+    return [Member(name=f"trial-{m.trial_id}-seed{seed}", checkpoint=str(path),
+                   trial_id=m.trial_id, seed=seed,
+                   val_acc=float(load_checkpoint(path)["metrics"]["val_acc"]))
+            for m, seed, path in new]
+
+
+def _train_one(cfg, inputs, checkpoint: str, plugins: list[str]) -> dict:
+    from trainables.models import import_plugins
+    from trainables.train import fit
+
+    import_plugins(plugins)
+    return fit(cfg, inputs, checkpoint)
