@@ -15,7 +15,7 @@ from ensemble.compare import Row, choose, predict_members, soup_rows, vote_rows
 from ensemble.members import SearchState, open_search, retrain_seeds, top_members
 from ensemble.predict import check_tta, load, predictions_frame
 from ensemble.report import log_to_mlflow, table_lines, write_report
-from search.config import add_options, opt, typed
+from search.config import add_options, default_storage, opt, typed
 from trainables.checkpoint import save_checkpoint
 from trainables.data import read_unlabelled
 from trainables.errors import UserError
@@ -28,7 +28,8 @@ class EnsembleConfig:
     """Every option of `python -m ensemble.build`; the field help is the `--help` text."""
 
     experiment: str = opt("default", "Search to build from (the --experiment of search.run).")
-    storage: str = opt("runs", "Folder holding experiment folders (the --storage of search.run).")
+    storage: str = opt(default_storage(), "Folder holding experiment folders (the --storage of "
+                       "search.run; default: IMGSEARCH_STORAGE, else ./runs).")
     top: int = opt(5, "Number of best finished trials to combine.")
     seeds: int = opt(0, "Retrain each selected trial's config with this many new seeds (on Ray) "
                      "and add them as members.")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import re
 import types
 import typing
@@ -15,6 +16,12 @@ import yaml
 
 from search.space import DEFAULT_SPACE, resolve_space
 from trainables.errors import UserError
+
+
+def default_storage() -> str:
+    """Where experiment folders go: IMGSEARCH_STORAGE (the cluster image sets a shared file
+    system there), else ./runs."""
+    return os.environ.get("IMGSEARCH_STORAGE", "runs")
 
 
 class _Loader(yaml.SafeLoader):
@@ -108,8 +115,9 @@ class SearchConfig:
     # outputs
     experiment: str = opt("default", "Experiment name: the folder under --storage and the "
                            "MLflow experiment.")
-    storage: str = opt("runs", "Folder holding experiment folders (results, split, "
-                        "checkpoints); shared storage on a multi-node cluster.")
+    storage: str = opt(default_storage(), "Folder holding experiment folders (results, split, "
+                       "checkpoints); on a multi-node cluster a shared file system (default: "
+                       "IMGSEARCH_STORAGE, else ./runs).")
     tracking_uri: str | None = opt(None, "MLflow tracking URI (default: MLFLOW_TRACKING_URI, "
                                     "else sqlite:///mlflow.db here).")
     resume: bool = opt(False, "Continue an interrupted search in the same experiment without "

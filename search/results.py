@@ -42,10 +42,21 @@ def trial_rows(trials: list, checkpoint_root: str, ended: dict[str, str] | None 
             **{k: t.config.get(k) for k in SEARCHED},
             **{k: v for k, v in t.config.items() if k not in SEARCHED},
             **{k: last.get(k) for k in BEST},
+            "started_at": _started(last),
+            "ended_at": last.get("timestamp"),
             "node_ip": last.get("node_ip"),
+            "node_id": last.get("node_id"),
+            "gpu_ids": last.get("gpu_ids"),
             "checkpoint": str(ckpt) if ckpt.is_file() else "",
         })
     return pd.DataFrame(rows)
+
+
+def _started(last: dict) -> float | None:
+    """Unix time the trial started: its last report's time minus its running time."""
+    if "timestamp" not in last or "time_total_s" not in last:
+        return None
+    return round(float(last["timestamp"]) - float(last["time_total_s"]), 3)
 
 
 def ranked(table: pd.DataFrame) -> pd.DataFrame:

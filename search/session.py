@@ -15,7 +15,8 @@ from search.results import (FINISHED, ProgressPrinter, ResultsWriter, ranked, wr
 from search.tracking import (TrialRecorder, client_for, code_version, experiment_id,
                              flat_params, log_params, log_prediction_pictures,
                              resolve_tracking_uri)
-from search.tune import make_trainable, make_tuner, plan_resources, restore_tuner
+from search.tune import (autoscaling_capacity, make_trainable, make_tuner, plan_resources,
+                         restore_tuner)
 from trainables.checkpoint import load_checkpoint
 from trainables.errors import UserError
 from trainables.metrics import classification_metrics
@@ -39,7 +40,7 @@ def search(cfg: SearchConfig, exp: Experiment, data: ImageData, split: Split,
              "/".join(str(v) for v in split.sizes().values()), split.hash)
     init, mean, std = init
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    plan = plan_resources(cfg, ray.cluster_resources(), nodes)
+    plan = plan_resources(cfg, ray.cluster_resources(), nodes, autoscaling_capacity())
     log.info("resources: %s", plan.describe())
     inputs = TrialInputs(data=ray.put(data), init_state=ray.put(init), train_idx=split.train,
                          val_idx=split.val, mean=mean, std=std)

@@ -39,9 +39,53 @@ class ResourcePlan:
                 f"{self.cpus_per_worker:g} CPU{gpu} per worker")
 
 
-def plan_resources(cfg: SearchConfig, total: dict[str, float],
-                   nodes: list[dict[str, float]]) -> ResourcePlan:
-    """Sizes workers and concurrency to the cluster; a trial that can never fit is a UserError."""
+def autoscaling_capacity(config: dict | str | Path | None = None
+                         ) -> tuple[dict[str, float], list[dict[str, float]]] | None:
+    """What an autoscaling cluster can grow to, from its launcher config.
+
+    On a `ray up` cluster the head holds it as ~/ray_bootstrap_config.yaml; searches run there
+    (ray job submit), so a GPU search can be planned before any GPU worker has started.
+    Returns (total resources, one resource dict per possible node), or None without a config.
+    """
+    import yaml
+
+    if config is None:
+        config = Path.home() / "ray_bootstrap_config.yaml"
+    if not isinstance(config, dict):
+        if not Path(config).is_file():
+            return None
+        config = yaml.safe_load(Path(config).read_text())
+    nodes = []
+    for name, node_type in (config.get("available_node_types") or {}).items():
+        count = 1 if name == config.get("head_node_type") else int(node_type.get("max_workers", 0))
+        nodes += [dict(node_type.get("resources") or {})] * count
+    if not nodes:
+        return None
+    total: dict[str, float] = {}
+    for n in nodes:
+        for k, v in n.items():
+            total[k] = total.get(k, 0) + float(v)
+    return total, nodes
+
+
+def plan_resources(cfg: SearchConfig, total: dict[str, float], nodes: list[dict[str, float]],
+                   capacity: tuple[dict[str, float], list[dict[str, float]]] | None = None
+                   ) -> ResourcePlan:
+    """Sizes workers and concurrency to the cluster; a trial that can never fit is a UserError.
+
+    With an autoscaler's `capacity`, a trial that does not fit the nodes up now but fits what the
+    cluster can grow to is planned against that (the autoscaler adds the nodes as trials wait).
+    """
+    try:
+        return _plan(cfg, total, nodes)
+    except UserError:
+        if capacity is None:
+            raise
+        return _plan(cfg, *capacity)
+
+
+def _plan(cfg: SearchConfig, total: dict[str, float], nodes: list[dict[str, float]]
+          ) -> ResourcePlan:
     w, g = cfg.workers_per_trial, cfg.gpus_per_worker
     cpus, gpus = float(total.get("CPU", 0)), float(total.get("GPU", 0))
     trial_cpus = DDP_TRIAL_CPU if w > 1 else 0.0
@@ -80,7 +124,7 @@ def run_trial(config: dict[str, Any], inputs: TrialInputs | None = None,
     checkpoint = str(Path(setup["checkpoint_root"]) / trial_id / "best.pt")
     train_cfg = TrainConfig.from_dict({**setup["fixed"], **config})
     if setup["workers"] == 1:
-        fit(train_cfg, inputs, checkpoint, report=tune.report)
+        fit(train_cfg, inputs, checkpoint, report=with_placement(tune.report))
         return
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -101,6 +145,15 @@ def run_trial(config: dict[str, Any], inputs: TrialInputs | None = None,
                              callbacks=[TuneReportCallback()]),
     )
     trainer.fit()
+
+
+def with_placement(report):
+    """Adds where the trial ran (Ray node id, assigned GPU ids) to every report."""
+    import ray
+
+    where = {"node_id": ray.get_runtime_context().get_node_id(),
+             "gpu_ids": ",".join(str(g) for g in ray.get_gpu_ids())}
+    return lambda metrics: report({**metrics, **where})
 
 
 def make_trainable(cfg: SearchConfig, plan: ResourcePlan, inputs: TrialInputs,

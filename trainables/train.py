@@ -74,13 +74,16 @@ class TrialInputs:
 
 def train_worker(loop_config: dict) -> None:
     """Ray Train entry point: each DDP worker runs `fit` on its shard and reports to Ray Train."""
+    import ray
     import ray.train
 
     ctx = ray.train.get_context()
     import_plugins(loop_config.get("plugins", ()))
+    where = {"node_id": ray.get_runtime_context().get_node_id(),
+             "gpu_ids": ",".join(str(g) for g in ray.get_gpu_ids())}  # rank 0's reaches Tune
     fit(TrainConfig.from_dict(loop_config["config"]), loop_config["inputs"],
         loop_config.get("checkpoint_path"), rank=ctx.get_world_rank(),
-        world_size=ctx.get_world_size(), report=ray.train.report)
+        world_size=ctx.get_world_size(), report=lambda m: ray.train.report({**m, **where}))
 
 
 def fit(cfg: TrainConfig, inputs: TrialInputs, checkpoint_path: str | None = None, *,

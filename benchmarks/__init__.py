@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m benchmarks.<name>`; each prints what it compared, on what, and ratios."""

@@ -1,0 +1,39 @@
+"""What every benchmark prints with its results: machine, date, commit, repeats."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+SIGNS = REPO.parent / "shared" / "data" / "sign-language-digits" / "images"
+
+
+def header(name: str, repeats: int, extra: str = "") -> str:
+    try:
+        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True, timeout=10).stdout.strip()
+    except OSError:
+        commit = "unknown"
+    import torch
+
+    return (f"# {name}\n{time.strftime('%Y-%m-%d %H:%M')} | commit {commit} | "
+            f"{platform.processor() or platform.machine()} x{os.cpu_count()} CPUs | "
+            f"torch {torch.__version__} | cuda {torch.cuda.is_available()} | repeats {repeats}"
+            + (f" | {extra}" if extra else ""))
+
+
+def mean_std(values: list[float]) -> str:
+    a = np.asarray(values, float)
+    return f"{a.mean():.4f} ± {a.std(ddof=1) if len(a) > 1 else 0.0:.4f}"
+
+
+def require_signs() -> Path:
+    if not SIGNS.is_dir():
+        raise SystemExit(f"needs the sign-language photos at {SIGNS} (the project's shared data)")
+    return SIGNS

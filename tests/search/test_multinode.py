@@ -1,0 +1,74 @@
+"""A real multi-node Ray cluster on this machine (several raylets via ray.cluster_utils)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import REPO, write_image
+
+pytestmark = pytest.mark.slow
+
+
+def _images(root: Path) -> Path:
+    rng = np.random.default_rng(0)
+    for k in range(3):
+        for i in range(14):
+            write_image(root / f"c{k}" / f"{i}.png", k, rng)
+    return root
+
+
+def _run(module: str, args: list[str], cwd: Path, address: str):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": address}
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture
+def cluster():
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    yield c
+    c.shutdown()
+
+
+def test_search_spreads_trials_over_nodes_and_ensemble_builds(cluster, tmp_path):
+    worker = cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    storage = tmp_path / "shared"
+    args = ["--data", str(_images(tmp_path / "images")), "--image-size", "32",
+            "--num-samples", "4", "--max-epochs", "1", "--space", "batch_size=[8]",
+            "--experiment", "multi", "--storage", str(storage)]
+    proc = _run("search.run", args, tmp_path, cluster.address)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 trial(s) at once" in proc.stderr
+    table = pd.read_csv(storage / "multi" / "results.csv")
+    assert set(table["node_id"]) == {cluster.head_node.node_id, worker.node_id}
+    for ckpt in table["checkpoint"]:
+        assert Path(ckpt).is_file() and Path(ckpt).is_relative_to(storage)
+    built = _run("ensemble.build", ["--experiment", "multi", "--storage", str(storage),
+                                    "--top", "2"], tmp_path, cluster.address)
+    assert built.returncode == 0, built.stderr[-3000:]
+    assert (storage / "multi" / "ensemble" / "ensemble.pt").is_file()
+
+
+def test_fractional_gpus_place_trials_on_gpu_nodes_only(cluster, tmp_path):
+    gpu_nodes = [cluster.add_node(num_cpus=1, num_gpus=1) for _ in range(2)]
+    cluster.wait_for_nodes()
+    args = ["--data", str(_images(tmp_path / "images")), "--image-size", "32",
+            "--num-samples", "4", "--max-epochs", "1", "--space", "batch_size=[8]",
+            "--gpus-per-worker", "0.5", "--cpus-per-worker", "0.25", "--experiment", "gpu",
+            "--storage", str(tmp_path / "runs")]
+    proc = _run("search.run", args, tmp_path, cluster.address)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "4 trial(s) at once" in proc.stderr and "0.5 GPU per worker" in proc.stderr
+    table = pd.read_csv(tmp_path / "runs" / "gpu" / "results.csv", dtype={"gpu_ids": str})
+    assert len(table) == 4
+    assert set(table["node_id"]) <= {n.node_id for n in gpu_nodes}
+    assert table["gpu_ids"].notna().all()  # each trial was given a (logical) GPU by Ray
