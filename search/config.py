@@ -91,6 +91,10 @@ class SearchConfig:
                        "--space 'batch_size=[32,64]', --space dropout=0.1 to fix a knob).",
                        cli=False)
     # search
+    search_algorithm: str = opt("optuna", "How trials are proposed: optuna (TPE, define-by-run "
+                                "space) or random.", choices=("optuna", "random"))
+    early_stopping: str = opt("asha", "Stop weak trials at rungs (asha) or run every trial to "
+                              "its epochs (none).", choices=("asha", "none"))
     num_samples: int = opt(10, "Number of trials.")
     max_epochs: int = opt(10, "Most epochs a trial may train (the top of the epochs range and "
                            "ASHA's budget).")

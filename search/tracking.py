@@ -18,7 +18,7 @@ from ray.tune import Callback
 from trainables.errors import UserError
 
 TRIAL_METRICS = ("train_loss", "val_loss", "val_acc", "val_f1", "lr", "train_images_per_s",
-                 "best_val_acc", "best_val_loss", "best_val_f1")
+                 "data_wait_share", "best_val_acc", "best_val_loss", "best_val_f1")
 
 
 def resolve_tracking_uri(uri: str | None) -> str:

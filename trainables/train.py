@@ -157,7 +157,7 @@ class _Loop:
         self.sampler.set_epoch(epoch)
         order = self.inputs.train_idx[np.fromiter(iter(self.sampler), np.int64)]
         start = time.perf_counter()
-        train_loss, seen = self._train(order)
+        train_loss, seen, waited = self._train(order)
         train_s = time.perf_counter() - start
         if self.world_size > 1:
             _sync_buffers(self.model)
@@ -167,16 +167,21 @@ class _Loop:
         metrics = {"epoch": epoch, "train_loss": train_loss, "val_loss": val["loss"],
                    "val_acc": val["accuracy"], "val_f1": val["f1"],
                    "lr": self.optimizer.param_groups[0]["lr"],
-                   "train_images_per_s": seen * self.world_size / max(train_s, 1e-9)}
+                   "train_images_per_s": seen * self.world_size / max(train_s, 1e-9),
+                   "data_wait_share": waited / max(train_s, 1e-9)}
         return metrics, probs
 
-    def _train(self, order: np.ndarray) -> tuple[float, int]:
+    def _train(self, order: np.ndarray) -> tuple[float, int, float]:
+        """One pass over `order`; returns mean loss, images seen, seconds blocked on data."""
         cfg, model = self.cfg, self.model
         model.train()
-        total, seen = torch.zeros((), device=self.device), 0
-        batches = train_batches(self.data.images, self.data.labels, order,
-                                batch_size=cfg.batch_size, transform=self.transform)
-        for i, (x, y) in enumerate(batches):
+        total, seen, waited = torch.zeros((), device=self.device), 0, 0.0
+        batches = iter(train_batches(self.data.images, self.data.labels, order,
+                                     batch_size=cfg.batch_size, transform=self.transform))
+        for i in range(self.n_batches):
+            tick = time.perf_counter()
+            x, y = next(batches)
+            waited += time.perf_counter() - tick
             x = normalize(x.to(self.device, non_blocking=True), self.mean, self.std)
             y = y.to(self.device, non_blocking=True)
             if self.mixup is not None and len(x) % 2 == 0:
@@ -196,7 +201,7 @@ class _Loop:
                 self._update()
             total += loss.detach().float() * len(x)
             seen += len(x)
-        return float(total) / max(seen, 1), seen
+        return float(total) / max(seen, 1), seen, waited
 
     def _update(self) -> None:
         if self.cfg.grad_clip > 0:

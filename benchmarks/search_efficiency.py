@@ -1,0 +1,162 @@
+"""Search efficiency at an equal wall-clock budget on the sign-language photos.
+
+    python -m benchmarks.search_efficiency [--budget-s 180] [--seeds 0 1 2] [--target 0.95]
+
+Three methods, the same space, data, split (seed), model and training function:
+  ours        Optuna TPE + ASHA in Ray Tune (python -m search.run, the defaults)
+  random      random search (Optuna's RandomSampler over the same space) + FIFO in Ray Tune
+              (python -m search.run --search-algorithm random --early-stopping none)
+  sequential  an Optuna study (TPE + median pruner) calling trainables.fit one trial at a time
+              without Ray, with both CPU threads
+Per method and seed: best val accuracy at the budget, the test accuracy of that trial, trials
+finished, and the time from the command's start until any trial first reached --target val
+accuracy. Mean ± std over seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from benchmarks.common import REPO, header, mean_std, require_signs
+
+METHODS = ("ours", "random", "sequential")
+FINISHED = ("completed", "stopped_early")
+
+
+def run_tune(method: str, seed: int, args: argparse.Namespace, work: Path) -> dict:
+    name = f"{method}{seed}"
+    extra = ["--search-algorithm", "random", "--early-stopping", "none"] if method == "random" \
+        else []
+    start = time.time()
+    subprocess.run([sys.executable, "-m", "search.run", "--data", str(args.data), "--seed",
+                    str(seed), "--num-samples", "200", "--time-budget-s", str(args.budget_s),
+                    "--image-size", str(args.image_size), "--experiment", name, "--storage",
+                    str(work / "runs"), "--tracking-uri", f"sqlite:///{work / 'mlflow.db'}",
+                    *extra], cwd=work, env={**os.environ, "PYTHONPATH": str(REPO)}, check=True,
+                   capture_output=True)
+    exp = work / "runs" / name
+    summary = json.loads((exp / "summary.json").read_text())
+    table = pd.read_csv(exp / "results.csv", dtype={"trial_id": str})
+    reached = []
+    for tid in table["trial_id"]:
+        lines = (exp / f"trial_{tid}" / "result.json").read_text().splitlines()
+        reached += [json.loads(line)["timestamp"] - start for line in lines
+                    if json.loads(line).get("val_acc", 0) >= args.target]
+    return {"best_val": summary["val"]["accuracy"], "test": summary["test"]["accuracy"],
+            "finished": int(table["status"].isin(FINISHED).sum()),
+            "to_target": min(reached) if reached else float("nan")}
+
+
+def run_sequential(seed: int, args: argparse.Namespace, work: Path) -> dict:
+    """Optuna TPE + median pruner, one trial after another, the same `fit` without Ray."""
+    import optuna
+    import torch
+
+    from search.config import parse_config
+    from search.space import SpaceSampler
+    from trainables import TrainConfig, TrialInputs, draw_split, fit, load_data, load_trained
+    from trainables.metrics import classification_metrics
+    from trainables.models import create_model, initial_state, normalization
+    from trainables.train import predict_proba
+
+    start = time.time()
+    deadline = start + args.budget_s
+    cfg = parse_config(["--data", str(args.data), "--seed", str(seed)])
+    data = load_data(args.data, image_size=args.image_size)
+    split = draw_split(data.labels, val_fraction=0.15, test_fraction=0.15, seed=seed)
+    mean, std = normalization(create_model(cfg.model, data.num_classes))
+    inputs = TrialInputs(data, initial_state(cfg.model, data.num_classes, seed=seed),
+                         split.train, split.val, mean, std)
+    sampler = SpaceSampler(cfg.space)
+    reached: list[float] = []
+    finished = 0
+
+    def objective(trial: optuna.Trial) -> float:
+        nonlocal finished
+        params = {**sampler(trial), **trial.params}
+        train_cfg = TrainConfig.from_dict({"model": cfg.model, "seed": seed, "threads": 2,
+                                           **params})
+
+        def report(m: dict) -> None:
+            if m["val_acc"] >= args.target:
+                reached.append(time.time() - start)
+            trial.report(m["best_val_acc"], m["epoch"])
+            if time.time() > deadline:
+                raise optuna.TrialPruned()  # out of budget: stop mid-trial, like Tune does
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+
+        ckpt = work / "seq" / f"{seed}-{trial.number}.pt"
+        trial.set_user_attr("checkpoint", str(ckpt))
+        best = fit(train_cfg, inputs, str(ckpt), report=report)
+        finished += 1
+        return best["val_acc"]
+
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(
+        seed=seed, n_startup_trials=5, multivariate=True),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1))
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study.optimize(objective, timeout=args.budget_s, catch=())
+    scored = [t for t in study.trials if t.intermediate_values]
+    best = max(scored, key=lambda t: max(t.intermediate_values.values()))
+    model, ckpt = load_trained(best.user_attrs["checkpoint"], torch.device("cpu"))
+    probs = predict_proba(model, data.images, split.test,
+                          mean=torch.tensor(ckpt["mean"]).view(1, 3, 1, 1),
+                          std=torch.tensor(ckpt["std"]).view(1, 3, 1, 1))
+    pruned = sum(t.state == optuna.trial.TrialState.PRUNED for t in study.trials)
+    return {"best_val": max(best.intermediate_values.values()),
+            "test": classification_metrics(probs, data.labels[split.test])["accuracy"],
+            "finished": finished + pruned, "to_target": min(reached) if reached else float("nan")}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--budget-s", type=float, default=180)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--target", type=float, default=0.95)
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--data", default=None)
+    args = p.parse_args(argv)
+    args.data = Path(args.data) if args.data else require_signs()
+    print(header("search efficiency (sign-language digits)", len(args.seeds),
+                 f"budget {args.budget_s:g} s per search, target val acc {args.target}, "
+                 f"{args.image_size} px, resnet10t"), flush=True)
+    got: dict[str, list[dict]] = {m: [] for m in args.methods}
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in args.seeds:
+            for method in args.methods:
+                r = run_sequential(seed, args, Path(tmp)) if method == "sequential" else \
+                    run_tune(method, seed, args, Path(tmp))
+                got[method].append(r)
+                print(f"seed {seed} {method}: best val {r['best_val']:.4f}, test "
+                      f"{r['test']:.4f}, {r['finished']} trials finished, target reached at "
+                      f"{r['to_target']:.0f} s", flush=True)
+    print("\n| method | best val acc | test acc | trials finished | time to target (s) |")
+    print("|---|---|---|---|---|")
+    for m, rs in got.items():
+        times = [r["to_target"] for r in rs]
+        hit = [t for t in times if t == t]
+        print(f"| {m} | {mean_std([r['best_val'] for r in rs])} | "
+              f"{mean_std([r['test'] for r in rs])} | "
+              f"{mean_std([r['finished'] for r in rs])} | "
+              f"{mean_std(hit) if hit else 'never'} ({len(hit)}/{len(times)} reached) |")
+    if "ours" in got and "random" in got:
+        ours = [r["to_target"] for r in got["ours"]]
+        rnd = [r["to_target"] for r in got["random"]]
+        ratios = [a / b for a, b in zip(ours, rnd) if a == a and b == b]
+        if ratios:
+            print(f"time to target, ours / random: {mean_std(ratios)} (goal <= 0.5)")
+
+
+if __name__ == "__main__":
+    main()
