@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     print("\n| combiner | val acc | test acc | test NLL | test ECE | params x members | ms/img |")
     print("|---|---|---|---|---|---|---|")
     for n in ROWS:
-        got = [r[n] for r in results if r[n]["test"]["accuracy"] == r[n]["test"]["accuracy"]]
+        got = [r[n] for r in results if not math.isnan(r[n]["test"]["accuracy"])]
         if not got:
             print(f"| {n} | skipped | | | | | |")
             continue

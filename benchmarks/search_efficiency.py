@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---|---|---|")
     for m, rs in got.items():
         times = [r["to_target"] for r in rs]
-        hit = [t for t in times if t == t]
+        hit = [t for t in times if not math.isnan(t)]
         print(f"| {m} | {mean_std([r['best_val'] for r in rs])} | "
               f"{mean_std([r['test'] for r in rs])} | "
               f"{mean_std([r['finished'] for r in rs])} | "
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     if "ours" in got and "random" in got:
         ours = [r["to_target"] for r in got["ours"]]
         rnd = [r["to_target"] for r in got["random"]]
-        ratios = [a / b for a, b in zip(ours, rnd) if a == a and b == b]
+        ratios = [a / b for a, b in zip(ours, rnd) if not (math.isnan(a) or math.isnan(b))]
         if ratios:
             print(f"time to target, ours / random: {mean_std(ratios)} (goal <= 0.5)")
 

@@ -4,6 +4,7 @@ and an MLflow run next to the search."""
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -35,12 +36,12 @@ def write_report(out: Path, doc: dict[str, Any], rows: list[Row], chosen: Row) -
     notes = [f"- {r.name}: {r.note}" for r in rows if r.note]
     md = [f"# Ensemble report: {doc['experiment']}", "",
           f"Members ({len(doc['members'])}): " + ", ".join(m["name"] for m in doc["members"]),
-          f"Split {doc['split_hash']}: val {doc['split_sizes']['val']} images (every choice is "
-          f"made here), test {doc['split_sizes']['test']} images (reported only).",
+          (f"Split {doc['split_hash']}: val {doc['split_sizes']['val']} images (every choice "
+           f"is made here), test {doc['split_sizes']['test']} images (reported only)."),
           f"TTA views: {', '.join(doc['tta']) or 'none'}.", "", *table_lines(rows, chosen), "",
-          f"Chosen on val: **{chosen.name}** (highest val accuracy, then lowest val NLL, then "
-          "fewest parameters). Vote weights are fit on val, so the weighted vote's val score is "
-          "optimistic; its test score is not.", "", *notes]
+          (f"Chosen on val: **{chosen.name}** (highest val accuracy, then lowest val NLL, then "
+           "fewest parameters). Vote weights are fit on val, so the weighted vote's val score "
+           "is optimistic; its test score is not."), "", *notes]
     write_atomic(out / "report.md", "\n".join(md) + "\n")
     comparison_figure(rows).savefig(out / "comparison.png", dpi=120)
 
@@ -90,9 +91,9 @@ def log_to_mlflow(uri: str, experiment: str, parent_run_id: str | None, doc: dic
         log_params(client, rid, {f"{key}.weights": json.dumps(dict(zip(r.members, r.weights)))})
         for split, metrics in (("val", r.val), ("test", r.test)):
             for k, v in metrics.items():
-                if v == v:  # NaN rows (skipped soups) are left out
+                if not math.isnan(v):  # NaN rows (skipped soups) are left out
                     client.log_metric(rid, f"{key}.{split}_{k}", float(v))
-        if r.ms_per_image == r.ms_per_image:
+        if not math.isnan(r.ms_per_image):
             client.log_metric(rid, f"{key}.ms_per_image", float(r.ms_per_image))
     for name in ("report.json", "report.md", "comparison.png"):
         client.log_artifact(rid, str(out / name))

@@ -10,18 +10,36 @@ import torch
 
 from search.config import SearchConfig
 from search.experiment import Experiment
-from search.results import (FINISHED, ProgressPrinter, ResultsWriter, ranked, write_atomic,
-                            write_json)
-from search.tracking import (TrialRecorder, client_for, code_version, experiment_id,
-                             flat_params, log_params, log_prediction_pictures,
-                             resolve_tracking_uri)
-from search.tune import (autoscaling_capacity, make_trainable, make_tuner, plan_resources,
-                         restore_tuner)
+from search.results import (
+    FINISHED,
+    ProgressPrinter,
+    ResultsWriter,
+    ranked,
+    write_atomic,
+    write_json,
+)
+from search.tracking import (
+    TrialRecorder,
+    client_for,
+    code_version,
+    experiment_id,
+    flat_params,
+    log_params,
+    log_prediction_pictures,
+    resolve_tracking_uri,
+)
+from search.tune import (
+    autoscaling_capacity,
+    make_trainable,
+    make_tuner,
+    plan_resources,
+    restore_tuner,
+)
 from trainables.checkpoint import load_checkpoint
+from trainables.data import ImageData
 from trainables.errors import UserError
 from trainables.metrics import classification_metrics
 from trainables.models import create_model, initial_state, normalization
-from trainables.data import ImageData
 from trainables.split import Split
 from trainables.train import TrialInputs, load_trained, predict_proba
 

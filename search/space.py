@@ -12,10 +12,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from trainables.augment import POLICIES
 from trainables.errors import UserError
 from trainables.schedules import SCHEDULERS
 from trainables.train import AMP_MODES, OPTIMIZERS, TrainConfig
-from trainables.augment import POLICIES
 
 # The six knobs every search tunes; ranges suit AdamW on small images and can be overridden.
 DEFAULT_SPACE: dict[str, Any] = {

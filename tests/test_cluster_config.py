@@ -85,7 +85,7 @@ def test_shared_storage_and_mlflow_on_the_head(raw):
     storage = re.search(r"-e IMGSEARCH_STORAGE=(\S+)", opts).group(1)
     assert storage.startswith(mount.group(2))
     init = " ".join(raw["initialization_commands"])
-    assert f"mount -t nfs4" in init and mount.group(1) in init
+    assert "mount -t nfs4" in init and mount.group(1) in init
     head = " ".join(raw["head_start_ray_commands"])
     assert "mlflow server" in head and "--host 127.0.0.1" in head
     assert "--dashboard-host=127.0.0.1" in head

@@ -6,8 +6,9 @@ import contextlib
 import dataclasses
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -99,6 +100,10 @@ def fit(cfg: TrainConfig, inputs: TrialInputs, checkpoint_path: str | None = Non
     np.random.seed(cfg.seed * 1000 + rank)  # timm's Mixup draws from numpy's global RNG
     data: ImageData = _resolve(inputs.data)
     device = _device()
+    if world_size > 1:  # each DDP worker owns its own GPU of the node, not cuda:0
+        from ray.train.torch import get_device
+
+        device = get_device()
     model = create_model(cfg.model, data.num_classes, drop_rate=cfg.dropout)
     model.load_state_dict(_resolve(inputs.init_state))
     model.to(device)
