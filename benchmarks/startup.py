@@ -1,0 +1,204 @@
+"""Trial start-up cost: seconds from trial start to its first reported result.
+
+    python -m benchmarks.startup [--repeats 3] [--quick]
+
+Three kinds of Tune trial, each run as its own Tuner of --repeats trials one after another
+(max_concurrent_trials=1), in this one process on one local Ray of 2 CPUs (started as the search
+starts it):
+
+- plain: a Tune function trial that only calls ray.tune.report({"x": 1});
+- ours 1 worker: the search's trainable (search.tune.make_trainable + plan_resources) training
+  inline in the trial;
+- ours 2 workers: the same with workers_per_trial 2 (a Ray Train TorchTrainer, DDP).
+
+Ours train 1 epoch of 64 digits at 32 px (batch 32) and evaluate 32, so the first result is the
+report after epoch 1 (the seconds it spent training are printed too). A Tune Callback on the
+driver times every trial the same way: time.time() at on_trial_start to its first
+on_trial_result, and from the previous trial's end (Tuner.fit for the first) to that result.
+Tune calls on_trial_start once the trial's actor is up, so the first measure leaves out the
+actor's start (worker process, imports, unpickling the trainable): the plain trial's is ~0 s and
+ratios to it mean little. The second includes it; the goal (ours_1w/plain <= 1.5) is judged on
+it. Ratios are of the means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.common import header, mean_std
+
+KINDS = ("plain", "ours_1w", "ours_2w")
+TRAIN, VAL = 64, 32
+SPACE = {"lr": 0.003, "batch_size": 32, "epochs": 1, "scheduler": "cosine", "dropout": 0.0,
+         "weight_decay": 0.0001}
+
+
+def plain_trial(config: dict) -> None:
+    """The cheapest Tune function trial: one report."""
+    from ray import tune
+
+    tune.report({"x": 1})
+
+
+def make_timer(fit_start: list[float]):
+    """A Tune Callback timing each trial's first result from its start and the previous end."""
+    from ray.tune import Callback
+
+    class FirstResultTimer(Callback):
+        def __init__(self) -> None:
+            self.started: dict[str, tuple[float, float]] = {}
+            self.first: dict[str, tuple[float, float]] = {}  # time, epoch-1 training seconds
+            self.last_end: float | None = None
+
+        def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
+            before = self.last_end if self.last_end is not None else fit_start[0]
+            self.started[trial.trial_id] = (time.time(), before)
+
+        def on_trial_result(self, iteration: int, trials: list, trial, result: dict,
+                            **info) -> None:
+            rate = result.get("train_images_per_s")
+            self.first.setdefault(trial.trial_id, (time.time(), TRAIN / rate if rate else 0.0))
+
+        def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+            self.last_end = time.time()
+
+        def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+            self.last_end = time.time()
+
+        def seconds(self) -> list[dict[str, float]]:
+            """Per trial in start order: start -> first result, previous end -> first result,
+            and the seconds epoch 1 spent training."""
+            order = sorted(self.started, key=lambda t: self.started[t][0])
+            return [{"start": self.first[t][0] - self.started[t][0],
+                     "prev_end": self.first[t][0] - self.started[t][1],
+                     "training": self.first[t][1]} for t in order if t in self.first]
+
+    return FirstResultTimer()
+
+
+def tiny_inputs():
+    """TRAIN + VAL digits at 32 px in the object store: the first to train on, then to evaluate."""
+    import numpy as np
+    import ray
+
+    from trainables.data import ImageData, load_data
+    from trainables.models import create_model, initial_state, normalization
+    from trainables.train import TrialInputs
+
+    full = load_data(None, image_size=32)
+    n = TRAIN + VAL
+    data = ImageData(images=full.images[:n].copy(), labels=full.labels[:n].copy(),
+                     class_names=full.class_names, ids=full.ids[:n], source=f"digits[:{n}]")
+    init = initial_state("resnet10t", data.num_classes, seed=0)
+    mean, std = normalization(create_model("resnet10t", data.num_classes))
+    return TrialInputs(data=ray.put(data), init_state=ray.put(init), train_idx=np.arange(TRAIN),
+                       val_idx=np.arange(TRAIN, n), mean=mean, std=std)
+
+
+def search_config(workers: int, storage: Path):
+    from search.config import parse_config
+
+    space = [a for k, v in SPACE.items() for a in ("--space", f"{k}={v}")]
+    return parse_config(["--workers-per-trial", str(workers), "--num-cpus", "2",
+                         "--max-epochs", "1", "--image-size", "32", *space,
+                         "--storage", str(storage), "--experiment", f"startup-w{workers}"])
+
+
+def our_trainable(workers: int, inputs, storage: Path):
+    """The trainable exactly as the search builds it, sized by the search's resource plan."""
+    import ray
+
+    from search.tune import make_trainable, plan_resources
+
+    cfg = search_config(workers, storage)
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    plan = plan_resources(cfg, ray.cluster_resources(), nodes)
+    return make_trainable(cfg, plan, inputs, cfg.experiment_dir)
+
+
+def time_kind(name: str, trainable, repeats: int, storage: Path) -> list[dict[str, float]]:
+    """Runs `repeats` trials one after another; their start-up times."""
+    from ray import tune
+
+    fit_start = [0.0]
+    timer = make_timer(fit_start)
+    tuner = tune.Tuner(
+        trainable, param_space=dict(SPACE),
+        tune_config=tune.TuneConfig(num_samples=repeats, max_concurrent_trials=1,
+                                    trial_dirname_creator=lambda t: f"trial_{t.trial_id}"),
+        run_config=tune.RunConfig(name=name, storage_path=str(storage), callbacks=[timer],
+                                  verbose=0))
+    fit_start[0] = time.time()
+    results = tuner.fit()
+    if results.errors:
+        raise SystemExit(f"{name}: {len(results.errors)} trial(s) failed: {results.errors[0]}")
+    return timer.seconds()
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--repeats", type=int, default=3, help="trials per kind")
+    p.add_argument("--quick", action="store_true", help="1 trial per kind (smoke test)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.repeats = 1
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    print(header("trial start-up (Tune trial start -> first result)", args.repeats,
+                 "local Ray of 2 CPUs, trials one after another, ours: 1 epoch of 64 digits "
+                 "at 32 px"), flush=True)
+    import ray
+    from ray import tune
+
+    from search.run import start_ray
+
+    got: dict[str, list[dict[str, float]]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        storage = Path(tmp)
+        owns = start_ray(search_config(1, storage))
+        try:
+            inputs = tiny_inputs()
+            trainables = {"plain": lambda: tune.with_resources(plain_trial, {"cpu": 1}),
+                          "ours_1w": lambda: our_trainable(1, inputs, storage),
+                          "ours_2w": lambda: our_trainable(2, inputs, storage)}
+            for kind in KINDS:
+                got[kind] = time_kind(kind, trainables[kind](), args.repeats, storage)
+                print(f"{kind:<8} " + ", ".join(
+                    f"{r['start']:.2f} s ({r['prev_end']:.2f} s from the previous end, "
+                    f"{r['training']:.2f} s training)" for r in got[kind]), flush=True)
+        finally:
+            if owns:
+                ray.shutdown()
+    report(got)
+
+
+def report(got: dict[str, list[dict[str, float]]]) -> None:
+    """Mean ± std per kind, ratios to the plain trial, first vs later trials of ours_1w."""
+    print("\n| kind | trial start -> first result (s) | previous end -> first result, "
+          "actor start included (s) | of which epoch-1 training (s) |")
+    print("|---|---|---|---|")
+    for kind in KINDS:
+        print(f"| {kind} | " + " | ".join(mean_std([r[k] for r in got[kind]])
+                                          for k in ("start", "prev_end", "training")) + " |")
+
+    def ratio(kind: str, key: str) -> str:
+        mean = [sum(r[key] for r in got[k]) / len(got[k]) for k in (kind, "plain")]
+        return f"{mean[0] / mean[1]:.2f}"
+
+    print(f"\nratio ours_1w/plain {ratio('ours_1w', 'prev_end')} actor start included "
+          f"(goal <= 1.5), {ratio('ours_1w', 'start')} from on_trial_start; ours_2w/plain "
+          f"{ratio('ours_2w', 'prev_end')} actor start included, {ratio('ours_2w', 'start')} "
+          "from on_trial_start")
+    first, *later = got["ours_1w"]
+    rest = (f"{mean_std([r['start'] for r in later])} s "
+            f"({mean_std([r['prev_end'] for r in later])} s from the previous end)"
+            if later else "n/a (one trial)")
+    print(f"ours_1w first trial {first['start']:.2f} s ({first['prev_end']:.2f} s from "
+          f"Tuner.fit); later trials {rest}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
