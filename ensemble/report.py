@@ -65,7 +65,7 @@ def comparison_figure(rows: list[Row]):
     ax2.set_title("test NLL (lower is better)")
     for ax in (ax1, ax2):
         ax.set_xticks(x, [r.name for r in shown], rotation=30, ha="right")
-    ax1.legend()
+    ax1.legend(loc="lower left")
     fig.tight_layout()
     return fig
 
