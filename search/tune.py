@@ -191,8 +191,10 @@ def make_tuner(cfg: SearchConfig, plan: ResourcePlan, trainable, callbacks: list
     if cfg.search_algorithm == "random":  # Optuna's random sampler over the same space
         sampler = optuna.samplers.RandomSampler(seed=cfg.seed)
     else:
+        # few random start-up trials: a time-budgeted search (large --num-samples) may only
+        # finish a dozen, and Optuna's default of 10 would leave TPE almost nothing to do
         sampler = optuna.samplers.TPESampler(
-            seed=cfg.seed, n_startup_trials=max(2, min(10, cfg.num_samples // 3)),
+            seed=cfg.seed, n_startup_trials=max(2, min(5, cfg.num_samples // 3)),
             multivariate=True, constant_liar=True)
     # When ASHA stops a trial, Optuna is told COMPLETE with the trial's best val accuracy so far.
     # That is deliberate: the partial score is lower than a full run's would be, which is what
