@@ -128,7 +128,9 @@ def time_kind(name: str, trainable, repeats: int, storage: Path) -> list[dict[st
     timer = make_timer(fit_start)
     tuner = tune.Tuner(
         trainable, param_space=dict(SPACE),
+        # reuse_actors as in the search (search.tune.make_tuner), for every kind alike
         tune_config=tune.TuneConfig(num_samples=repeats, max_concurrent_trials=1,
+                                    reuse_actors=True,
                                     trial_dirname_creator=lambda t: f"trial_{t.trial_id}"),
         run_config=tune.RunConfig(name=name, storage_path=str(storage), callbacks=[timer],
                                   verbose=0))
