@@ -37,3 +37,12 @@ def require_signs() -> Path:
     if not SIGNS.is_dir():
         raise SystemExit(f"needs the sign-language photos at {SIGNS} (the project's shared data)")
     return SIGNS
+
+
+def autocast() -> str:
+    """The autocast dtype training uses here ('auto'), for the header."""
+    import torch
+
+    from trainables.train import amp_dtype
+
+    return str(amp_dtype("auto", torch.device("cpu")) or "off").replace("torch.", "")

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import header, mean_std, require_signs
+from benchmarks.common import autocast, header, mean_std, require_signs
 from benchmarks.overhead import subset_folder
 
 
@@ -101,15 +101,6 @@ def real_loop(data, split, args: argparse.Namespace, mean: list[float], std: lis
     got: list[dict] = []
     fit(cfg, inputs, None, report=got.append)
     return got
-
-
-def autocast() -> str:
-    """The autocast dtype training uses here ('auto'), for the header."""
-    import torch
-
-    from trainables.train import amp_dtype
-
-    return str(amp_dtype("auto", torch.device("cpu")) or "off").replace("torch.", "")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import REPO, header, mean_std, require_signs
+from benchmarks.common import REPO, autocast, header, mean_std, require_signs
 
 PATHS = ("ours_inline", "ours_ddp", "bare", "bare_plain")
 FIXED = {"lr": 0.003, "scheduler": "cosine", "dropout": 0.0, "weight_decay": 0.0001}
@@ -197,15 +197,6 @@ def evaluate(model, images: np.ndarray, mean, std, amp, batch_size: int = 256):
             with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
                 out.append(torch.softmax(model(x).float(), 1))
     return torch.cat(out)
-
-
-def autocast() -> str:
-    """The autocast dtype training uses here ('auto'), for the header."""
-    import torch
-
-    from trainables.train import amp_dtype
-
-    return str(amp_dtype("auto", torch.device("cpu")) or "off").replace("torch.", "")
 
 
 def main(argv: list[str] | None = None) -> None:
