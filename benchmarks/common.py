@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import subprocess
@@ -46,3 +47,23 @@ def autocast() -> str:
     from trainables.train import amp_dtype
 
     return str(amp_dtype("auto", torch.device("cpu")) or "off").replace("torch.", "")
+
+
+def parse_epoch_args(doc: str, argv: list[str] | None, *, epochs: int
+                     ) -> tuple[argparse.Namespace, int | None]:
+    """Options shared by the epoch-timing benchmarks; --quick shrinks everything for a smoke
+    test. Returns the options and, with --quick, how many photos per class to use."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--epochs", type=int, default=epochs)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--data", default=None, help="class folders (default: the sign photos)")
+    p.add_argument("--quick", action="store_true", help="tiny settings for a smoke test")
+    args = p.parse_args(argv)
+    per_class = None
+    if args.quick:
+        args.epochs, args.repeats, args.image_size, args.batch_size, per_class = 2, 1, 32, 32, 20
+    if args.epochs < 2:
+        p.error("--epochs must be at least 2 (epoch 1 is warm-up)")
+    return args, per_class

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import REPO, autocast, header, mean_std, require_signs
+from benchmarks.common import REPO, autocast, header, mean_std, parse_epoch_args, require_signs
 
 PATHS = ("ours_inline", "ours_ddp", "bare", "bare_plain")
 FIXED = {"lr": 0.003, "scheduler": "cosine", "dropout": 0.0, "weight_decay": 0.0001}
@@ -200,19 +200,7 @@ def evaluate(model, images: np.ndarray, mean, std, amp, batch_size: int = 256):
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--data", default=None, help="class folders (default: the sign photos)")
-    p.add_argument("--quick", action="store_true", help="tiny settings for a smoke test")
-    args = p.parse_args(argv)
-    per_class = None
-    if args.quick:
-        args.epochs, args.repeats, args.image_size, args.batch_size, per_class = 2, 1, 32, 32, 20
-    if args.epochs < 2:
-        p.error("--epochs must be at least 2 (epoch 1 is warm-up)")
+    args, per_class = parse_epoch_args(__doc__, argv, epochs=4)
     source = Path(args.data) if args.data else require_signs()
     print(header("search overhead (sign-language photos, resnet10t, 1 thread/worker)",
                  args.repeats, f"{args.epochs} epochs, batch {args.batch_size}, "

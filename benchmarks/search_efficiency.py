@@ -118,9 +118,7 @@ def run_sequential(seed: int, args: argparse.Namespace, work: Path) -> dict:
     scored = [t for t in study.trials if t.intermediate_values]
     best = max(scored, key=lambda t: max(t.intermediate_values.values()))
     model, ckpt = load_trained(best.user_attrs["checkpoint"], torch.device("cpu"))
-    probs = predict_proba(model, data.images, split.test,
-                          mean=torch.tensor(ckpt["mean"]).view(1, 3, 1, 1),
-                          std=torch.tensor(ckpt["std"]).view(1, 3, 1, 1))
+    probs = predict_proba(model, data.images, split.test, mean=ckpt["mean"], std=ckpt["std"])
     pruned = sum(t.state == optuna.trial.TrialState.PRUNED for t in study.trials)
     return {"best_val": max(best.intermediate_values.values()),
             "test": classification_metrics(probs, data.labels[split.test])["accuracy"],

@@ -49,13 +49,11 @@ def check_tta(views: list[str]) -> list[str]:
 def predict_views(model: nn.Module, images: np.ndarray, *, mean: list[float], std: list[float],
                   tta: list[str], batch_size: int = 256) -> np.ndarray:
     """Mean softmax over the plain images and each TTA view (uint8 NHWC in, (N, C) out)."""
-    m = torch.tensor(mean).view(1, 3, 1, 1).to(next(model.parameters()).device)
-    s = torch.tensor(std).view(1, 3, 1, 1).to(m.device)
-    probs = predict_proba(model, images, mean=m, std=s, batch_size=batch_size)
+    probs = predict_proba(model, images, mean=mean, std=std, batch_size=batch_size)
     for view in tta:
         nchw = tta_view(torch.from_numpy(np.array(images)).permute(0, 3, 1, 2), view)
         views = nchw.permute(0, 2, 3, 1).contiguous().numpy()
-        probs = probs + predict_proba(model, views, mean=m, std=s, batch_size=batch_size)
+        probs = probs + predict_proba(model, views, mean=mean, std=std, batch_size=batch_size)
     return probs / (1 + len(tta))
 
 

@@ -150,15 +150,13 @@ def recalibrate_bn(model: nn.Module, images_uint8_nhwc: np.ndarray, *, mean: Seq
     if batch_size < 2:
         raise ValueError(f"batch_size must be at least 2 for BatchNorm, got {batch_size}")
     device = next(iter(model.parameters()), next(iter(model.buffers()))).device
-    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-    std_t = torch.as_tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
     n_batches = min(-(-len(images) // batch_size), len(images) // 2)  # each batch >= 2 images
     chunks = np.array_split(np.arange(len(images)), n_batches)
 
     def batches():
         for idx in chunks:
             x = torch.from_numpy(np.ascontiguousarray(images[idx])).permute(0, 3, 1, 2)
-            yield normalize(x.to(device, non_blocking=True), mean_t, std_t)
+            yield normalize(x.to(device, non_blocking=True), mean, std)
 
     torch.optim.swa_utils.update_bn(batches(), model)
     return model.eval()

@@ -141,9 +141,7 @@ def finish(cfg: SearchConfig, exp: Experiment, table: pd.DataFrame, data, split:
                         "trial errors above); fix the cause and run again")
     best = usable.iloc[0]
     model, ckpt = load_trained(best["checkpoint"], torch.device("cpu"))
-    mean = torch.tensor(ckpt["mean"]).view(1, 3, 1, 1)
-    std = torch.tensor(ckpt["std"]).view(1, 3, 1, 1)
-    probs = predict_proba(model, data.images, split.test, mean=mean, std=std)
+    probs = predict_proba(model, data.images, split.test, mean=ckpt["mean"], std=ckpt["std"])
     test = classification_metrics(probs, data.labels[split.test])
     val = {"accuracy": float(best["best_val_acc"]), "loss": float(best["best_val_loss"]),
            "f1": float(best["best_val_f1"])}

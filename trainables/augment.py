@@ -6,7 +6,7 @@ Normalisation happens per batch on the device (`normalize`), so the CPU side onl
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -47,9 +47,17 @@ def train_transform(policy: str, image_size: int, *, hflip: bool = False, seed: 
     return A.Compose(ops, seed=seed)
 
 
-def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """uint8 NCHW -> float NCHW scaled like the model's pretraining data."""
-    return (x.float().div_(255.0) - mean) / std
+def normalize(x: torch.Tensor, mean: Sequence[float] | torch.Tensor,
+              std: Sequence[float] | torch.Tensor) -> torch.Tensor:
+    """uint8 NCHW -> float NCHW scaled like the model's pretraining data.
+
+    `mean`/`std` are per-channel lists (as checkpoints store them) or tensors; either is moved to
+    the batch's device and broadcast over (N, C, H, W).
+    """
+    x = x.float().div_(255.0)
+    mean = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    std = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return (x - mean) / std
 
 
 def train_batches(images: np.ndarray, labels: np.ndarray, indices: np.ndarray, *,

@@ -6,7 +6,7 @@ import contextlib
 import dataclasses
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -154,8 +154,8 @@ class _Loop:
                                            and device.type == "cuda")
         self.transform = train_transform(cfg.augment, data.images.shape[1], hflip=cfg.hflip,
                                          seed=cfg.seed * 1000 + rank)
-        self.mean = torch.tensor(inputs.mean, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(inputs.std, device=device).view(1, 3, 1, 1)
+        self.mean = torch.tensor(inputs.mean, device=device)  # built once, not per batch
+        self.std = torch.tensor(inputs.std, device=device)
         self.mixup, self.criterion = _loss(cfg, data.num_classes)
 
     def epoch(self, epoch: int) -> tuple[dict[str, float], np.ndarray]:
@@ -220,7 +220,8 @@ class _Loop:
 
 @torch.no_grad()
 def predict_proba(model: nn.Module, images: np.ndarray, indices: np.ndarray | None = None, *,
-                  mean: torch.Tensor, std: torch.Tensor, amp: torch.dtype | None = None,
+                  mean: Sequence[float] | torch.Tensor, std: Sequence[float] | torch.Tensor,
+                  amp: torch.dtype | None = None,
                   batch_size: int = 256) -> np.ndarray:
     """Softmax probabilities (N, C) of `images[indices]`, batched, in eval mode."""
     model.eval()
