@@ -3,9 +3,13 @@
     python -m benchmarks.search_efficiency [--budget-s 180] [--seeds 0 1 2] [--target 0.95]
 
 Three methods, the same space, data, split (seed), model and training function:
-  ours        Optuna TPE + ASHA in Ray Tune (python -m search.run, the defaults)
+  ours        Optuna TPE + ASHA in Ray Tune, first trial the recommended configuration
+              (python -m search.run, the defaults)
+  ours_no_default  the same without the recommended first trial (--no-start-with-default):
+              what TPE + ASHA alone contribute
   random      random search (Optuna's RandomSampler over the same space) + FIFO in Ray Tune
-              (python -m search.run --search-algorithm random --early-stopping none)
+              (python -m search.run --search-algorithm random --early-stopping none
+              --no-start-with-default)
   sequential  an Optuna study (TPE + median pruner) calling trainables.fit one trial at a time
               without Ray, with both CPU threads
 Per method and seed: best val accuracy at the budget, the test accuracy of that trial, trials
@@ -29,14 +33,19 @@ import pandas as pd
 
 from benchmarks.common import REPO, header, mean_std, require_signs
 
-METHODS = ("ours", "random", "sequential")
+METHODS = ("ours", "ours_no_default", "random", "sequential")
+TUNE_ARGS = {  # python -m search.run flags per method
+    "ours": [],
+    "ours_no_default": ["--no-start-with-default"],
+    "random": ["--search-algorithm", "random", "--early-stopping", "none",
+               "--no-start-with-default"],
+}
 FINISHED = ("completed", "stopped_early")
 
 
 def run_tune(method: str, seed: int, args: argparse.Namespace, work: Path) -> dict:
     name = f"{method}{seed}"
-    extra = ["--search-algorithm", "random", "--early-stopping", "none"] if method == "random" \
-        else []
+    extra = TUNE_ARGS[method]
     start = time.time()
     subprocess.run([sys.executable, "-m", "search.run", "--data", str(args.data), "--seed",
                     str(seed), "--num-samples", "200", "--time-budget-s", str(args.budget_s),

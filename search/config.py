@@ -98,8 +98,14 @@ class SearchConfig:
     num_samples: int = opt(10, "Number of trials.")
     max_epochs: int = opt(10, "Most epochs a trial may train (the top of the epochs range and "
                            "ASHA's budget).")
-    grace_period: int = opt(2, "Epochs every trial gets before ASHA may stop it.")
+    grace_period: int | None = opt(None, "ASHA's first rung, in epochs of a --max-epochs-long "
+                                   "trial (default: half of --max-epochs). Rungs compare trials "
+                                   "at the same share of their own schedule, so a shorter trial "
+                                   "is judged after proportionally fewer epochs.")
     reduction_factor: int = opt(3, "ASHA keeps about 1 in this many trials at each rung.")
+    start_with_default: bool = opt(True, "Run a recommended configuration (one-cycle AdamW, "
+                                   "fitted into the space) as the first trial, so even a small "
+                                   "budget has a strong baseline to beat.")
     time_budget_s: float | None = opt(None, "Stop starting and running trials after this many "
                                        "seconds.")
     seed: int = opt(0, "Seed of the split, the initial weights, the data order and the search.")
@@ -132,6 +138,10 @@ class SearchConfig:
     @property
     def resolved_image_size(self) -> int:
         return self.image_size or (32 if self.data is None else 64)
+
+    @property
+    def resolved_grace_period(self) -> int:
+        return self.grace_period or max(1, self.max_epochs // 2)
 
     @property
     def experiment_dir(self) -> Path:
@@ -226,7 +236,9 @@ def validate(cfg: SearchConfig) -> SearchConfig:
     checks = [
         (cfg.num_samples >= 1, "--num-samples must be at least 1"),
         (cfg.max_epochs >= 1, f"--max-epochs must be at least 1, not {cfg.max_epochs}"),
-        (cfg.grace_period >= 1, "--grace-period must be at least 1"),
+        (cfg.grace_period is None or 1 <= cfg.grace_period <= cfg.max_epochs,
+         (f"--grace-period must be between 1 and --max-epochs {cfg.max_epochs}, "
+          f"not {cfg.grace_period}")),
         (cfg.reduction_factor >= 2, "--reduction-factor must be at least 2"),
         (cfg.workers_per_trial >= 1, "--workers-per-trial must be at least 1"),
         (cfg.cpus_per_worker is None or cfg.cpus_per_worker > 0,

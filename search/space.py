@@ -26,6 +26,17 @@ DEFAULT_SPACE: dict[str, Any] = {
     "epochs": None,  # None: from half of --max-epochs up to --max-epochs
     "scheduler": ["cosine", "onecycle", "step", "plateau"],
 }
+# The first trial of a search (unless --no-start-with-default): a one-cycle AdamW recipe that
+# trains small CNNs from scratch well in few epochs, so even a budget of a handful of trials has a
+# strong baseline, and the search then has to beat it. Clipped into the user's space.
+RECOMMENDED: dict[str, Any] = {
+    "lr": 3e-3,
+    "weight_decay": 0.02,
+    "batch_size": 32,
+    "dropout": 0.1,
+    "scheduler": "onecycle",
+    "epochs": "low",  # the short end of the epochs range: a quick baseline
+}
 SEARCHABLE = {f.name for f in dataclasses.fields(TrainConfig)} - {"model", "seed", "threads"}
 _CHOICES = {"scheduler": SCHEDULERS, "optimizer": OPTIMIZERS, "amp": AMP_MODES,
             "augment": POLICIES}
@@ -41,6 +52,33 @@ def resolve_space(space: dict[str, Any], max_epochs: int) -> dict[str, Any]:
     for name, spec in space.items():
         _check_entry(name, spec, max_epochs)
     return space
+
+
+def recommended_point(space: dict[str, Any]) -> dict[str, Any]:
+    """RECOMMENDED moved into `space`: one value per searched knob (fixed knobs are left out).
+
+    A range takes the recommended value clipped to [low, high] (the training default, or the
+    range's middle, for knobs without a recommendation); a choice takes the recommended value
+    when offered, else the first choice.
+    """
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    point: dict[str, Any] = {}
+    for name, spec in space.items():
+        want = RECOMMENDED.get(name, defaults.get(name))
+        if isinstance(spec, dict):
+            low, high = spec["low"], spec["high"]
+            if want == "low" or not isinstance(want, (int, float)) or isinstance(want, bool):
+                want = low if want == "low" else _middle(low, high, bool(spec.get("log")))
+            value = min(max(want, low), high)
+            ints = isinstance(low, int) and isinstance(high, int)
+            point[name] = round(value) if ints else float(value)
+        elif isinstance(spec, list):
+            point[name] = want if want in spec else spec[0]
+    return point
+
+
+def _middle(low: float, high: float, log: bool) -> float:
+    return (low * high) ** 0.5 if log else (low + high) / 2
 
 
 class SpaceSampler:

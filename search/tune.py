@@ -9,12 +9,13 @@ from pathlib import Path
 from typing import Any
 
 from search.config import SearchConfig
-from search.space import SpaceSampler
+from search.space import SpaceSampler, recommended_point
 from trainables.errors import UserError
 from trainables.models import import_plugins
 from trainables.train import TrainConfig, TrialInputs, fit, train_worker
 
 METRIC = "best_val_acc"  # running best: monotone per trial, what ASHA rungs and Optuna compare
+PROGRESS = "progress"  # share of its own epochs a trial has done: ASHA's clock
 DDP_TRIAL_CPU = 0.1  # what a trial that only drives a TorchTrainer reserves next to its workers
 
 
@@ -199,11 +200,10 @@ def make_tuner(cfg: SearchConfig, plan: ResourcePlan, trainable, callbacks: list
     # When ASHA stops a trial, Optuna is told COMPLETE with the trial's best val accuracy so far.
     # That is deliberate: the partial score is lower than a full run's would be, which is what
     # the sampler should learn (ASHA stopped it for being behind at its rung).
+    first = [recommended_point(cfg.space)] if cfg.start_with_default else []
     searcher = OptunaSearch(space=SpaceSampler(cfg.space), metric=METRIC, mode="max",
-                            sampler=sampler)
-    scheduler = ASHAScheduler(metric=METRIC, mode="max", max_t=cfg.max_epochs,
-                              grace_period=min(cfg.grace_period, cfg.max_epochs),
-                              reduction_factor=cfg.reduction_factor)
+                            sampler=sampler, points_to_evaluate=first or None)
+    scheduler = ASHAScheduler(**asha_settings(cfg))
     if cfg.early_stopping == "none":
         scheduler = FIFOScheduler()
     return tune.Tuner(
@@ -221,6 +221,21 @@ def make_tuner(cfg: SearchConfig, plan: ResourcePlan, trainable, callbacks: list
                                   failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
                                   callbacks=callbacks, verbose=0),
     )
+
+
+def asha_settings(cfg: SearchConfig) -> dict[str, Any]:
+    """ASHA on the schedule's clock rather than on epochs.
+
+    Trials sample their own number of epochs, and the learning-rate schedule spans them: at epoch 2
+    a 10-epoch one-cycle trial is still at its peak learning rate while a 5-epoch cosine trial is
+    almost annealed. Comparing them there stops future winners. So the rungs sit at shares of each
+    trial's own schedule (`progress` = epoch / epochs): the grace period is expressed in epochs of
+    a --max-epochs-long trial and a shorter trial is judged after proportionally fewer epochs.
+    """
+    # a hair below the exact share, so 3 * (2 / 10) still matches epoch 3 of 5 in floating point
+    grace = cfg.resolved_grace_period / cfg.max_epochs - 1e-9
+    return {"time_attr": PROGRESS, "metric": METRIC, "mode": "max", "max_t": 1.0,
+            "grace_period": grace, "reduction_factor": cfg.reduction_factor}
 
 
 def restore_tuner(experiment_dir: Path, trainable):

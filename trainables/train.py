@@ -123,6 +123,7 @@ def fit(cfg: TrainConfig, inputs: TrialInputs, checkpoint_path: str | None = Non
                                 checkpoint_path)
         metrics |= {f"best_{k}": v for k, v in best.items() if k != "epoch"}
         metrics["best_epoch"] = best["epoch"]
+        metrics["progress"] = epoch / cfg.epochs  # share of its schedule done (ASHA's clock)
         if report is not None:
             report(metrics)
         loop.schedule.after_epoch(metrics["val_loss"])

@@ -60,7 +60,8 @@ space:
     assert cfg.num_samples == 7            # flag beats YAML
     assert cfg.hflip is False              # --no-hflip beats YAML true
     assert cfg.max_epochs == 4 and cfg.seed == 3 and cfg.experiment == "from_yaml"  # YAML
-    assert cfg.grace_period == 2 and cfg.model == "resnet10t"  # defaults
+    assert cfg.grace_period is None and cfg.resolved_grace_period == 2  # half of 4
+    assert cfg.model == "resnet10t" and cfg.start_with_default
     assert cfg.space["dropout"] == 0.1     # YAML space entry
     assert cfg.space["batch_size"] == [32]  # --space beats YAML space
     assert cfg.space["lr"] == DEFAULT_SPACE["lr"]  # untouched default entry

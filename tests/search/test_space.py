@@ -12,7 +12,14 @@ from optuna.distributions import (
     IntDistribution,
 )
 
-from search.space import DEFAULT_SPACE, SEARCHABLE, SpaceSampler, resolve_space
+from search.space import (
+    DEFAULT_SPACE,
+    RECOMMENDED,
+    SEARCHABLE,
+    SpaceSampler,
+    recommended_point,
+    resolve_space,
+)
 from trainables.errors import UserError
 from trainables.train import TrainConfig
 
@@ -167,3 +174,32 @@ def test_every_searchable_name_is_a_train_setting():
     fields = set(TrainConfig.__dataclass_fields__)
     assert SEARCHABLE <= fields
     assert {"model", "seed", "threads"}.isdisjoint(SEARCHABLE)
+
+
+# ---------------------------------------------------------------- the recommended first trial
+
+
+def test_recommended_point_in_the_default_space():
+    point = recommended_point(resolve_space(DEFAULT_SPACE, 10))
+    assert point == {k: v for k, v in RECOMMENDED.items() if k != "epochs"} | {"epochs": 5}
+
+
+def test_recommended_point_is_fitted_into_a_users_space():
+    space = resolve_space({
+        "lr": {"low": 1e-5, "high": 1e-3, "log": True},    # recommended 3e-3 is above: clipped
+        "batch_size": [16, 64],                             # 32 not offered: the first choice
+        "scheduler": ["cosine", "onecycle"],                # offered: kept
+        "label_smoothing": {"low": 0.05, "high": 0.2},      # default 0.0 below: clipped
+        "mixup": {"low": 0.0, "high": 0.4},                 # default 0.0 in range: kept
+        "epochs": {"low": 3, "high": 6},
+        "dropout": 0.2,                                     # fixed: not a searched param
+    }, 6)
+    point = recommended_point(space)
+    assert point == {"lr": 1e-3, "batch_size": 16, "scheduler": "onecycle",
+                     "label_smoothing": 0.05, "mixup": 0.0, "epochs": 3}
+    # the point is a valid trial of the space: Optuna accepts it as an enqueued trial
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0))
+    study.enqueue_trial(point)
+    trial = study.ask()
+    fixed = SpaceSampler(space)(trial)
+    assert trial.params == point and fixed == {"dropout": 0.2}
