@@ -58,7 +58,10 @@ def run_tune(method: str, seed: int, args: argparse.Namespace, work: Path) -> di
     table = pd.read_csv(exp / "results.csv", dtype={"trial_id": str})
     curve = []
     for tid in table["trial_id"]:
-        for line in (exp / f"trial_{tid}" / "result.json").read_text().splitlines():
+        results = exp / f"trial_{tid}" / "result.json"
+        if not results.is_file():  # started as the budget ran out: never reported
+            continue
+        for line in results.read_text().splitlines():
             r = json.loads(line)
             curve.append((r["timestamp"] - start, r.get("val_acc", 0.0)))
     return {"best_val": summary["val"]["accuracy"], "test": summary["test"]["accuracy"],

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks import data_path, overhead, startup
+from benchmarks import data_path, ensemble_gain, overhead, scaling, search_efficiency, startup
 from benchmarks.common import SIGNS
 
 pytestmark = pytest.mark.slow
@@ -42,3 +42,35 @@ def test_data_path_quick(capsys) -> None:
     out = capsys.readouterr().out
     assert _has_header(out, "data path")
     assert "ratio loader/step " in out and "data_wait_share epochs 2..2 " in out
+
+
+def test_search_efficiency_quick(make_folder, capsys) -> None:
+    data = make_folder(classes=3, per_class=14)
+    search_efficiency.main(["--data", str(data), "--budget-s", "12", "--seeds", "0",
+                            "--image-size", "32", "--targets", "0.5", "1.01",
+                            "--methods", "ours", "random", "sequential"])
+    out = capsys.readouterr().out
+    assert _has_header(out, "search efficiency")
+    for method in ("ours", "random", "sequential"):
+        assert f"seed 0 {method}: best val" in out and f"| {method} |" in out
+    assert "never (0/1)" in out  # nothing reaches val accuracy 1.01
+    assert "time to 0.5, ours / random:" in out
+
+
+def test_ensemble_gain_quick(make_folder, capsys) -> None:
+    data = make_folder(classes=3, per_class=14)
+    ensemble_gain.main(["--data", str(data), "--seeds", "0", "--num-samples", "2", "--top", "2",
+                        "--retrain-seeds", "0", "--image-size", "32"])
+    out = capsys.readouterr().out
+    assert _has_header(out, "ensemble gain")
+    assert "search seed 0: best single" in out and "chosen on val:" in out
+    for row in ensemble_gain.ROWS:
+        assert f"| {row} |" in out
+
+
+def test_scaling_quick(capsys) -> None:
+    scaling.main(["--num-samples", "2", "--epochs", "1"])
+    out = capsys.readouterr().out
+    assert _has_header(out, "multi-node scaling")
+    assert "1 node(s):" in out and "2 node(s):" in out and "trials ran on" in out
+    assert "loop: 1 node" in out and "ratio" in out
