@@ -25,7 +25,7 @@ from trainables.train import (
 
 BASE = TrainConfig(model="resnet10t", epochs=2, batch_size=16, threads=1, amp="off")
 REPORT_KEYS = {"epoch", "train_loss", "val_loss", "val_acc", "val_f1", "lr",
-               "best_val_acc", "best_val_loss", "best_val_f1", "best_epoch"}
+               "best_val_acc", "best_val_loss", "best_val_f1", "best_epoch", "progress"}
 
 
 @pytest.fixture
@@ -50,6 +50,7 @@ def test_fit_reports_every_epoch_and_returns_best(tiny, tmp_path):
     best = fit(cfg, inputs, str(tmp_path / "ckpt" / "best.pt"), report=reports.append)
 
     assert [r["epoch"] for r in reports] == [1, 2, 3]
+    assert [r["progress"] for r in reports] == [1 / 3, 2 / 3, 1.0]  # ASHA's clock
     for r in reports:
         assert REPORT_KEYS <= set(r), REPORT_KEYS - set(r)
         assert 0.0 <= r["val_acc"] <= 1.0 and 0.0 <= r["val_f1"] <= 1.0
