@@ -40,6 +40,19 @@ def require_signs() -> Path:
     return SIGNS
 
 
+def add_search_args(p: argparse.ArgumentParser) -> None:
+    """Options of the benchmarks that run whole searches per seed on a folder of photos."""
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--data", default=None, help="class folders (default: the sign photos)")
+
+
+def resolve_data(args: argparse.Namespace) -> str:
+    """Sets args.data (default: the sign photos); returns its name for the header."""
+    args.data = Path(args.data) if args.data else require_signs()
+    return "sign-language digits" if args.data == SIGNS else args.data.name
+
+
 def autocast() -> str:
     """The autocast dtype training uses here ('auto'), for the header."""
     import torch

@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import REPO, header, mean_std, require_signs
+from benchmarks.common import REPO, add_search_args, header, mean_std, resolve_data
 
 ROWS = ("best single", "hard vote", "soft vote", "weighted vote", "uniform soup", "greedy soup")
 
@@ -38,15 +38,12 @@ def run_one(seed: int, work: Path, args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    add_search_args(p)
     p.add_argument("--num-samples", type=int, default=8)
     p.add_argument("--top", type=int, default=5)
     p.add_argument("--retrain-seeds", type=int, default=1)
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--data", default=None)
     args = p.parse_args(argv)
-    args.data = Path(args.data) if args.data else require_signs()
-    print(header("ensemble gain (sign-language digits)", len(args.seeds),
+    print(header(f"ensemble gain ({resolve_data(args)})", len(args.seeds),
                  f"{args.num_samples} trials/search, top {args.top}, {args.retrain_seeds} "
                  f"seed retrain(s), {args.image_size} px"), flush=True)
     results = []

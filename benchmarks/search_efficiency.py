@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from benchmarks.common import REPO, header, mean_std, require_signs
+from benchmarks.common import REPO, add_search_args, header, mean_std, resolve_data
 
 METHODS = ("ours", "ours_no_default", "random", "sequential")
 TUNE_ARGS = {  # python -m search.run flags per method
@@ -139,15 +139,12 @@ def run_sequential(seed: int, args: argparse.Namespace, work: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_search_args(p)
     p.add_argument("--budget-s", type=float, default=180)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--targets", type=float, nargs="+", default=[0.95, 0.98, 0.99])
-    p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    p.add_argument("--data", default=None)
     args = p.parse_args(argv)
-    args.data = Path(args.data) if args.data else require_signs()
-    print(header("search efficiency (sign-language digits)", len(args.seeds),
+    print(header(f"search efficiency ({resolve_data(args)})", len(args.seeds),
                  f"budget {args.budget_s:g} s per search, target val acc {args.targets}, "
                  f"{args.image_size} px, resnet10t"), flush=True)
     got: dict[str, list[dict]] = {m: [] for m in args.methods}

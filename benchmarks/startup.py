@@ -4,8 +4,9 @@
 
 Three kinds of Tune trial, each run as its own Tuner of --repeats trials one after another
 (max_concurrent_trials=1), each kind in a fresh Python process on a fresh local Ray of 2 CPUs:
-a plain `ray.init` for the plain trial, the search's `start_ray` for ours. Between `ray.init` and `Tuner.fit` every kind does the
-same driver set-up (load the digits, build the initial weights), as the search does.
+a plain `ray.init` for the plain trial, the search's `start_ray` for ours. Before Ray starts,
+every kind does the same driver set-up (load the digits, build the initial weights), in the order
+`search.run` does it (data, split and initial weights first, then Ray).
 
 - plain: a Tune function trial that only calls ray.tune.report({"x": 1});
 - ours 1 worker: the search's trainable (search.tune.make_trainable + plan_resources) training
@@ -187,11 +188,12 @@ def main(argv: list[str] | None = None) -> None:
 
 def one_kind(kind: str, repeats: int) -> list[dict[str, float]]:
     """One kind on its own fresh local Ray, started the way its user starts it: a plain
-    ray.init for the plain trial, the search's start_ray for ours. Then the driver's own set-up, the same for every kind,
-    as in the search (there: decoding the data, the split, the initial weights, MLflow)."""
+    ray.init for the plain trial, the search's start_ray for ours, after the same driver
+    set-up for every kind."""
     import ray
     from ray import tune
 
+    base = tiny_data()
     with tempfile.TemporaryDirectory() as tmp:
         storage = Path(tmp)
         init_start = time.time()
@@ -202,7 +204,6 @@ def one_kind(kind: str, repeats: int) -> list[dict[str, float]]:
 
             start_ray(search_config(1, storage))
         try:
-            base = tiny_data()
             trainable = tune.with_resources(plain_trial, {"cpu": 1}) if kind == "plain" else \
                 our_trainable(2 if kind == "ours_2w" else 1, tiny_inputs(*base), storage)
             got = time_kind(kind, trainable, repeats, storage)
