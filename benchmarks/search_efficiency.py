@@ -20,6 +20,7 @@ accuracy, for each of --targets. Mean ± std over seeds.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -85,7 +86,7 @@ def run_sequential(seed: int, args: argparse.Namespace, work: Path) -> dict:
 
     from search.config import parse_config
     from search.space import SpaceSampler
-    from trainables import TrainConfig, TrialInputs, draw_split, fit, load_data, load_trained
+    from trainables import TrialInputs, draw_split, fit, load_data, load_trained
     from trainables.metrics import classification_metrics
     from trainables.models import create_model, initial_state, normalization
     from trainables.train import predict_proba
@@ -95,8 +96,8 @@ def run_sequential(seed: int, args: argparse.Namespace, work: Path) -> dict:
     cfg = parse_config(["--data", str(args.data), "--seed", str(seed)])
     data = load_data(args.data, image_size=args.image_size)
     split = draw_split(data.labels, val_fraction=0.15, test_fraction=0.15, seed=seed)
-    mean, std = normalization(create_model(cfg.model, data.num_classes))
-    inputs = TrialInputs(data, initial_state(cfg.model, data.num_classes, seed=seed),
+    mean, std = normalization(create_model(cfg.train.model, data.num_classes))
+    inputs = TrialInputs(data, initial_state(cfg.train.model, data.num_classes, seed=seed),
                          split.train, split.val, mean, std)
     sampler = SpaceSampler(cfg.space)
     curve: list[tuple[float, float]] = []
@@ -105,8 +106,7 @@ def run_sequential(seed: int, args: argparse.Namespace, work: Path) -> dict:
     def objective(trial: optuna.Trial) -> float:
         nonlocal finished
         params = {**sampler(trial), **trial.params}
-        train_cfg = TrainConfig.from_dict({"model": cfg.model, "seed": seed, "threads": 2,
-                                           **params})
+        train_cfg = dataclasses.replace(cfg.train, threads=2, **params)
 
         def report(m: dict) -> None:
             curve.append((time.time() - start, m["val_acc"]))

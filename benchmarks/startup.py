@@ -126,12 +126,14 @@ def our_trainable(workers: int, inputs, storage: Path):
     """The trainable exactly as the search builds it, sized by the search's resource plan."""
     import ray
 
-    from search.tune import make_trainable, plan_resources
+    from search.resources import plan_resources
+    from search.tune import make_trainable
+    from trainables.store import ExperimentStore
 
     cfg = search_config(workers, storage)
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     plan = plan_resources(cfg, ray.cluster_resources(), nodes)
-    return make_trainable(cfg, plan, inputs, cfg.experiment_dir)
+    return make_trainable(cfg, plan, inputs, ExperimentStore(cfg.experiment_dir))
 
 
 def time_kind(name: str, trainable, repeats: int, storage: Path) -> list[dict[str, float]]:
@@ -200,9 +202,10 @@ def one_kind(kind: str, repeats: int) -> list[dict[str, float]]:
         if kind == "plain":
             ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
         else:
-            from search.run import start_ray
+            from trainables.cli import start_ray
 
-            start_ray(search_config(1, storage))
+            cfg = search_config(1, storage)
+            start_ray(cfg.address, cfg.num_cpus)
         try:
             trainable = tune.with_resources(plain_trial, {"cpu": 1}) if kind == "plain" else \
                 our_trainable(2 if kind == "ours_2w" else 1, tiny_inputs(*base), storage)

@@ -11,14 +11,16 @@ from pathlib import Path
 
 import numpy as np
 
-from ensemble.compare import Row, choose, predict_members, soup_rows, vote_rows
+from ensemble.combiners import Combined, Pool, build_rows, choose, predict_members
 from ensemble.members import SearchState, open_search, retrain_seeds, top_members
 from ensemble.predict import check_tta, load, predictions_frame
 from ensemble.report import log_to_mlflow, table_lines, write_report
-from search.config import add_options, default_storage, opt, typed
-from trainables.checkpoint import save_checkpoint
+from trainables.cli import add_options, default_storage, opt, run_main, start_ray, typed
 from trainables.data import read_unlabelled
 from trainables.errors import UserError
+from trainables.files import atomic_write
+from trainables.store import code_version
+from trainables.tracking import resolve_tracking_uri
 
 log = logging.getLogger("ensemble")
 
@@ -65,14 +67,7 @@ def parse_args(argv: list[str] | None = None) -> EnsembleConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for noisy in ("alembic", "mlflow", "urllib3", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    try:
-        return build(parse_args(argv))
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_main(lambda: build(parse_args(argv)))
 
 
 def build(cfg: EnsembleConfig) -> int:
@@ -83,27 +78,27 @@ def build(cfg: EnsembleConfig) -> int:
     if cfg.predict:  # read first: a bad path must fail before any work is done
         to_predict = read_unlabelled(cfg.predict, image_size=int(state.data.images.shape[1]),
                                      image_col=cfg.image_col)
-    out = state.dir / "ensemble"
+    out = state.store.ensemble_dir
     out.mkdir(exist_ok=True)
     if cfg.seeds:
         members += _retrain(cfg, state, members, out / "seeds")
     log.info("members: %s", ", ".join(f"{m.name} (val {m.val_acc:.4f})" for m in members))
-    preds = predict_members(state, members, cfg.tta)
-    y_val = state.data.labels[state.split.val]
-    y_test = state.data.labels[state.split.test]
-    rows = vote_rows(preds, y_val, y_test, cfg.rounds) + soup_rows(state, preds, cfg.tta)
+    pool = Pool(state, predict_members(state, members, cfg.tta), cfg.tta, cfg.rounds)
+    rows = build_rows(pool)
     chosen = choose(rows)
-    saved = _save_chosen(chosen, out, cfg.tta)
+    saved = out / "ensemble.pt"
+    chosen.artifact.save(saved, cfg.tta)
     for r in rows:
-        if r.artifact and r.artifact["kind"] == "soup":
-            _save_artifact(r, out / f"{r.name.replace(' ', '_')}.pt", cfg.tta)
+        if r.artifact is not None and r.name.endswith("soup"):
+            r.artifact.save(out / f"{r.name.replace(' ', '_')}.pt", cfg.tta)
+    y_test = state.data.labels[state.split.test]
     predictions_frame([state.data.ids[i] for i in state.split.test], chosen.test_probs,
                       state.data.class_names, y_test).to_csv(out / "test_predictions.csv",
                                                              index=False)
     doc = _report_doc(cfg, state, members, rows, chosen)
     write_report(out, doc, rows, chosen)
-    tracking = _tracking(cfg, state)
-    run_id = log_to_mlflow(tracking[0], cfg.experiment, tracking[1], doc, rows, out)
+    uri, parent = _tracking(cfg, state)
+    run_id = log_to_mlflow(uri, cfg.experiment, parent, doc, rows, out)
     print("\n" + "\n".join(table_lines(rows, chosen)), flush=True)
     if to_predict is not None:
         _write_predictions(cfg, saved, to_predict, out)
@@ -113,15 +108,9 @@ def build(cfg: EnsembleConfig) -> int:
 
 
 def _retrain(cfg: EnsembleConfig, state: SearchState, members, out: Path):
-    import os
-
     import ray
 
-    owns = not ray.is_initialized()
-    if owns:
-        address = cfg.address or os.environ.get("RAY_ADDRESS") or None
-        ray.init(address=address, num_cpus=None if address else cfg.num_cpus,
-                 include_dashboard=False, logging_level=logging.WARNING)
+    owns = start_ray(cfg.address, cfg.num_cpus)
     try:
         return retrain_seeds(state, members, cfg.seeds, out_dir=out)
     finally:
@@ -129,59 +118,28 @@ def _retrain(cfg: EnsembleConfig, state: SearchState, members, out: Path):
             ray.shutdown()
 
 
-def _save_artifact(row: Row, path: Path, tta: list[str]) -> None:
-    art = row.artifact
-    if art["kind"] == "vote":
-        save_checkpoint({"kind": "vote", "combiner": row.name, "members": art["members"],
-                         "weights": art["weights"], "hard": art.get("hard", False),
-                         "tta": tta}, path)
-        return
-    base = dict(art["base"])  # a soup is a normal training checkpoint with the averaged weights
-    base.update(model=art["state"], kind="soup", combiner=row.name, tta=tta,
-                ingredients=art["ingredients"], bn_recalibrated=art["bn_recalibrated"],
-                metrics={f"val_{k}": float(v) for k, v in row.val.items()})
-    base.pop("val_probs", None)
-    base.pop("val_indices", None)
-    save_checkpoint(base, path)
-
-
-def _save_chosen(chosen: Row, out: Path, tta: list[str]) -> Path:
-    path = out / "ensemble.pt"
-    _save_artifact(chosen, path, tta)
-    return path
-
-
 def _write_predictions(cfg: EnsembleConfig, saved: Path, data: tuple[np.ndarray, list[str]],
                        out: Path) -> None:
-    from search.results import write_atomic
-
     images, ids = data
     model = load(saved)
     frame = predictions_frame(ids, model.predict_proba(images), model.class_names)
     dest = Path(cfg.output) if cfg.output else out / "predictions.csv"
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(dest, frame.to_csv(index=False))
+    atomic_write(dest, frame.to_csv(index=False))
     log.info("predictions for %d images: %s", len(ids), dest)
 
 
-def _report_doc(cfg: EnsembleConfig, state: SearchState, members, rows: list[Row],
-                chosen: Row) -> dict:
-    from search.tracking import code_version
-
+def _report_doc(cfg: EnsembleConfig, state: SearchState, members, rows: list[Combined],
+                chosen: Combined) -> dict:
     return {"experiment": cfg.experiment, "top": cfg.top, "seeds": cfg.seeds, "tta": cfg.tta,
             "split_hash": state.split.hash, "split_sizes": state.split.sizes(),
-            "members": [{"name": m.name, "checkpoint": m.checkpoint, "trial_id": m.trial_id,
-                         "seed": m.seed, "val_acc": m.val_acc} for m in members],
+            "members": [{"name": m.name, "checkpoint": state.store.relative(m.checkpoint),
+                         "trial_id": m.trial_id, "seed": m.seed, "val_acc": m.val_acc}
+                        for m in members],
             "rows": [r.record() for r in rows], "chosen": chosen.name, "code": code_version()}
 
 
 def _tracking(cfg: EnsembleConfig, state: SearchState) -> tuple[str, str | None]:
-    import json
-
-    from search.tracking import resolve_tracking_uri
-
-    saved = state.dir / "mlflow.json"
-    doc = json.loads(saved.read_text()) if saved.is_file() else {}
+    doc = state.store.read_tracking() or {}
     uri = resolve_tracking_uri(cfg.tracking_uri) if cfg.tracking_uri else \
         doc.get("tracking_uri") or resolve_tracking_uri(None)
     return uri, doc.get("parent_run_id")

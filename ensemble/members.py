@@ -8,14 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
-from search.config import SearchConfig
-from search.results import FINISHED, ranked
 from trainables.checkpoint import load_checkpoint
-from trainables.data import ImageData, load_image_data
+from trainables.data import ImageData
 from trainables.errors import UserError
 from trainables.split import Split
+from trainables.store import ExperimentStore
 
 log = logging.getLogger("ensemble")
 
@@ -35,48 +33,54 @@ class Member:
 class SearchState:
     """What a finished search left in its experiment folder."""
 
-    dir: Path
-    cfg: SearchConfig
+    store: ExperimentStore
+    config: dict  # the search's resolved config.yaml
     results: pd.DataFrame
     data: ImageData
     split: Split
 
+    @property
+    def dir(self) -> Path:
+        return self.store.dir
+
+    @property
+    def experiment(self) -> str:
+        return self.store.name
+
+    @property
+    def seed(self) -> int:
+        return int(self.config.get("seed", 0))
+
+    @property
+    def plugins(self) -> list[str]:
+        return list(self.config.get("plugins") or [])
+
 
 def open_search(storage: str, experiment: str) -> SearchState:
     """Reads an experiment folder written by `search.run`; a UserError lists what exists."""
-    root = Path(storage).expanduser().resolve()
-    d = root / experiment
-    needed = ("config.yaml", "results.csv", "data.npz", "split.json")
-    if not all((d / f).is_file() for f in needed):
-        names = sorted(p.name for p in root.iterdir() if (p / "results.csv").is_file()) \
-            if root.is_dir() else []
-        raise UserError(f"no finished search named {experiment!r} in {root} (found: "
-                        f"{', '.join(names) or 'none'}); pass --experiment NAME and --storage, "
-                        "or run python -m search.run first")
-    doc = yaml.safe_load((d / "config.yaml").read_text())
-    cfg = SearchConfig(**doc)
-    results = pd.read_csv(d / "results.csv", dtype={"trial_id": str}, keep_default_na=False,
-                          na_values=[""])
-    results["checkpoint"] = results["checkpoint"].fillna("")
-    return SearchState(d, cfg, results, load_image_data(d / "data.npz"),
-                       Split.load(d / "split.json"))
+    store = ExperimentStore.at(storage, experiment)
+    if not (store.holds_search() and store.has_results() and store.has_data()
+            and store.path("split.json").is_file()):
+        raise UserError(f"no finished search named {experiment!r} in {store.dir.parent} (found: "
+                        f"{', '.join(store.siblings('results.csv')) or 'none'}); pass "
+                        "--experiment NAME and --storage, or run python -m search.run first")
+    return SearchState(store, store.read_config(), store.read_results(), store.read_data(),
+                       store.read_split())
 
 
 def top_members(state: SearchState, top: int) -> list[Member]:
     """The `top` finished trials by val accuracy (ties: lower val loss), as members."""
     if top < 1:
         raise UserError(f"--top must be at least 1, not {top}")
-    table = ranked(state.results)
-    usable = table[table["status"].isin(FINISHED) & (table["checkpoint"] != "")]
-    usable = usable[[Path(c).is_file() for c in usable["checkpoint"]]]
+    usable = state.store.usable_trials()
     if usable.empty:
-        raise UserError(f"experiment {state.cfg.experiment!r} has no finished trial with a "
+        raise UserError(f"experiment {state.experiment!r} has no finished trial with a "
                         "checkpoint; run or resume the search first")
     if len(usable) < top:
         log.warning("only %d finished trial(s) in %r, fewer than --top %d: building with %d",
-                    len(usable), state.cfg.experiment, top, len(usable))
+                    len(usable), state.experiment, top, len(usable))
     members = [Member(name=f"trial-{r.trial_id}", checkpoint=r.checkpoint, trial_id=r.trial_id,
-                      seed=int(state.cfg.seed), val_acc=float(r.best_val_acc))
+                      seed=state.seed, val_acc=float(r.best_val_acc))
                for r in usable.head(top).itertuples()]
     _check_same_classes(members)
     return members
@@ -106,12 +110,13 @@ def retrain_seeds(state: SearchState, members: list[Member], seeds: int, *,
 
     from trainables.train import TrainConfig, TrialInputs
 
-    init = load_checkpoint(state.dir / "init.pt")
+    init = state.store.read_init()
     inputs = TrialInputs(data=ray.put(state.data), init_state=ray.put(init["model"]),
                          train_idx=state.split.train, val_idx=state.split.val,
                          mean=init["mean"], std=init["std"])
-    cpus = state.cfg.cpus_per_worker or 1.0
-    task = ray.remote(_train_one).options(num_cpus=cpus, num_gpus=state.cfg.gpus_per_worker)
+    cpus = state.config.get("cpus_per_worker") or 1.0
+    task = ray.remote(_train_one).options(num_cpus=cpus,
+                                          num_gpus=state.config.get("gpus_per_worker") or 0)
     jobs, new = [], []
     for m in members:
         cfg = TrainConfig.from_dict(load_checkpoint(m.checkpoint)["config"])
@@ -120,7 +125,7 @@ def retrain_seeds(state: SearchState, members: list[Member], seeds: int, *,
             path = out_dir / f"{m.trial_id}-seed{seed}" / "best.pt"
             run_cfg = dataclasses.replace(cfg, seed=seed, threads=max(1, int(round(cpus))))
             if not path.is_file():
-                jobs.append(task.remote(run_cfg, inputs, str(path), list(state.cfg.plugins)))
+                jobs.append(task.remote(run_cfg, inputs, str(path), state.plugins))
             new.append((m, seed, path))
     if jobs:
         log.info("retraining %d member config(s) x %d seed(s): %d run(s) on Ray", len(members),

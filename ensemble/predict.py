@@ -93,8 +93,8 @@ def load(path: str | Path, device: torch.device | None = None) -> EnsembleModel:
     if not path.is_file():
         raise UserError(f"ensemble file {path} does not exist; run python -m ensemble.build")
     saved = load_checkpoint(path)
-    if saved.get("kind") == "vote":
-        loaded = [load_trained(str(p), device) for p in saved["members"]]
+    if saved.get("kind") == "vote":  # member paths are relative to the file's folder
+        loaded = [load_trained(str(path.parent / p), device) for p in saved["members"]]
         return EnsembleModel([m for m, _ in loaded], [c for _, c in loaded], saved["weights"],
                              hard=saved.get("hard", False), tta=saved.get("tta"))
     model, ckpt = load_trained(saved, device)

@@ -9,13 +9,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ensemble.compare import Row
+from ensemble.combiners import Combined
+from trainables.files import atomic_write, write_json
 
 COLUMNS = ("val acc", "test acc", "test F1", "test NLL", "test ECE", "members", "params",
            "ms/img")
 
 
-def table_lines(rows: list[Row], chosen: Row) -> list[str]:
+def table_lines(rows: list[Combined], chosen: Combined) -> list[str]:
     """A Markdown table; the row chosen on val is marked."""
     head = "| combiner | " + " | ".join(COLUMNS) + " |"
     lines = [head, "|" + "---|" * (len(COLUMNS) + 1)]
@@ -28,10 +29,8 @@ def table_lines(rows: list[Row], chosen: Row) -> list[str]:
     return lines
 
 
-def write_report(out: Path, doc: dict[str, Any], rows: list[Row], chosen: Row) -> None:
+def write_report(out: Path, doc: dict[str, Any], rows: list[Combined], chosen: Combined) -> None:
     """report.json, report.md and comparison.png in `out`."""
-    from search.results import write_atomic, write_json
-
     write_json(out / "report.json", doc)
     notes = [f"- {r.name}: {r.note}" for r in rows if r.note]
     md = [f"# Ensemble report: {doc['experiment']}", "",
@@ -42,18 +41,18 @@ def write_report(out: Path, doc: dict[str, Any], rows: list[Row], chosen: Row) -
           (f"Chosen on val: **{chosen.name}** (highest val accuracy, then lowest val NLL, then "
            "fewest parameters). Vote weights are fit on val, so the weighted vote's val score "
            "is optimistic; its test score is not."), "", *notes]
-    write_atomic(out / "report.md", "\n".join(md) + "\n")
+    atomic_write(out / "report.md", "\n".join(md) + "\n")
     comparison_figure(rows).savefig(out / "comparison.png", dpi=120)
 
 
-def comparison_figure(rows: list[Row]):
+def comparison_figure(rows: list[Combined]):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    shown = [r for r in rows if not r.note.startswith("skipped")]
+    shown = [r for r in rows if not r.skipped]
     x = np.arange(len(shown))
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     ax1.bar(x - 0.2, [r.val["accuracy"] for r in shown], 0.4, label="val")
@@ -71,9 +70,10 @@ def comparison_figure(rows: list[Row]):
 
 
 def log_to_mlflow(uri: str, experiment: str, parent_run_id: str | None, doc: dict[str, Any],
-                  rows: list[Row], out: Path) -> str:
+                  rows: list[Combined], out: Path) -> str:
     """An MLflow run beside the search: the table as metrics, members and weights as params."""
-    from search.tracking import client_for, code_version, experiment_id, log_params
+    from trainables.store import code_version
+    from trainables.tracking import client_for, experiment_id, log_params
 
     client = client_for(uri)
     exp_id = experiment_id(client, experiment, create=True)

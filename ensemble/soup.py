@@ -1,7 +1,8 @@
 """Model soups: averaging the weights of models fine-tuned from one shared start.
 
 One soup costs one model at inference, unlike a vote over M models. Averaging only makes sense
-because every trial of a search starts from the same initial weights (see DESIGN.md).
+because every trial of a search starts from the same initial weights: models fine-tuned from
+one start stay in one low-loss basin, while models trained apart from a random start do not.
 """
 
 from __future__ import annotations

@@ -1,13 +1,14 @@
-"""One typed, frozen config for a search: defaults < YAML file (--config) < command-line flags."""
+"""One typed, frozen config for a search: defaults < YAML file (--config) < command-line flags.
+
+Search options are fields here; training settings come from `trainables.config.TrainConfig` (the
+one list of them) and reach every trial through `SearchConfig.train`, unless the search space
+varies them.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
-import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,34 +16,9 @@ from typing import Any
 import yaml
 
 from search.space import DEFAULT_SPACE, resolve_space
+from trainables.cli import add_options, default_storage, opt, read_yaml, typed
+from trainables.config import OPTIONS, TrainConfig, check_value
 from trainables.errors import UserError
-
-
-def default_storage() -> str:
-    """Where experiment folders go: IMGSEARCH_STORAGE (the cluster image sets a shared file
-    system there), else ./runs."""
-    return os.environ.get("IMGSEARCH_STORAGE", "runs")
-
-
-class _Loader(yaml.SafeLoader):
-    """YAML 1.1 reads `1e-4` (no dot) as text; read it as the number everybody means."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$|^[-+]?\.(?:inf|Inf|INF)$"
-               r"|^\.(?:nan|NaN|NAN)$"),
-    list("-+0123456789."))
-
-
-def read_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
-
-
-def opt(default: Any, help: str, **extra: Any) -> Any:
-    if isinstance(default, (dict, list)):
-        return field(default_factory=lambda: default, metadata={"help": help, **extra})
-    return field(default=default, metadata={"help": help, **extra})
 
 
 @dataclass(frozen=True)
@@ -64,28 +40,14 @@ class SearchConfig:
                                "selection).")
     test_fraction: float = opt(0.15, "Share of the images held out for the final test report "
                                 "(never seen by the search).")
-    # model and fixed training settings
-    model: str = opt("resnet10t", "timm model name.")
+    # model and training
     plugins: list = opt([], "Python module to import before models are built, e.g. one that "
                          "registers a custom timm model (repeatable).", cli_list=True)
     pretrained: bool = opt(False, "Start from timm's pretrained weights (needs a network unless "
                             "--pretrained-file is given).")
     pretrained_file: str | None = opt(None, "Local pretrained weights file for --model "
                                        "(.pth, .bin or .safetensors).")
-    optimizer: str = opt("adamw", "Optimizer when not searched: adamw or sgd.",
-                          choices=("adamw", "sgd"))
-    augment: str = opt("light", "Augmentation policy: none, light or strong.",
-                        choices=("none", "light", "strong"))
-    hflip: bool = opt(False, "Add random horizontal flips (off: they change digits, letters "
-                       "and hand signs).")
-    amp: str = opt("auto", "Mixed precision: auto (fp16+GradScaler on CUDA, bf16 on CPUs with "
-                    "native bf16), fp16, bf16 or off.", choices=("auto", "fp16", "bf16", "off"))
-    accum_steps: int = opt(1, "Gradient accumulation: micro-batches per optimizer step.")
-    label_smoothing: float = opt(0.0, "Label smoothing of the cross-entropy loss.")
-    mixup: float = opt(0.0, "Mixup alpha (0 turns mixup off).")
-    cutmix: float = opt(0.0, "CutMix alpha (0 turns CutMix off).")
-    warmup_epochs: int = opt(0, "Linear learning-rate warmup epochs before the schedule.")
-    grad_clip: float = opt(0.0, "Clip gradients to this global norm (0: no clipping).")
+    train: TrainConfig = field(default_factory=TrainConfig)  # fixed settings: flags of their own
     space: dict = opt(DEFAULT_SPACE, "Search space, from YAML or repeated --space "
                        "NAME=SPEC (e.g. --space 'lr={low: 1e-4, high: 1e-2, log: true}', "
                        "--space 'batch_size=[32,64]', --space dropout=0.1 to fix a knob).",
@@ -148,29 +110,74 @@ class SearchConfig:
         return Path(self.storage).expanduser().resolve() / self.experiment
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain data (as config.yaml holds it): training settings under `train`."""
         return dataclasses.asdict(self)
+
+    def flat_dict(self) -> dict[str, Any]:
+        """Search options and training settings side by side, as a user writes them."""
+        doc = self.to_dict()
+        train = doc.pop("train")
+        return doc | train
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> SearchConfig:
+        """Reads `to_dict`'s output back (a saved config.yaml); training settings may also be
+        top-level keys, as configs written before they moved under `train` have them."""
+        doc = dict(doc)
+        train = {**{k: doc.pop(k) for k in OPTIONS if k in doc}, **(doc.pop("train", None) or {})}
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in doc.items() if k in known},
+                   train=TrainConfig.from_dict(train))
 
 
 def parse_config(argv: list[str] | None = None) -> SearchConfig:
-    """Resolves defaults < --config YAML < flags, validates, and returns the frozen config."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    values = load_yaml(args.config) if args.config else {}
-    flags = {k: v for k, v in vars(args).items() if v is not None and k not in ("config",
-                                                                                  "space")}
-    values.update(flags)
+    """Resolves defaults < --config YAML < flags, validates, and returns the frozen config.
+
+    A training setting given a value (YAML key or flag) is fixed: it leaves the default search
+    space. Fixing and searching one setting at the same level (both in the YAML file, or both as
+    flags) is an error; a flag beats the YAML file either way.
+    """
+    args = build_parser().parse_args(argv)
+    doc = load_yaml(args.config) if args.config else {}
+    flags = {k: v for k, v in vars(args).items()
+             if v is not None and k not in ("config", "space")}
     space = dict(DEFAULT_SPACE)
-    space.update(values.pop("space", None) or {})
-    for item in args.space or []:
+    train = dict(doc.pop("train", None) or {})  # a saved config.yaml's fallback values
+    for source, values, entries in (("the config file", doc, doc.pop("space", None) or {}),
+                                    ("the flags", flags, _space_flags(args.space))):
+        fixed = {k: values.pop(k) for k in OPTIONS if k in values}
+        both = sorted(set(fixed) & set(entries))
+        if both:
+            raise UserError(f"{', '.join(both)} is both fixed and searched in {source}; keep "
+                            "either the value or the search space entry")
+        for name in fixed:
+            space.pop(name, None)
+        train.update(fixed)
+        space.update(entries)
+        if source == "the config file":
+            doc.update(values)
+    doc.update(flags)
+    unknown = sorted(set(train) - set(OPTIONS) - {"seed", "threads"})
+    if unknown:
+        raise UserError(f"config file has unknown training setting(s) {', '.join(unknown)} "
+                        "under train; see python -m search.run --help")
+    search_opts = typed(SearchConfig, doc)
+    train = typed(TrainConfig, train) | {"seed": search_opts.get("seed", SearchConfig.seed)}
+    return validate(SearchConfig(**search_opts, train=TrainConfig(**train), space=space))
+
+
+def _space_flags(items: list[str] | None) -> dict[str, Any]:
+    entries = {}
+    for item in items or []:
         name, _, spec = item.partition("=")
         if not spec:
             raise UserError(f"--space {item!r} must look like NAME=SPEC, e.g. "
                             "'lr={low: 1e-4, high: 1e-2, log: true}'")
         try:
-            space[name.strip()] = read_yaml(spec)
+            entries[name.strip()] = read_yaml(spec)
         except yaml.YAMLError:
             raise UserError(f"--space {item!r}: {spec!r} is not valid YAML") from None
-    return validate(SearchConfig(**typed(SearchConfig, values), space=space))
+    return entries
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -182,31 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", metavar="YAML", help="YAML file of options (keys as below, "
                         "with underscores); flags given here override it.")
     add_options(parser, SearchConfig)
+    training = parser.add_argument_group(
+        "training settings", "Fixed for every trial when given; a setting given here leaves the "
+        "default search space (search one with --space NAME=SPEC instead).")
+    add_options(training, TrainConfig, only=OPTIONS)
     return parser
-
-
-def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One flag per dataclass field, with the field's help; every default is None (= unset)."""
-    for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f.metadata["help"]
-        if not f.metadata.get("cli", True):
-            parser.add_argument(flag, action="append", metavar="NAME=SPEC", help=help_text)
-            continue
-        if f.metadata.get("cli_list"):
-            parser.add_argument(flag, action="append", metavar=f.metadata.get("metavar", "MODULE"),
-                                help=help_text)
-            continue
-        kind = _base_type(f.type)
-        if f.default is not None and "default" not in help_text.lower():
-            help_text += f" (default: {f.default})"
-        if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                                help=help_text)
-            continue
-        choices = f.metadata.get("choices")
-        parser.add_argument(flag, type=kind, default=None, choices=choices,
-                            metavar=None if choices else f.name.upper(), help=help_text)
 
 
 def load_yaml(path: str) -> dict[str, Any]:
@@ -220,12 +207,16 @@ def load_yaml(path: str) -> dict[str, Any]:
                         "fix the syntax") from None
     if not isinstance(doc, dict):
         raise UserError(f"config file {p} must hold a mapping of option: value")
-    known = {f.name for f in dataclasses.fields(SearchConfig)}
+    known = {f.name for f in dataclasses.fields(SearchConfig)} | set(OPTIONS)
     doc = {str(k).replace("-", "_"): v for k, v in doc.items()}
     unknown = sorted(set(doc) - known)
     if unknown:
         raise UserError(f"config file {p} has unknown option(s) {', '.join(unknown)}; see "
                         "python -m search.run --help")
+    for key in ("space", "train"):
+        if doc.get(key) is not None and not isinstance(doc[key], dict):
+            raise UserError(f"config file {p}: {key} must be a mapping of setting: value, not "
+                            f"{doc[key]!r}")
     for k in ("resume", "overwrite"):
         doc.pop(k, None)  # actions of one invocation, not settings of an experiment
     return doc
@@ -252,51 +243,21 @@ def validate(cfg: SearchConfig) -> SearchConfig:
          "--image-size must be between 8 and 1024"),
         (0 < cfg.val_fraction < 0.5 and 0 < cfg.test_fraction < 0.5,
          "--val-fraction and --test-fraction must be between 0 and 0.5"),
-        (cfg.accum_steps >= 1, "--accum-steps must be at least 1"),
         (bool(cfg.experiment) and "/" not in cfg.experiment,
          f"--experiment must be a plain name, not {cfg.experiment!r}"),
     ]
     for ok, message in checks:
         if not ok:
             raise UserError(message)
+    for name in OPTIONS:
+        check_value(name, getattr(cfg.train, name),
+                    f"option {name} (--{name.replace('_', '-')})")
     space = resolve_space(cfg.space, cfg.max_epochs)
-    fixed = {k: getattr(cfg, k) for k in ("optimizer", "augment", "amp", "accum_steps",
-                                          "label_smoothing", "mixup", "cutmix",
-                                          "warmup_epochs", "grad_clip", "hflip")}
-    resolve_space({k: v for k, v in fixed.items()}, cfg.max_epochs)  # same value checks
+    if "epochs" not in space and cfg.train.epochs > cfg.max_epochs:
+        raise UserError(f"option epochs is {cfg.train.epochs}, more than --max-epochs "
+                        f"{cfg.max_epochs}; raise --max-epochs or lower epochs")
     from trainables.models import check_model_name, import_plugins
 
     import_plugins(cfg.plugins)
-    check_model_name(cfg.model)
+    check_model_name(cfg.train.model)
     return dataclasses.replace(cfg, space=space)
-
-
-def typed(cls: type, values: dict[str, Any]) -> dict[str, Any]:
-    """Checks each option's value against its declared type (ints may stand for floats)."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    out = {}
-    for name, value in values.items():
-        f = fields[name]
-        kind = _base_type(f.type)
-        optional = "None" in str(f.type)
-        if value is None and optional:
-            out[name] = value
-        elif kind is float and isinstance(value, int) and not isinstance(value, bool):
-            out[name] = float(value)
-        elif isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
-            out[name] = value
-        else:
-            raise UserError(f"option {name} must be {_KIND_NAMES.get(kind, kind.__name__)}, "
-                            f"not {value!r}; fix it in the config file or flags")
-    return out
-
-
-_KIND_NAMES = {int: "a whole number", float: "a number", bool: "true or false", str: "text"}
-
-
-def _base_type(tp: Any) -> type:
-    if isinstance(tp, str):
-        tp = eval(tp, {"dict": dict, "list": list})  # annotations are strings (PEP 563)
-    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
-        return next(a for a in typing.get_args(tp) if a is not type(None))
-    return tp

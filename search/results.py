@@ -1,22 +1,18 @@
-"""The results table (`results.csv`, one row per trial) and the run summary."""
+"""The results table (`results.csv`, one row per trial) kept current from Tune's trials, and the
+progress lines printed while a search runs (Tune callbacks on the driver)."""
 
 from __future__ import annotations
-
-import json
-import os
-import tempfile
-from pathlib import Path
-from typing import Any
 
 import pandas as pd
 from ray.tune import Callback
 
+from trainables.store import ENDED, ExperimentStore, outcome, ranked
+
 SEARCHED = ("lr", "weight_decay", "batch_size", "dropout", "epochs", "scheduler")
 BEST = ("best_val_acc", "best_val_loss", "best_val_f1", "best_epoch")
-FINISHED = ("completed", "stopped_early", "stopped_by_budget")
 
 
-def trial_rows(trials: list, checkpoint_root: str, ended: dict[str, str] | None = None
+def trial_rows(trials: list, store: ExperimentStore, ended: dict[str, str] | None = None
                ) -> pd.DataFrame:
     """One row per Tune trial: its config, outcome, epochs run, best val metrics, checkpoint.
 
@@ -29,15 +25,15 @@ def trial_rows(trials: list, checkpoint_root: str, ended: dict[str, str] | None 
         planned = int(t.config.get("epochs", epochs_run) or 0)
         status = (ended or {}).get(t.trial_id, t.status)
         if status == "ERROR":
-            outcome = "failed"
+            result = "failed"
         elif status == "TERMINATED":
-            outcome = "completed" if epochs_run >= planned else "stopped_early"
+            result = outcome(epochs_run, planned)
         else:
-            outcome = status.lower()
-        ckpt = Path(checkpoint_root) / t.trial_id / "best.pt"
+            result = status.lower()
+        ckpt = store.checkpoint(t.trial_id)
         rows.append({
             "trial_id": t.trial_id,
-            "status": outcome,
+            "status": result,
             "epochs_run": epochs_run,
             **{k: t.config.get(k) for k in SEARCHED},
             **{k: v for k, v in t.config.items() if k not in SEARCHED},
@@ -59,27 +55,14 @@ def _started(last: dict) -> float | None:
     return round(float(last["timestamp"]) - float(last["time_total_s"]), 3)
 
 
-def ranked(table: pd.DataFrame) -> pd.DataFrame:
-    """Finished trials with a checkpoint first, best val accuracy first, ties by lower val loss."""
-    if table.empty:
-        return table
-    usable = table["status"].isin(FINISHED) & (table["checkpoint"] != "")
-    order = table.assign(_usable=usable).sort_values(
-        ["_usable", "best_val_acc", "best_val_loss"], ascending=[False, False, True],
-        na_position="last")
-    return order.drop(columns="_usable").reset_index(drop=True)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Writes text to a temp file and renames it over `path`, so readers never see half."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, doc: dict[str, Any]) -> None:
-    write_atomic(path, json.dumps(doc, indent=2, default=str) + "\n")
+def settle(store: ExperimentStore, out_of_time: bool) -> pd.DataFrame:
+    """The table after Tune returned: trials the time budget ended are marked so, not as
+    interrupted (Tune ends them at the budget exactly as on an interrupt)."""
+    table = store.read_results()
+    if out_of_time and (table["status"] == "interrupted").any():
+        table.loc[table["status"] == "interrupted", "status"] = "stopped_by_budget"
+        store.write_results(table)
+    return table
 
 
 class ResultsWriter(Callback):
@@ -90,8 +73,8 @@ class ResultsWriter(Callback):
     interrupt is marked `interrupted`, since --resume will run it again.
     """
 
-    def __init__(self, path: str, checkpoint_root: str) -> None:
-        self.path, self.checkpoint_root = path, checkpoint_root
+    def __init__(self, store: ExperimentStore) -> None:
+        self.store = store
         self.ended: dict[str, str] | None = None
 
     def __getstate__(self) -> dict:  # pickled for resume: re-read what ended from results.csv
@@ -100,9 +83,9 @@ class ResultsWriter(Callback):
     def _ended(self) -> dict[str, str]:
         if self.ended is None:
             self.ended = {}
-            if Path(self.path).is_file():
-                old = pd.read_csv(self.path, dtype={"trial_id": str})
-                done = old[old["status"].isin(FINISHED + ("failed",))]
+            if self.store.has_results():
+                old = self.store.read_results()
+                done = old[old["status"].isin(ENDED)]
                 self.ended = {t: ("ERROR" if s == "failed" else "TERMINATED")
                               for t, s in zip(done["trial_id"], done["status"])}
         return self.ended
@@ -111,8 +94,7 @@ class ResultsWriter(Callback):
         ended = self._ended()
         status = {t.trial_id: ended.get(t.trial_id, "INTERRUPTED" if t.status in (
             "TERMINATED", "ERROR") else t.status) for t in trials}
-        table = ranked(trial_rows(trials, self.checkpoint_root, status))
-        write_atomic(Path(self.path), table.to_csv(index=False))
+        self.store.write_results(ranked(trial_rows(trials, self.store, status)))
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         self._ended()[trial.trial_id] = "TERMINATED"

@@ -12,10 +12,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from trainables.augment import POLICIES
+from trainables.config import SEARCHABLE, TrainConfig, check_value
 from trainables.errors import UserError
-from trainables.schedules import SCHEDULERS
-from trainables.train import AMP_MODES, OPTIMIZERS, TrainConfig
 
 # The six knobs every search tunes; ranges suit AdamW on small images and can be overridden.
 DEFAULT_SPACE: dict[str, Any] = {
@@ -37,17 +35,13 @@ RECOMMENDED: dict[str, Any] = {
     "scheduler": "onecycle",
     "epochs": "low",  # the short end of the epochs range: a quick baseline
 }
-SEARCHABLE = {f.name for f in dataclasses.fields(TrainConfig)} - {"model", "seed", "threads"}
-_CHOICES = {"scheduler": SCHEDULERS, "optimizer": OPTIMIZERS, "amp": AMP_MODES,
-            "augment": POLICIES}
-_POSITIVE = {"lr", "batch_size", "epochs", "accum_steps"}
-_UNIT = {"dropout", "label_smoothing"}
 
 
 def resolve_space(space: dict[str, Any], max_epochs: int) -> dict[str, Any]:
-    """Fills the epochs default and checks every entry; raises UserError on a bad one."""
+    """Fills the epochs default (an entry of None) and checks every entry; raises UserError on a
+    bad one. A space without an epochs entry leaves epochs to the fixed training settings."""
     space = {k: v for k, v in space.items()}
-    if space.get("epochs") is None:
+    if "epochs" in space and space["epochs"] is None:
         space["epochs"] = {"low": max(1, (max_epochs + 1) // 2), "high": max_epochs}
     for name, spec in space.items():
         _check_entry(name, spec, max_epochs)
@@ -137,25 +131,7 @@ def _check_entry(name: str, spec: Any, max_epochs: int) -> None:
 
 def _check_value(name: str, v: Any, max_epochs: int) -> None:
     where = f"search space entry {name!r}"
-    if name in _CHOICES:
-        if v not in _CHOICES[name]:
-            raise UserError(f"{where}: unknown {name} {v!r}; choose from "
-                            f"{', '.join(_CHOICES[name])}")
-        return
-    if name == "hflip":
-        if not isinstance(v, bool):
-            raise UserError(f"{where} must be true or false, not {v!r}")
-        return
-    if not isinstance(v, (int, float)) or isinstance(v, bool):
-        raise UserError(f"{where} must be numeric, not {v!r}")
-    if name in _POSITIVE and v <= 0:
-        raise UserError(f"{where} must be positive, not {v}; use a value above 0")
-    if name in ("batch_size", "epochs", "accum_steps", "warmup_epochs") and v != int(v):
-        raise UserError(f"{where} must be a whole number, not {v}")
+    check_value(name, v, where)
     if name == "epochs" and v > max_epochs:
         raise UserError(f"{where} allows {v} epochs, more than --max-epochs {max_epochs}; "
                         "raise --max-epochs or lower the range")
-    if name in _UNIT and not 0 <= v < 1:
-        raise UserError(f"{where} must be in [0, 1), not {v}")
-    if v < 0:
-        raise UserError(f"{where} must not be negative, not {v}")

@@ -1,118 +1,43 @@
-"""MLflow records, written from the driver only: a parent run per search, a child run per trial.
+"""The search's MLflow records, written from the driver only: a parent run per search and a
+nested child run per trial (a Tune callback).
 
-One writer avoids sqlite's "database is locked" and keeps Tune's bookkeeping keys (done, pid,
-time_*) out: only the metrics listed in `TRIAL_METRICS` are logged.
+Only the metrics in `TRIAL_METRICS` are logged, which keeps Tune's bookkeeping keys (done, pid,
+time_*) out of the runs.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import time
-from pathlib import Path
 from typing import Any
 
+import pandas as pd
 from ray.tune import Callback
 
-from trainables.errors import UserError
+from trainables.split import Split
+from trainables.store import ExperimentStore, code_version, outcome
+from trainables.tracking import (
+    client_for,
+    experiment_id,
+    flat_params,
+    log_params,
+    log_prediction_pictures,
+    log_val_pictures,
+    resolve_tracking_uri,
+)
 
 TRIAL_METRICS = ("train_loss", "val_loss", "val_acc", "val_f1", "lr", "train_images_per_s",
                  "data_wait_share", "best_val_acc", "best_val_loss", "best_val_f1")
-
-
-def resolve_tracking_uri(uri: str | None) -> str:
-    """The tracking URI made absolute, so trials and later commands find the same store.
-
-    Order: the argument, MLFLOW_TRACKING_URI, MLflow's default (sqlite:///mlflow.db here).
-    """
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return "sqlite:///" + str(Path(uri[len("sqlite:///"):]).expanduser().resolve())
-    if uri.startswith("file:") and not uri.startswith("file:///"):
-        return Path(uri[len("file:"):]).expanduser().resolve().as_uri()
-    if "://" not in uri:
-        return Path(uri).expanduser().resolve().as_uri()
-    return uri
-
-
-def client_for(uri: str):
-    """An MlflowClient; a plain-folder store needs MLflow's explicit opt-in."""
-    import logging
-
-    from mlflow import MlflowClient
-
-    logging.getLogger("mlflow").setLevel(logging.WARNING)  # mlflow sets INFO on import
-    if uri.startswith("file:"):
-        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-    return MlflowClient(tracking_uri=uri)
-
-
-def experiment_id(client, name: str, *, create: bool) -> str:
-    """The MLflow experiment's id; created when asked, else a UserError listing what exists."""
-    exp = client.get_experiment_by_name(name)
-    if exp is not None and exp.lifecycle_stage == "active":
-        return exp.experiment_id
-    if exp is not None:
-        client.restore_experiment(exp.experiment_id)
-        return exp.experiment_id
-    if create:
-        return client.create_experiment(name)
-    names = sorted(e.name for e in client.search_experiments())
-    raise UserError(f"MLflow experiment {name!r} does not exist (existing: "
-                    f"{', '.join(names) or 'none'}); pass --experiment with one of them")
-
-
-def code_version() -> dict[str, str]:
-    """The git commit of this code (and whether it had local changes), for every record."""
-    root = Path(__file__).resolve().parents[1]
-    try:
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], text=True,
-                                capture_output=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain",
-                                "--untracked-files=no"], text=True, capture_output=True,
-                               timeout=10).stdout.strip()
-        return {"git_commit": commit, "git_dirty": str(bool(dirty)).lower()}
-    except (OSError, subprocess.SubprocessError):
-        from importlib.metadata import PackageNotFoundError, version
-
-        try:
-            return {"package_version": version("imgsearch")}
-        except PackageNotFoundError:
-            return {"package_version": "unknown"}
-
-
-def flat_params(values: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    """Nested dicts become dotted keys; everything becomes a string MLflow accepts."""
-    out: dict[str, str] = {}
-    for k, v in values.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and prefix == "":
-            out.update(flat_params(v, key + "."))
-        else:
-            out[key] = json.dumps(v) if isinstance(v, (dict, list)) else str(v)
-    return out
-
-
-def log_params(client, run_id: str, params: dict[str, str]) -> None:
-    from mlflow.entities import Param
-
-    existing = client.get_run(run_id).data.params
-    new = [Param(k, v[:6000]) for k, v in params.items() if k not in existing]
-    for i in range(0, len(new), 100):
-        client.log_batch(run_id, params=new[i:i + 100])
 
 
 class TrialRecorder(Callback):
     """Tune callback on the driver: one nested MLflow run per trial, metrics per epoch."""
 
     def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str,
-                 fixed_params: dict[str, Any], tags: dict[str, str], checkpoint_root: str,
-                 class_names: list[str], val_labels: list[int]) -> None:
+                 fixed_params: dict[str, Any], store: ExperimentStore, class_names: list[str],
+                 val_labels: list[int]) -> None:
         self.uri, self.exp_id, self.parent = tracking_uri, experiment_id, parent_run_id
-        self.fixed, self.tags = fixed_params, tags
-        self.checkpoint_root, self.class_names, self.val_labels = (checkpoint_root, class_names,
-                                                                   val_labels)
+        self.fixed, self.tags, self.store = fixed_params, code_version(), store
+        self.class_names, self.val_labels = class_names, val_labels
         self._client = None
         self._runs: dict[str, str] = {}
 
@@ -160,10 +85,9 @@ class TrialRecorder(Callback):
         last = trial.last_result or {}
         epochs_run = int(last.get("training_iteration", 0))
         planned = int(trial.config.get("epochs", self.fixed.get("epochs", epochs_run)))
-        self.client.set_tag(run_id, "outcome",
-                            "completed" if epochs_run >= planned else "stopped_early")
+        self.client.set_tag(run_id, "outcome", outcome(epochs_run, planned))
         self.client.set_tag(run_id, "epochs_run", str(epochs_run))
-        ckpt = Path(self.checkpoint_root) / trial.trial_id / "best.pt"
+        ckpt = self.store.checkpoint(trial.trial_id)
         if ckpt.is_file():
             self.client.set_tag(run_id, "checkpoint_path", str(ckpt))
             log_val_pictures(self.client, run_id, ckpt, self.class_names, self.val_labels)
@@ -175,29 +99,69 @@ class TrialRecorder(Callback):
         self.client.set_terminated(run_id, "FAILED")
 
 
-def log_val_pictures(client, run_id: str, checkpoint: Path, class_names: list[str],
-                     labels: list[int], split: str = "val") -> None:
-    """Confusion matrix picture and per-class report of a checkpoint's stored val predictions."""
-    import numpy as np
+class SearchRun:
+    """The search's parent MLflow run: created with the config and data facts, or reopened."""
 
-    from trainables.checkpoint import load_checkpoint
+    def __init__(self, uri: str, experiment: str, store: ExperimentStore) -> None:
+        self.uri, self.store = uri, store
+        self.client = client_for(uri)
+        self.exp_id = experiment_id(self.client, experiment, create=True)
+        self.run_id = ""
 
-    probs = load_checkpoint(checkpoint)["val_probs"].numpy()
-    log_prediction_pictures(client, run_id, probs, np.asarray(labels), class_names, split)
+    @classmethod
+    def open(cls, tracking_uri: str | None, experiment: str, store: ExperimentStore,
+             params: dict[str, str]) -> SearchRun:
+        """Reopens the run a resumed search started, or creates it and logs `params`."""
+        saved = store.read_tracking()
+        uri = saved["tracking_uri"] if saved and not tracking_uri else \
+            resolve_tracking_uri(tracking_uri)
+        run = cls(uri, experiment, store)
+        if saved:
+            run.run_id = saved["parent_run_id"]
+            run.client.update_run(run.run_id, status="RUNNING")
+            return run
+        created = run.client.create_run(
+            run.exp_id, run_name=f"search-{time.strftime('%Y%m%d-%H%M%S')}",
+            tags={"kind": "search", **code_version(), "experiment_dir": str(store.dir)})
+        run.run_id = created.info.run_id
+        log_params(run.client, run.run_id, params)
+        run.client.log_artifact(run.run_id, str(store.path("config.yaml")))
+        store.write_tracking({"tracking_uri": uri, "experiment_id": run.exp_id,
+                              "parent_run_id": run.run_id})
+        return run
+
+    def trial_recorder(self, fixed_params: dict[str, Any], class_names: list[str],
+                       val_labels: list[int]) -> TrialRecorder:
+        return TrialRecorder(self.uri, self.exp_id, self.run_id, fixed_params, self.store,
+                             class_names, val_labels)
+
+    def close_open_trial_runs(self, table: pd.DataFrame) -> None:
+        """Child runs Tune never reported as ended: FINISHED at the time budget, else KILLED."""
+        status = dict(zip(table["trial_id"].astype(str), table["status"]))
+        running = self.client.search_runs(
+            [self.exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{self.run_id}' and "
+            "attributes.status = 'RUNNING'")
+        for child in running:
+            ended = status.get(child.data.tags.get("trial_id", ""), "interrupted")
+            self.client.set_tag(child.info.run_id, "outcome", ended)
+            self.client.set_terminated(child.info.run_id,
+                                       "FINISHED" if ended == "stopped_by_budget" else "KILLED")
+
+    def log_result(self, metrics: dict[str, float], best_trial: str, probs, labels,
+                   class_names: list[str]) -> None:
+        """The best trial's val and test figures, its test confusion matrix, results files."""
+        for k, v in metrics.items():
+            self.client.log_metric(self.run_id, k, v)
+        self.client.set_tag(self.run_id, "best_trial_id", best_trial)
+        log_prediction_pictures(self.client, self.run_id, probs, labels, class_names, "test")
+        for name in ("results.csv", "summary.json"):
+            self.client.log_artifact(self.run_id, str(self.store.path(name)))
+
+    def end(self, status: str) -> None:
+        self.client.set_terminated(self.run_id, status)
 
 
-def log_prediction_pictures(client, run_id: str, probs, labels, class_names: list[str],
-                            split: str) -> None:
-    """Logs `confusion_matrix_<split>.png` and `classification_report_<split>.txt`."""
-    import matplotlib.pyplot as plt
-    import numpy as np
-    from sklearn.metrics import classification_report
-
-    from trainables.metrics import confusion_figure
-
-    fig = confusion_figure(probs, labels, class_names, f"{split} confusion matrix")
-    client.log_figure(run_id, fig, f"confusion_matrix_{split}.png")
-    plt.close(fig)
-    report = classification_report(labels, probs.argmax(1), labels=np.arange(len(class_names)),
-                                   target_names=class_names, digits=4, zero_division=0)
-    client.log_text(run_id, report, f"classification_report_{split}.txt")
+def search_params(cfg_doc: dict, facts: dict, split: Split) -> dict[str, str]:
+    """The parent run's params: the resolved config, data facts and the split."""
+    return flat_params(cfg_doc) | flat_params({"data": facts}) | {
+        "split_hash": split.hash, **{f"split.{k}": str(v) for k, v in split.sizes().items()}}

@@ -8,10 +8,10 @@ import re
 import jsonschema
 import pytest
 import yaml
-from conftest import REPO
 
+from conftest import REPO
 from search.config import parse_config
-from search.tune import autoscaling_capacity, plan_resources
+from search.resources import autoscaling_capacity, plan_resources
 from trainables.errors import UserError
 
 

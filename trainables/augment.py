@@ -12,9 +12,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no version check over the network
+from trainables.config import POLICIES
 
-POLICIES = ("none", "light", "strong")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no version check over the network
 
 
 def train_transform(policy: str, image_size: int, *, hflip: bool = False, seed: int = 0):

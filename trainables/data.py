@@ -1,9 +1,9 @@
 """Data sources: decode a dataset once into uint8 arrays at the training size.
 
-Every source returns an `ImageData`: images (N, H, W, 3) uint8, integer labels, class names and an id
-per image. The arrays are put into Ray's object store once and read zero-copy by every trial, so no
-JPEG is decoded per trial or per epoch. A lazy reader for data larger than memory can slot in behind
-the same fields later.
+Every source returns an `ImageData`: images (N, H, W, 3) uint8, integer labels, class names and an
+id per image. The arrays are put into Ray's object store once and read zero-copy by every trial,
+so no JPEG is decoded per trial or per epoch. A lazy reader for data larger than memory can slot
+in behind the same fields later.
 """
 
 from __future__ import annotations
@@ -272,12 +272,12 @@ def _rel(path: Path, root: Path) -> str:
 
 def save_image_data(data: ImageData, path: str | Path) -> None:
     """Caches decoded data (uncompressed .npz) so resume and ensembles skip decoding."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, images=data.images, labels=data.labels,
-             class_names=np.array(data.class_names, dtype=str), ids=np.array(data.ids, dtype=str),
-             source=np.array(data.source), **{f"split_{k}": v for k, v in data.splits.items()})
-    tmp.replace(path)
+    from trainables.files import atomic_write
+
+    atomic_write(path, lambda f: np.savez(
+        f, images=data.images, labels=data.labels,
+        class_names=np.array(data.class_names, dtype=str), ids=np.array(data.ids, dtype=str),
+        source=np.array(data.source), **{f"split_{k}": v for k, v in data.splits.items()}))
 
 
 def load_image_data(path: str | Path) -> ImageData:

@@ -1,14 +1,15 @@
 """Learning-rate schedules with optional warmup, stepped per optimizer update.
 
 cosine and step come from timm's schedulers (which carry warmup); one-cycle from torch, whose
-ramp-up is its warmup; reduce-on-plateau from torch (timm deprecated its own), after a linear warmup. `LRSchedule` hides the two calling conventions from the loop.
+ramp-up is its warmup; reduce-on-plateau from torch (timm deprecated its own), after a linear
+warmup. `LRSchedule` hides the two calling conventions from the loop.
 """
 
 from __future__ import annotations
 
 import torch
 
-SCHEDULERS = ("cosine", "step", "onecycle", "plateau", "constant")
+from trainables.config import SCHEDULERS
 
 
 class LRSchedule:

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -32,21 +30,21 @@ class Split:
     def sizes(self) -> dict[str, int]:
         return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
 
-    def save(self, path: Path, ids: list[str] | None = None) -> None:
-        doc = {"hash": self.hash, **{k: getattr(self, k).tolist() for k in ("train", "val", "test")}}
+    def to_doc(self, ids: list[str] | None = None) -> dict:
+        """The split as plain JSON data: indices per part, its hash, optionally the image ids."""
+        parts = ("train", "val", "test")
+        doc = {"hash": self.hash, **{k: getattr(self, k).tolist() for k in parts}}
         if ids is not None:
-            doc["ids"] = {k: [ids[i] for i in getattr(self, k)] for k in ("train", "val", "test")}
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(doc))
-        tmp.replace(path)
+            doc["ids"] = {k: [ids[i] for i in getattr(self, k)] for k in parts}
+        return doc
 
     @classmethod
-    def load(cls, path: Path) -> Split:
-        doc = json.loads(Path(path).read_text())
+    def from_doc(cls, doc: dict, source: str = "the split file") -> Split:
+        """Reads `to_doc`'s output back; a UserError when the indices no longer match the hash."""
         split = cls(*(np.asarray(doc[k], np.int64) for k in ("train", "val", "test")))
         if split.hash != doc["hash"]:
-            raise UserError(f"split file {path} does not match its recorded hash; it was edited "
-                            "or is corrupt: restore it or start a new experiment")
+            raise UserError(f"split file {source} does not match its recorded hash; it was "
+                            "edited or is corrupt: restore it or start a new experiment")
         return split
 
 

@@ -16,45 +16,11 @@ from torch import nn
 
 from trainables.augment import eval_batches, normalize, train_batches, train_transform
 from trainables.checkpoint import load_checkpoint, save_checkpoint
+from trainables.config import TrainConfig
 from trainables.data import ImageData
 from trainables.metrics import classification_metrics
 from trainables.models import create_model, import_plugins, unwrap
 from trainables.schedules import LRSchedule
-
-AMP_MODES = ("auto", "fp16", "bf16", "off")
-OPTIMIZERS = ("adamw", "sgd")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything one training run needs to know, flat so it logs as MLflow params."""
-
-    model: str = "resnet10t"
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    batch_size: int = 64
-    dropout: float = 0.0
-    epochs: int = 10
-    scheduler: str = "cosine"
-    warmup_epochs: int = 0
-    optimizer: str = "adamw"
-    momentum: float = 0.9
-    label_smoothing: float = 0.0
-    mixup: float = 0.0
-    cutmix: float = 0.0
-    accum_steps: int = 1
-    grad_clip: float = 0.0
-    amp: str = "auto"
-    augment: str = "light"
-    hflip: bool = False
-    seed: int = 0
-    threads: int = 1
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        """Builds a config from a dict, ignoring keys that are not training settings."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in names})
 
 
 @dataclass

@@ -14,9 +14,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import REPO, write_image
 
 import ensemble
+from conftest import REPO, write_image
 from trainables.checkpoint import load_checkpoint, save_checkpoint
 from trainables.data import load_image_data
 
@@ -143,7 +143,7 @@ def test_members_with_different_classes_are_refused(search, tmp_path):
     copy = tmp_path / "runs" / "mixed"
     shutil.copytree(search["exp"], copy, ignore=shutil.ignore_patterns("ensemble"))
     table = pd.read_csv(copy / "results.csv", dtype={"trial_id": str})
-    odd = load_checkpoint(table["checkpoint"][1])
+    odd = load_checkpoint(copy / table["checkpoint"][1])
     odd["class_names"] = ["a", "b", "c"]
     save_checkpoint(odd, copy / "odd.pt")
     table.loc[1, "checkpoint"] = str(copy / "odd.pt")

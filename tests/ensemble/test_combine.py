@@ -145,3 +145,18 @@ def test_shape_and_weight_validation():
         fit_vote_weights([A, B], np.array([0, 1]), metric="f1")
     with pytest.raises(ValueError, match="labels"):
         ece(A, np.array([0]))
+
+
+def test_building_ensembles_does_not_import_ray_tune():
+    """ensemble.build reads the experiment folder without Ray Tune (and without Ray at all until
+    --seeds retrains), so it starts fast and cannot drag Tune's state into a build."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    code = ("import ensemble.build, sys; assert 'ray.tune' not in sys.modules, 'ray.tune'; "
+            "assert 'ray' not in sys.modules, 'ray'")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]

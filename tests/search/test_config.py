@@ -1,4 +1,4 @@
-"""The search config: defaults < YAML < flags, validation as UserError, the CLI's help and errors."""
+"""The search config: defaults < YAML < flags, validation as UserError, CLI help and errors."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 
 from search.config import SearchConfig, build_parser, parse_config
 from search.space import DEFAULT_SPACE
+from trainables.config import OPTIONS
 from trainables.errors import UserError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -35,9 +36,9 @@ def _cli(*args: str, cwd: Path, timeout: float = 180) -> subprocess.CompletedPro
 
 def test_defaults():
     cfg = parse_config([])
-    assert cfg.model == "resnet10t" and cfg.num_samples == 10 and cfg.max_epochs == 10
+    assert cfg.train.model == "resnet10t" and cfg.num_samples == 10 and cfg.max_epochs == 10
     assert cfg.data is None and cfg.resolved_image_size == 32
-    assert cfg.hflip is False
+    assert cfg.train.hflip is False
     # the epochs range is filled from --max-epochs
     assert cfg.space["epochs"] == {"low": 5, "high": 10}
     assert cfg.space["lr"] == DEFAULT_SPACE["lr"]
@@ -58,10 +59,10 @@ space:
     cfg = parse_config(["--config", path, "--num-samples", "7", "--no-hflip",
                         "--space", "batch_size=[32]"])
     assert cfg.num_samples == 7            # flag beats YAML
-    assert cfg.hflip is False              # --no-hflip beats YAML true
+    assert cfg.train.hflip is False              # --no-hflip beats YAML true
     assert cfg.max_epochs == 4 and cfg.seed == 3 and cfg.experiment == "from_yaml"  # YAML
     assert cfg.grace_period is None and cfg.resolved_grace_period == 2  # half of 4
-    assert cfg.model == "resnet10t" and cfg.start_with_default
+    assert cfg.train.model == "resnet10t" and cfg.start_with_default
     assert cfg.space["dropout"] == 0.1     # YAML space entry
     assert cfg.space["batch_size"] == [32]  # --space beats YAML space
     assert cfg.space["lr"] == DEFAULT_SPACE["lr"]  # untouched default entry
@@ -225,8 +226,9 @@ def test_bad_fixed_setting_is_checked_like_the_space():
 
 def test_help_mentions_every_field():
     text = build_parser().format_help()
-    for f in dataclasses.fields(SearchConfig):
-        flag = "--" + f.name.replace("_", "-")
+    names = [f.name for f in dataclasses.fields(SearchConfig) if f.name != "train"]
+    for name in names + list(OPTIONS):  # every search option and every training setting
+        flag = "--" + name.replace("_", "-")
         assert flag in text, flag
     assert "--config" in text
     assert "--no-hflip" in text
@@ -295,4 +297,56 @@ def test_plugin_registers_a_custom_model(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="tiny_cfg_plugin_net"):
         parse_config(["--model", "tiny_cfg_plugin_net"])  # not registered yet
     cfg = parse_config(["--plugins", "tiny_cfg_plugin", "--model", "tiny_cfg_plugin_net"])
-    assert cfg.plugins == ["tiny_cfg_plugin"] and cfg.model == "tiny_cfg_plugin_net"
+    assert cfg.plugins == ["tiny_cfg_plugin"] and cfg.train.model == "tiny_cfg_plugin_net"
+
+
+# ---------------------------------------------------------------- training settings: one source
+
+
+def test_a_training_flag_fixes_the_setting_and_leaves_the_default_space():
+    cfg = parse_config(["--lr", "0.003", "--augment", "strong", "--hflip"])
+    assert cfg.train.lr == 0.003 and cfg.train.augment == "strong" and cfg.train.hflip
+    assert "lr" not in cfg.space and "weight_decay" in cfg.space
+
+
+def test_fixing_and_searching_one_setting_at_one_level_is_refused(tmp_path):
+    with pytest.raises(UserError, match="both fixed and searched"):
+        parse_config(["--lr", "0.003", "--space", "lr=[0.001, 0.01]"])
+    path = _yaml(tmp_path, "lr: 0.003\nspace:\n  lr: [0.001, 0.01]\n")
+    with pytest.raises(UserError, match="both fixed and searched"):
+        parse_config(["--config", path])
+    # across levels the flag wins: the YAML searches lr, the flag fixes it
+    cfg = parse_config(["--config", _yaml(tmp_path, "space:\n  lr: [0.001, 0.01]\n"),
+                        "--lr", "0.002"])
+    assert cfg.train.lr == 0.002 and "lr" not in cfg.space
+
+
+def test_saved_config_reads_back_and_works_as_a_config_file(tmp_path):
+    import yaml
+
+    cfg = parse_config(["--label-smoothing", "0.1", "--space", "dropout=[0.0, 0.2]",
+                        "--seed", "4"])
+    assert SearchConfig.from_dict(cfg.to_dict()) == cfg
+    saved = tmp_path / "config.yaml"
+    saved.write_text(yaml.safe_dump(cfg.to_dict()))
+    again = parse_config(["--config", str(saved)])
+    assert again.train == cfg.train and again.space == cfg.space and again.seed == 4
+
+
+def test_every_training_setting_reaches_the_trial():
+    """A setting added to TrainConfig needs no other list: it has a flag, a YAML key, and the
+    trial's config is the fixed settings with the space's values on top."""
+    import dataclasses
+
+    from search.resources import ResourcePlan
+    from search.tune import trial_train_config
+    from trainables.config import SETTINGS
+
+    cfg = parse_config(["--momentum", "0.8", "--grad-clip", "1.0"])
+    fixed = trial_train_config(cfg, ResourcePlan(1, 1.0, 0.0, 0.0, 2))
+    assert fixed.momentum == 0.8 and fixed.grad_clip == 1.0 and fixed.seed == cfg.seed
+    trial = dataclasses.replace(fixed, **{"lr": 0.004, "scheduler": "step"})
+    assert trial.lr == 0.004 and trial.momentum == 0.8
+    assert set(OPTIONS) == {n for n, f in SETTINGS.items() if f.metadata["flag"]}
+    text = build_parser().format_help()
+    assert all("--" + n.replace("_", "-") in text for n in OPTIONS)

@@ -9,6 +9,7 @@ import sys
 
 import pandas as pd
 import pytest
+
 from conftest import REPO, SHARED_DATA
 
 pytestmark = [pytest.mark.slow, pytest.mark.shared_data,

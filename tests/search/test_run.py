@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+
 from conftest import REPO, write_image
 
 pytestmark = pytest.mark.slow
@@ -58,8 +59,8 @@ def test_search_writes_results_and_summary(searched):
     assert (table["epochs_run"] >= 1).all()
     assert table["best_val_acc"].is_monotonic_decreasing or table["best_val_acc"].iloc[0] == \
         table["best_val_acc"].max()
-    for ckpt in table["checkpoint"]:
-        assert Path(ckpt).is_file()
+    for ckpt in table["checkpoint"]:  # relative to the experiment folder, so it can move
+        assert not Path(ckpt).is_absolute() and (exp / ckpt).is_file()
     summary = json.loads((exp / "summary.json").read_text())
     assert summary["best_trial"]["trial_id"] == table["trial_id"].iloc[0]
     assert 0.0 <= summary["test"]["accuracy"] <= 1.0
@@ -158,7 +159,7 @@ def test_ddp_trial_with_two_workers(tmp_path):
     assert "DDP x2" in proc.stderr
     table = pd.read_csv(tmp_path / "runs" / "ddp" / "results.csv")
     assert table["status"].tolist() == ["completed"]
-    assert Path(table["checkpoint"][0]).is_file()
+    assert (tmp_path / "runs" / "ddp" / table["checkpoint"][0]).is_file()
     from mlflow import MlflowClient
 
     client = MlflowClient(uri)
@@ -188,7 +189,8 @@ def test_resume_after_interrupt_keeps_finished_trials(tmp_path):
     print(first.to_string())
     done = first[first["status"].isin(["completed", "stopped_early"])]
     assert 1 <= len(done) < 3
-    stamps = {t: Path(c).stat().st_mtime_ns for t, c in zip(done["trial_id"], done["checkpoint"])}
+    exp = tmp_path / "runs" / "res"
+    stamps = {t: (exp / c).stat().st_mtime_ns for t, c in zip(done["trial_id"], done["checkpoint"])}
 
     resumed = _cli(["--resume", "--experiment", "res", "--storage", str(tmp_path / "runs")],
                    tmp_path)
@@ -197,7 +199,7 @@ def test_resume_after_interrupt_keeps_finished_trials(tmp_path):
     assert len(final) == 3 and final["status"].isin(["completed", "stopped_early"]).all()
     for trial, stamp in stamps.items():  # finished trials were not trained again
         row = final[final["trial_id"] == trial].iloc[0]
-        assert Path(row["checkpoint"]).stat().st_mtime_ns == stamp
+        assert (exp / row["checkpoint"]).stat().st_mtime_ns == stamp
     from mlflow import MlflowClient
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import torch
-
 import pytest
+import torch
 
 from trainables.errors import UserError
 from trainables.models import check_model_name, create_model, initial_state, normalization

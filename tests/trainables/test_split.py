@@ -1,4 +1,4 @@
-"""The stratified train/val/test split: proportions, determinism, hashing, saving, predefined parts."""
+"""The stratified split: proportions, determinism, hashing, saving, predefined parts."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from trainables.errors import UserError
+from trainables.files import read_json, write_json
 from trainables.split import Split, draw_split
 
 # 3 imbalanced classes: 150 / 100 / 50
@@ -74,12 +75,12 @@ def test_save_and_load_round_trip(tmp_path):
     s = _draw()
     ids = [f"img_{i}.png" for i in range(len(LABELS))]
     path = tmp_path / "split.json"
-    s.save(path, ids)
+    write_json(path, s.to_doc(ids))
     assert [p.name for p in tmp_path.iterdir()] == ["split.json"]
     doc = json.loads(path.read_text())
     assert doc["hash"] == s.hash
     assert doc["ids"]["val"] == [ids[i] for i in s.val]
-    back = Split.load(path)
+    back = Split.from_doc(read_json(path), str(path))
     for k in ("train", "val", "test"):
         assert np.array_equal(getattr(back, k), getattr(s, k))
     assert back.hash == s.hash
@@ -88,12 +89,12 @@ def test_save_and_load_round_trip(tmp_path):
 def test_tampered_split_file_raises(tmp_path):
     s = _draw()
     path = tmp_path / "split.json"
-    s.save(path)
+    write_json(path, s.to_doc())
     doc = json.loads(path.read_text())
     doc["val"].append(doc["train"].pop())  # move one image, keep the old hash
     path.write_text(json.dumps(doc))
     with pytest.raises(UserError) as info:
-        Split.load(path)
+        Split.from_doc(read_json(path), str(path))
     assert str(path) in str(info.value)
 
 

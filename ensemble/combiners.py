@@ -1,0 +1,320 @@
+"""Combiners: each fits on the members' val predictions and yields one scored row.
+
+A combiner is one class with `fit(pool) -> Combined`: what it combines (members and weights), its
+val and test probabilities, its inference cost, and the artifact `ensemble.load` rebuilds it from
+(a vote over member checkpoints, or one network). Every choice (vote weights, soup ingredients,
+raw or BN-recalibrated soup, the final pick) is made on val; test is only read to report rows.
+A new kind of ensemble is a new combiner here, nothing else.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ensemble.combine import ensemble_metrics, fit_vote_weights, hard_vote, soft_vote
+from ensemble.members import Member, SearchState
+from ensemble.predict import timed_predict
+from ensemble.soup import greedy_soup, has_batchnorm, recalibrate_bn, uniform_soup
+from trainables.checkpoint import load_checkpoint, save_checkpoint
+from trainables.store import rank_key
+from trainables.train import TrainConfig, load_trained
+
+log = logging.getLogger("ensemble")
+BN_IMAGES = 2048  # training images used to recompute BatchNorm statistics of a soup
+
+
+# ---------------------------------------------------------------------- what a combiner builds
+
+
+@dataclass
+class VoteArtifact:
+    """A (weighted) soft or hard vote over member checkpoints."""
+
+    members: list[str]  # checkpoint paths
+    weights: list[float]
+    hard: bool = False
+
+    def save(self, path: Path, tta: list[str]) -> None:
+        """Member paths are stored relative to the file's folder, so the experiment can move."""
+        rel = [os.path.relpath(Path(m).resolve(), path.parent.resolve()) for m in self.members]
+        save_checkpoint({"kind": "vote", "members": rel, "weights": self.weights,
+                         "hard": self.hard, "tta": tta}, path)
+
+
+@dataclass
+class NetworkArtifact:
+    """One network: a normal training checkpoint holding the combined weights."""
+
+    checkpoint: dict
+
+    def save(self, path: Path, tta: list[str]) -> None:
+        save_checkpoint({**self.checkpoint, "tta": tta}, path)
+
+
+@dataclass
+class MemberPreds:
+    member: Member
+    val: np.ndarray
+    test: np.ndarray
+    ms_per_image: float
+    params: int
+    arch: str
+
+
+@dataclass
+class Pool:
+    """What combiners fit on and are scored with: every member's predictions, computed once."""
+
+    state: SearchState
+    preds: list[MemberPreds]
+    tta: list[str]
+    rounds: int = 25
+
+    @property
+    def y_val(self) -> np.ndarray:
+        return self.state.data.labels[self.state.split.val]
+
+    @property
+    def y_test(self) -> np.ndarray:
+        return self.state.data.labels[self.state.split.test]
+
+    @cached_property
+    def val_scores(self) -> list[dict[str, float]]:
+        return [ensemble_metrics(p.val, self.y_val) for p in self.preds]
+
+    @cached_property
+    def ranking(self) -> list[int]:
+        """Member positions, best first by the one ranking rule."""
+        return sorted(range(len(self.preds)), key=lambda i: rank_key(
+            self.val_scores[i]["accuracy"], self.val_scores[i]["loss"]))
+
+    @cached_property
+    def soup_cooker(self) -> _SoupCooker:
+        base_model, base = load_trained(self.preds[self.ranking[0]].member.checkpoint,
+                                        torch.device("cpu"))
+        return _SoupCooker(self.state, base_model, base, self.tta)
+
+
+@dataclass
+class Combined:
+    """One fitted combiner, scored: a row of the report."""
+
+    name: str
+    members: list[str]
+    weights: list[float]
+    val: dict[str, float]
+    test: dict[str, float]
+    params: int
+    ms_per_image: float
+    test_probs: np.ndarray | None = field(repr=False, default=None)
+    artifact: VoteArtifact | NetworkArtifact | None = field(repr=False, default=None)
+    note: str = ""
+
+    def record(self) -> dict[str, Any]:
+        return {"name": self.name, "members": self.members, "weights": self.weights,
+                "val": self.val, "test": self.test, "params_x_members": self.params,
+                "ms_per_image": round(self.ms_per_image, 4), "note": self.note}
+
+    @property
+    def skipped(self) -> bool:
+        return self.artifact is None
+
+
+# ---------------------------------------------------------------------- the combiners
+
+
+class Combiner(ABC):
+    """One way to combine members."""
+
+    name: str
+
+    @abstractmethod
+    def fit(self, pool: Pool) -> Combined:
+        """Fits on val predictions and scores the result on val and test."""
+
+
+class _Vote(Combiner):
+    """Soft or hard votes: a weight per member, fit on val by `weights`."""
+
+    hard = False
+
+    @abstractmethod
+    def weights(self, pool: Pool) -> np.ndarray:
+        """One non-negative weight per member of the pool."""
+
+    def fit(self, pool: Pool) -> Combined:
+        w = np.asarray(self.weights(pool), float)
+        used = [i for i in range(len(pool.preds)) if w[i] > 0]
+        preds = [pool.preds[i] for i in used]
+        weights = [float(w[i]) / float(w[used].sum()) for i in used]
+        vote = hard_vote if self.hard else soft_vote
+        val = vote([p.val for p in preds], weights)
+        test = vote([p.test for p in preds], weights)
+        artifact = VoteArtifact([p.member.checkpoint for p in preds], weights, self.hard)
+        return Combined(self.name, [p.member.name for p in preds], weights,
+                        ensemble_metrics(val, pool.y_val), ensemble_metrics(test, pool.y_test),
+                        sum(p.params for p in preds), sum(p.ms_per_image for p in preds),
+                        test_probs=test, artifact=artifact)
+
+
+class BestSingle(_Vote):
+    name = "best single"
+
+    def weights(self, pool: Pool) -> np.ndarray:
+        return np.eye(len(pool.preds))[pool.ranking[0]]
+
+
+class HardVote(_Vote):
+    name, hard = "hard vote", True
+
+    def weights(self, pool: Pool) -> np.ndarray:
+        return np.ones(len(pool.preds))
+
+
+class SoftVote(_Vote):
+    name = "soft vote"
+
+    def weights(self, pool: Pool) -> np.ndarray:
+        return np.ones(len(pool.preds))
+
+
+class WeightedVote(_Vote):
+    """Greedy ensemble selection with replacement (Caruana et al.) on val."""
+
+    name = "weighted vote"
+
+    def weights(self, pool: Pool) -> np.ndarray:
+        return fit_vote_weights(np.stack([p.val for p in pool.preds]), pool.y_val,
+                                rounds=pool.rounds)
+
+
+class _Soup(Combiner):
+    """A weight average over the members that share the best member's architecture."""
+
+    @abstractmethod
+    def cook(self, states: list[dict], cooker: _SoupCooker) -> tuple[dict, list[int]]:
+        """The averaged state and the positions (in `states`) of the ingredients taken."""
+
+    def fit(self, pool: Pool) -> Combined:
+        best_arch = pool.preds[pool.ranking[0]].arch
+        group = [i for i in pool.ranking if pool.preds[i].arch == best_arch]
+        if len(group) < 2:
+            return skipped(self.name, "fewer than 2 members share an architecture")
+        cooker = pool.soup_cooker
+        states = [load_checkpoint(pool.preds[i].member.checkpoint)["model"] for i in group]
+        soup, chosen = self.cook(states, cooker)
+        model, recal = cooker.best_variant(soup)
+        images, split = pool.state.data.images, pool.state.split
+        val, _ = timed_predict(model, images[split.val], cooker.base, pool.tta)
+        test, ms = timed_predict(model, images[split.test], cooker.base, pool.tta)
+        picked = [pool.preds[group[i]].member for i in chosen]
+        val_metrics = ensemble_metrics(val, pool.y_val)
+        checkpoint = dict(cooker.base)  # a soup is a normal training checkpoint
+        checkpoint.update(model={k: v.clone() for k, v in model.state_dict().items()},
+                          kind="soup", combiner=self.name, bn_recalibrated=recal,
+                          ingredients=[m.checkpoint for m in picked],
+                          metrics={f"val_{k}": float(v) for k, v in val_metrics.items()})
+        checkpoint.pop("val_probs", None)
+        checkpoint.pop("val_indices", None)
+        return Combined(self.name, [m.name for m in picked], [1.0 / len(picked)] * len(picked),
+                        val_metrics, ensemble_metrics(test, pool.y_test),
+                        pool.preds[group[0]].params, ms, test_probs=test,
+                        artifact=NetworkArtifact(checkpoint),
+                        note="BN statistics recomputed" if recal else "BN statistics averaged")
+
+
+class UniformSoup(_Soup):
+    name = "uniform soup"
+
+    def cook(self, states: list[dict], cooker: _SoupCooker) -> tuple[dict, list[int]]:
+        return uniform_soup(states), list(range(len(states)))
+
+
+class GreedySoup(_Soup):
+    name = "greedy soup"
+
+    def cook(self, states: list[dict], cooker: _SoupCooker) -> tuple[dict, list[int]]:
+        return greedy_soup(states, cooker.val_accuracy, order=list(range(len(states))))
+
+
+COMBINERS: tuple[type[Combiner], ...] = (BestSingle, HardVote, SoftVote, WeightedVote,
+                                         UniformSoup, GreedySoup)
+
+
+class _SoupCooker:
+    """Evaluates a soup state both raw and with BatchNorm statistics recomputed on train images."""
+
+    def __init__(self, state: SearchState, model: torch.nn.Module, base: dict,
+                 tta: list[str]) -> None:
+        self.state, self.model, self.base, self.tta = state, model, base, tta
+        idx = state.split.train
+        if len(idx) > BN_IMAGES:
+            idx = np.random.default_rng(0).choice(idx, BN_IMAGES, replace=False)
+        self.bn_images = state.data.images[np.sort(idx)]
+        self.y_val = state.data.labels[state.split.val]
+
+    def _score(self, model: torch.nn.Module) -> tuple[float, float]:
+        probs, _ = timed_predict(model, self.state.data.images[self.state.split.val], self.base,
+                                 self.tta)
+        m = ensemble_metrics(probs, self.y_val)
+        return m["accuracy"], -m["loss"]
+
+    def best_variant(self, soup: dict) -> tuple[torch.nn.Module, bool]:
+        raw = copy.deepcopy(self.model)
+        raw.load_state_dict(soup)
+        if not has_batchnorm(raw):
+            return raw.eval(), False
+        recal = recalibrate_bn(copy.deepcopy(raw), self.bn_images, mean=self.base["mean"],
+                               std=self.base["std"])
+        if self._score(recal) > self._score(raw):
+            return recal, True
+        return raw.eval(), False
+
+    def val_accuracy(self, soup: dict) -> float:
+        model, _ = self.best_variant(soup)
+        return self._score(model)[0]
+
+
+# ---------------------------------------------------------------------- using them
+
+
+def predict_members(state: SearchState, members: list[Member], tta: list[str]
+                    ) -> list[MemberPreds]:
+    """Val and test probabilities of every member, each computed once."""
+    out = []
+    val_x = state.data.images[state.split.val]
+    test_x = state.data.images[state.split.test]
+    for m in members:
+        model, ckpt = load_trained(m.checkpoint, torch.device("cpu"))
+        val, _ = timed_predict(model, val_x, ckpt, tta)
+        test, ms = timed_predict(model, test_x, ckpt, tta)
+        out.append(MemberPreds(m, val, test, ms, sum(p.numel() for p in model.parameters()),
+                               TrainConfig.from_dict(ckpt["config"]).model))
+    return out
+
+
+def build_rows(pool: Pool, combiners: tuple[type[Combiner], ...] = COMBINERS
+               ) -> list[Combined]:
+    return [c().fit(pool) for c in combiners]
+
+
+def choose(rows: list[Combined]) -> Combined:
+    """The row to save, chosen on val only: the ranking rule, then fewer parameters."""
+    usable = [r for r in rows if not r.skipped]
+    return min(usable, key=lambda r: (*rank_key(r.val["accuracy"], r.val["loss"]), r.params))
+
+
+def skipped(name: str, why: str) -> Combined:
+    nan = {k: math.nan for k in ("accuracy", "f1", "loss", "ece")}
+    return Combined(name, [], [], dict(nan), dict(nan), 0, math.nan, note=f"skipped: {why}")

@@ -1,0 +1,153 @@
+"""What both entry points (`search.run`, `ensemble.build`) share: typed options from dataclass
+fields, YAML reading, logging set-up, the UserError exit and the Ray connection."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import re
+import sys
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import field
+from typing import Any
+
+import yaml
+
+from trainables.errors import UserError
+
+NOISY_LOGGERS = ("alembic", "mlflow", "urllib3", "filelock", "optuna")
+
+
+def default_storage() -> str:
+    """Where experiment folders go: IMGSEARCH_STORAGE (the cluster image sets a shared file
+    system there), else ./runs."""
+    return os.environ.get("IMGSEARCH_STORAGE", "runs")
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-4` (no dot) as text; read it as the number everybody means."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$|^[-+]?\.(?:inf|Inf|INF)$"
+               r"|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."))
+
+
+def read_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+def opt(default: Any, help: str, **extra: Any) -> Any:
+    """A dataclass field that is also a command-line option with this help text."""
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: default, metadata={"help": help, **extra})
+    return field(default=default, metadata={"help": help, **extra})
+
+
+def add_options(parser: argparse.ArgumentParser, cls: type, *,
+                only: typing.Iterable[str] | None = None) -> None:
+    """One flag per dataclass field (or per field named in `only`), with the field's help; every
+    default is None (= unset), so a flag overrides a config file only when given."""
+    for f in dataclasses.fields(cls):
+        if only is not None and f.name not in only:
+            continue
+        if f.metadata.get("cli") is None and "help" not in f.metadata:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata["help"]
+        if f.metadata.get("cli") is False:  # repeated NAME=SPEC entries
+            parser.add_argument(flag, action="append", metavar="NAME=SPEC", help=help_text)
+            continue
+        if f.metadata.get("cli_list"):
+            parser.add_argument(flag, action="append", metavar=f.metadata.get("metavar", "MODULE"),
+                                help=help_text)
+            continue
+        kind = base_type(f.type)
+        if f.default is not None and "default" not in help_text.lower():
+            help_text += f" (default: {f.default})"
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                help=help_text)
+            continue
+        choices = f.metadata.get("choices")
+        parser.add_argument(flag, type=kind, default=None, choices=choices,
+                            metavar=None if choices else f.name.upper(), help=help_text)
+
+
+def typed(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """Checks each option's value against its declared type (ints may stand for floats)."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    out = {}
+    for name, value in values.items():
+        f = fields[name]
+        kind = base_type(f.type)
+        optional = "None" in str(f.type)
+        if value is None and optional:
+            out[name] = value
+        elif kind is float and isinstance(value, int) and not isinstance(value, bool):
+            out[name] = float(value)
+        elif isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+            out[name] = value
+        else:
+            raise UserError(f"option {name} must be {_KIND_NAMES.get(kind, kind.__name__)}, "
+                            f"not {value!r}; fix it in the config file or flags")
+    return out
+
+
+_KIND_NAMES = {int: "a whole number", float: "a number", bool: "true or false", str: "text"}
+
+
+def base_type(tp: Any) -> type:
+    """The type of a field annotation, without `| None`."""
+    if isinstance(tp, str):
+        tp = eval(tp, {"dict": dict, "list": list})  # annotations are strings (PEP 563)
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        return next(a for a in typing.get_args(tp) if a is not type(None))
+    return tp
+
+
+def run_main(body: Callable[[], int]) -> int:
+    """Runs an entry point: logging set up once, user mistakes end in one sentence and exit code
+    2, never a traceback."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in NOISY_LOGGERS:
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # our own progress lines report trials; Tune's tables would repeat them at length
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    try:
+        return body()
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def start_ray(address: str | None, num_cpus: int | None) -> bool:
+    """Joins the cluster at `address` / RAY_ADDRESS or starts a local Ray; True if this process
+    started (and so must shut down) Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    env = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S":  # 60 s is too short on small machines
+           os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300"),
+           # Ray Train collects worker reports on each health-check poll (2 s by default), which
+           # stretches short DDP epochs to 2 s; poll faster
+           "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S":
+           os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"),
+           "NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONWARNINGS": "ignore::FutureWarning"}
+    try:
+        ray.init(address=address, num_cpus=None if address else num_cpus,
+                 include_dashboard=False, logging_level=logging.WARNING,
+                 runtime_env={"env_vars": env})
+    except ConnectionError as exc:
+        raise UserError(f"cannot reach the Ray cluster at {address} ({exc}); check "
+                        "--address/RAY_ADDRESS or leave both unset for a local Ray") from None
+    return True

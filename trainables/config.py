@@ -1,0 +1,120 @@
+"""Every training setting in one place: its type, default, help text, allowed values and limits.
+
+`TrainConfig` is the one list. The search config, its command-line flags and YAML keys, the search
+space's checks and what reaches a trial are all derived from it, so adding a training setting is
+one field here plus its use in the training loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from trainables.errors import UserError
+
+SCHEDULERS = ("cosine", "step", "onecycle", "plateau", "constant")
+OPTIMIZERS = ("adamw", "sgd")
+AMP_MODES = ("auto", "fp16", "bf16", "off")
+POLICIES = ("none", "light", "strong")
+
+# limits a numeric setting can carry
+POSITIVE, NON_NEGATIVE, UNIT = "positive", "non-negative", "unit"
+
+
+def setting(default: Any, help: str, *, choices: tuple | None = None, limit: str | None = None,
+            searchable: bool = True, flag: bool = True) -> Any:
+    """A TrainConfig field with what the CLI, the YAML reader and the space checks need.
+
+    Args:
+        default: The value when neither the user nor the search sets one.
+        help: One sentence for `--help`.
+        choices: The allowed values of a text setting.
+        limit: POSITIVE, NON_NEGATIVE or UNIT ([0, 1)) for a numeric setting.
+        searchable: Whether the search space may vary it.
+        flag: Whether it is a user option (flag and YAML key); internal settings are not.
+    """
+    return field(default=default, metadata={"help": help, "choices": choices, "limit": limit,
+                                            "searchable": searchable, "flag": flag})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything one training run needs to know, flat so it logs as MLflow params."""
+
+    model: str = setting("resnet10t", "timm model name.", searchable=False)
+    lr: float = setting(1e-3, "Peak learning rate.", limit=POSITIVE)
+    weight_decay: float = setting(1e-4, "Weight decay (decoupled for AdamW).",
+                                  limit=NON_NEGATIVE)
+    batch_size: int = setting(64, "Images per batch and worker.", limit=POSITIVE)
+    dropout: float = setting(0.0, "Dropout before the classifier.", limit=UNIT)
+    epochs: int = setting(10, "Training epochs.", limit=POSITIVE)
+    scheduler: str = setting("cosine", "Learning-rate schedule.", choices=SCHEDULERS)
+    warmup_epochs: int = setting(0, "Linear learning-rate warmup epochs before the schedule.",
+                                 limit=NON_NEGATIVE)
+    optimizer: str = setting("adamw", "Optimizer (timm's factory).", choices=OPTIMIZERS)
+    momentum: float = setting(0.9, "SGD momentum.", limit=UNIT)
+    label_smoothing: float = setting(0.0, "Label smoothing of the cross-entropy loss.",
+                                     limit=UNIT)
+    mixup: float = setting(0.0, "Mixup alpha (0 turns mixup off).", limit=NON_NEGATIVE)
+    cutmix: float = setting(0.0, "CutMix alpha (0 turns CutMix off).", limit=NON_NEGATIVE)
+    accum_steps: int = setting(1, "Gradient accumulation: micro-batches per optimizer step.",
+                               limit=POSITIVE)
+    grad_clip: float = setting(0.0, "Clip gradients to this global norm (0: no clipping).",
+                               limit=NON_NEGATIVE)
+    amp: str = setting("auto", "Mixed precision: auto (fp16+GradScaler on CUDA, bf16 on CPUs "
+                       "with native bf16), fp16, bf16 or off.", choices=AMP_MODES)
+    augment: str = setting("light", "Augmentation policy: none, light or strong.",
+                           choices=POLICIES)
+    hflip: bool = setting(False, "Add random horizontal flips (off: they change digits, "
+                          "letters and hand signs).")
+    seed: int = setting(0, "Seed of the weights' training randomness (data order, "
+                        "augmentation, dropout).", searchable=False, flag=False)
+    threads: int = setting(1, "CPU threads of one worker.", searchable=False, flag=False)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """Builds a config from a dict, ignoring keys that are not training settings."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+
+SETTINGS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}
+SEARCHABLE = frozenset(n for n, f in SETTINGS.items() if f.metadata["searchable"])
+OPTIONS = tuple(n for n, f in SETTINGS.items() if f.metadata["flag"])  # user-facing settings
+
+
+def kind(name: str) -> type:
+    """The Python type of a setting (bool, int, float or str)."""
+    tp = SETTINGS[name].type
+    return {"bool": bool, "int": int, "float": float, "str": str}[tp] if isinstance(tp, str) \
+        else tp
+
+
+def check_value(name: str, value: Any, where: str) -> None:
+    """Raises a UserError naming `where` when `value` is not allowed for setting `name`."""
+    meta, tp = SETTINGS[name].metadata, kind(name)
+    if meta["choices"] is not None:
+        if value not in meta["choices"]:
+            raise UserError(f"{where}: unknown {name} {value!r}; choose from "
+                            f"{', '.join(meta['choices'])}")
+        return
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"{where} must be true or false, not {value!r}")
+        return
+    if tp is str:
+        if not isinstance(value, str) or not value:
+            raise UserError(f"{where} must be a non-empty text, not {value!r}")
+        return
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise UserError(f"{where} must be numeric, not {value!r}")
+    limit = meta["limit"]
+    if limit == POSITIVE and value <= 0:
+        raise UserError(f"{where} must be positive, not {value}; use a value above 0")
+    if tp is int and value != int(value):
+        raise UserError(f"{where} must be a whole number, not {value}")
+    if limit == UNIT and not 0 <= value < 1:
+        raise UserError(f"{where} must be in [0, 1), not {value}")
+    if value < 0:
+        raise UserError(f"{where} must not be negative, not {value}")

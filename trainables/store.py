@@ -1,0 +1,205 @@
+"""The experiment folder: the one owner of every path, read and write in it.
+
+Layout of `<storage>/<experiment>/`:
+  config.yaml    the resolved search config          split.json    the split (indices, ids, hash)
+  data.npz       decoded images (a cache)            init.pt       shared initial weights
+  results.csv    one row per trial                   summary.json  best trial, val and test metrics
+  mlflow.json    tracking URI and parent run id      checkpoints/<trial_id>/best.pt
+  ensemble/      what ensemble.build writes
+and Ray Tune's own state for --resume. Paths written inside the folder are relative to it, so a
+folder can be moved or copied. No Ray and no MLflow here: the search writes through this module,
+ensembles (and anything else that reads a finished search) read through it.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from trainables.checkpoint import load_checkpoint, save_checkpoint
+from trainables.data import ImageData, load_image_data, save_image_data
+from trainables.files import atomic_write, read_json, write_json
+from trainables.split import Split
+
+FINISHED = ("completed", "stopped_early", "stopped_by_budget")  # trials with a usable result
+ENDED = FINISHED + ("failed",)  # trials a resumed search does not run again
+CHECKPOINT = "best.pt"
+
+
+def outcome(epochs_run: int, planned: int) -> str:
+    """How a trial that ended normally ended: all its epochs, or fewer (stopped by ASHA)."""
+    return "completed" if epochs_run >= planned else "stopped_early"
+
+
+def rank_key(val_acc: float, val_loss: float) -> tuple[float, float]:
+    """The one ranking rule, for sort keys: higher val accuracy first, then lower val loss."""
+    return (-val_acc, val_loss)
+
+
+def ranked(table: pd.DataFrame) -> pd.DataFrame:
+    """Finished trials with a checkpoint first, ordered by `rank_key`; the rest after them."""
+    if table.empty:
+        return table
+    usable = table["status"].isin(FINISHED) & (table["checkpoint"] != "")
+    order = table.assign(_usable=usable).sort_values(
+        ["_usable", "best_val_acc", "best_val_loss"], ascending=[False, False, True],
+        na_position="last")
+    return order.drop(columns="_usable").reset_index(drop=True)
+
+
+def code_version() -> dict[str, str]:
+    """The git commit of this code (and whether it had local changes), for every record."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], text=True,
+                                capture_output=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain",
+                                "--untracked-files=no"], text=True, capture_output=True,
+                               timeout=10).stdout.strip()
+        return {"git_commit": commit, "git_dirty": str(bool(dirty)).lower()}
+    except (OSError, subprocess.SubprocessError):
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return {"package_version": version("imgsearch")}
+        except PackageNotFoundError:
+            return {"package_version": "unknown"}
+
+
+class ExperimentStore:
+    """One experiment folder. Cheap to create; nothing is read until asked."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.dir = Path(root).expanduser().resolve()
+
+    @classmethod
+    def at(cls, storage: str | Path, experiment: str) -> ExperimentStore:
+        return cls(Path(storage).expanduser().resolve() / experiment)
+
+    @property
+    def name(self) -> str:
+        return self.dir.name
+
+    # ------------------------------------------------------------------ paths
+
+    def path(self, name: str) -> Path:
+        return self.dir / name
+
+    def checkpoint(self, trial_id: str) -> Path:
+        """Where a trial's best checkpoint lives."""
+        return self.dir / "checkpoints" / str(trial_id) / CHECKPOINT
+
+    @property
+    def checkpoint_root(self) -> Path:
+        return self.dir / "checkpoints"
+
+    @property
+    def ensemble_dir(self) -> Path:
+        return self.dir / "ensemble"
+
+    def relative(self, path: str | Path) -> str:
+        """`path` as stored inside the folder: relative to it when it lies inside."""
+        path = Path(path)
+        try:
+            return str(path.resolve().relative_to(self.dir))
+        except ValueError:
+            return str(path)
+
+    def resolve(self, stored: str | Path) -> Path:
+        """A path read from inside the folder, made absolute (relative ones are to the folder)."""
+        p = Path(stored)
+        return p if p.is_absolute() else self.dir / p
+
+    def holds_search(self) -> bool:
+        return self.path("config.yaml").is_file()
+
+    def is_empty(self) -> bool:
+        return not self.dir.exists() or not any(self.dir.iterdir())
+
+    def siblings(self, marker: str = "config.yaml") -> list[str]:
+        """Names of the experiments next to this one that hold `marker` (for error messages)."""
+        root = self.dir.parent
+        return sorted(p.name for p in root.iterdir() if (p / marker).is_file()) \
+            if root.is_dir() else []
+
+    # ------------------------------------------------------------------ config, data, split, init
+
+    def write_config(self, doc: dict[str, Any]) -> None:
+        atomic_write(self.path("config.yaml"), yaml.safe_dump(doc, sort_keys=False))
+
+    def read_config(self) -> dict[str, Any]:
+        return yaml.safe_load(self.path("config.yaml").read_text())
+
+    def write_data(self, data: ImageData) -> None:
+        save_image_data(data, self.path("data.npz"))
+
+    def read_data(self) -> ImageData:
+        return load_image_data(self.path("data.npz"))
+
+    def has_data(self) -> bool:
+        return self.path("data.npz").is_file()
+
+    def write_split(self, split: Split, ids: list[str] | None = None) -> None:
+        write_json(self.path("split.json"), split.to_doc(ids))
+
+    def read_split(self) -> Split:
+        path = self.path("split.json")
+        return Split.from_doc(read_json(path), source=str(path))
+
+    def write_init(self, state: dict, mean: list[float], std: list[float], model: str) -> None:
+        save_checkpoint({"model": state, "mean": mean, "std": std, "model_name": model},
+                        self.path("init.pt"))
+
+    def read_init(self) -> dict:
+        return load_checkpoint(self.path("init.pt"))
+
+    def has_init(self) -> bool:
+        return self.path("init.pt").is_file()
+
+    # ------------------------------------------------------------------ the trial table
+
+    def write_results(self, table: pd.DataFrame) -> None:
+        """Writes results.csv with checkpoint paths relative to the folder."""
+        table = table.copy()
+        if "checkpoint" in table:
+            table["checkpoint"] = [self.relative(c) if c else "" for c in table["checkpoint"]]
+        atomic_write(self.path("results.csv"), table.to_csv(index=False))
+
+    def has_results(self) -> bool:
+        return self.path("results.csv").is_file()
+
+    def read_results(self) -> pd.DataFrame:
+        """results.csv with trial ids as text and checkpoints as absolute paths ('' if none)."""
+        table = pd.read_csv(self.path("results.csv"), dtype={"trial_id": str},
+                            keep_default_na=False, na_values=[""])
+        if "checkpoint" in table:
+            table["checkpoint"] = [str(self.resolve(c)) if isinstance(c, str) and c else ""
+                                   for c in table["checkpoint"]]
+        return table
+
+    def usable_trials(self) -> pd.DataFrame:
+        """Finished trials whose checkpoint is on disk, best first."""
+        table = ranked(self.read_results())
+        usable = table[table["status"].isin(FINISHED) & (table["checkpoint"] != "")]
+        return usable[[Path(c).is_file() for c in usable["checkpoint"]]]
+
+    # ------------------------------------------------------------------ summary and tracking
+
+    def write_summary(self, doc: dict[str, Any]) -> None:
+        write_json(self.path("summary.json"), doc)
+
+    def read_summary(self) -> dict[str, Any] | None:
+        p = self.path("summary.json")
+        return read_json(p) if p.is_file() else None
+
+    def write_tracking(self, doc: dict[str, Any]) -> None:
+        write_json(self.path("mlflow.json"), doc)
+
+    def read_tracking(self) -> dict[str, Any] | None:
+        p = self.path("mlflow.json")
+        return read_json(p) if p.is_file() else None
+
