@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
 SPLIT_NAMES = ("train", "val", "test")
+# folder names users give their splits (compared case-insensitively)
+SPLIT_FOLDERS = {"train": ("train", "training"), "val": ("val", "valid", "validation", "dev"),
+                 "test": ("test", "testing")}
 
 
 @dataclass
@@ -111,28 +114,54 @@ def load_digits(image_size: int) -> ImageData:
 
 
 def read_image_folder(root: Path, *, image_size: int, on_bad_image: str = "skip") -> ImageData:
-    """Reads `root/<class>/*` or, when `root/train` exists, `root/{train,val,test}/<class>/*`."""
-    parts = [s for s in SPLIT_NAMES if (root / s).is_dir()]
-    if parts and "train" not in parts:
-        raise UserError(f"{root} has {'/'.join(parts)} folders but no train/ folder; add "
-                        "train/<class>/ folders or pass a folder of class folders")
+    """Reads `root/<class>/*`, or split folders `root/{train,val,test}/<class>/*`.
+
+    Split folders go by the names users give them, in any case: train/ or training/; val/,
+    valid/, validation/ or dev/; test/ or testing/. Any other folder beside them is named in a
+    warning (its images are not used), never dropped silently.
+    """
+    parts = split_folders(root)
     if not parts:
         files = _class_files(root)
         return _decode_labelled(files, root, image_size, on_bad_image, str(root))
-    per_part = {p: _class_files(root / p) for p in parts}
-    class_names = sorted({c for c, _ in per_part["train"]})
-    for p in parts:
+    if "train" not in parts:
+        raise UserError(f"{root} has {', '.join(p.name + '/' for p in parts.values())} but no "
+                        "train/ folder; add train/<class>/ folders or pass a folder of class "
+                        "folders")
+    used = set(parts.values())
+    for other in sorted(d for d in root.iterdir() if d.is_dir() and d not in used
+                        and not d.name.startswith(".")):
+        log.warning("ignoring folder %s: not a split folder (train/; val/, valid/, validation/ or "
+                    "dev/; test/ or testing/); move its images into one to use them", other)
+    per_part = {p: _class_files(d) for p, d in parts.items()}
+    class_names = _sorted_classes({c for c, _ in per_part["train"]})
+    for p, d in parts.items():
         unknown = sorted({c for c, _ in per_part[p]} - set(class_names))
         if unknown:
-            raise UserError(f"{root / p} has classes {unknown} that train/ does not have; "
-                            "every val/test class needs training images")
+            raise UserError(f"{d} has classes {unknown} that {parts['train'].name}/ does not "
+                            "have; every val/test class needs training images")
     files, owner = [], []
-    for p in parts:
+    for p in per_part:
         files += per_part[p]
         owner += [p] * len(per_part[p])
-    data = _decode_labelled(files, root, image_size, on_bad_image, str(root), class_names,
+    return _decode_labelled(files, root, image_size, on_bad_image, str(root), class_names,
                             extra=np.array(owner))
-    return data
+
+
+def split_folders(root: Path) -> dict[str, Path]:
+    """The split folders under `root` by part ('train', 'val', 'test'); empty for a folder of
+    class folders. A folder counts only if it holds class folders, so a class called "train" or
+    "test" whose images lie directly in it stays a class."""
+    found: dict[str, Path] = {}
+    for d in sorted(p for p in root.iterdir() if p.is_dir()):
+        part = next((k for k, names in SPLIT_FOLDERS.items() if d.name.lower() in names), None)
+        if part is None or not any(c.is_dir() for c in d.iterdir()):
+            continue
+        if part in found:
+            raise UserError(f"{root} has two {part} folders, {found[part].name}/ and {d.name}/; "
+                            "keep one")
+        found[part] = d
+    return {k: found[k] for k in SPLIT_NAMES if k in found}
 
 
 def read_csv(path: Path, *, image_size: int, image_col: str, label_col: str,

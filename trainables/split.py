@@ -53,20 +53,23 @@ def draw_split(labels: np.ndarray, *, val_fraction: float, test_fraction: float,
                class_names: list[str] | None = None) -> Split:
     """Stratified split; parts the data already defines (`predefined`) are kept as they are.
 
-    Parts missing from `predefined` are drawn from its train part, stratified by class.
+    Parts missing from `predefined` are drawn from its train part, stratified by class, as shares
+    of that train part (of all images when the data defines no split). A test folder as large as
+    the train folder then does not cost the training set more than `val_fraction` of itself.
     """
     from sklearn.model_selection import train_test_split
 
     predefined = predefined or {}
     pool = predefined.get("train", np.arange(len(labels)))
-    parts = {"test": test_fraction, "val": val_fraction}  # fractions of the whole data set
+    base = len(pool)
+    parts = {"test": test_fraction, "val": val_fraction}  # shares of the train pool
     drawn = {}
     for name, fraction in parts.items():
         if name in predefined:
             drawn[name] = np.sort(predefined[name])
             continue
         _check_class_counts(labels[pool], class_names, need=3 if len(drawn) == 0 else 2)
-        share = min(fraction * len(labels) / len(pool), 0.5)
+        share = min(fraction * base / len(pool), 0.5)
         try:
             pool, part = train_test_split(pool, test_size=share, random_state=seed,
                                           stratify=labels[pool])

@@ -99,6 +99,42 @@ def test_train_and_val_folders_without_test(tmp_path):
     assert len(data.splits["train"]) == 9 and len(data.splits["val"]) == 6
 
 
+@pytest.mark.parametrize("names", [("Train", "Valid", "Testing"),
+                                   ("training", "validation", "test"), ("train", "dev", "TEST")])
+def test_split_folders_go_by_the_names_users_give_them(tmp_path, names):
+    root = tmp_path / "ds"
+    _write_split_folder(root, dict(zip(names, (4, 2, 1))))
+    data = load_data(root, image_size=16)
+    assert [len(data.splits[p]) for p in ("train", "val", "test")] == [12, 6, 3]
+    assert all(data.ids[i].startswith(f"{names[1]}/") for i in data.splits["val"])
+
+
+def test_unknown_folder_beside_the_splits_is_named_in_a_warning(tmp_path, caplog):
+    root = tmp_path / "ds"
+    _write_split_folder(root, {"train": 3, "test": 1, "extra": 2})
+    with caplog.at_level(logging.WARNING):
+        data = load_data(root, image_size=16)
+    assert set(data.splits) == {"train", "test"} and len(data.labels) == 12
+    assert any("extra" in r.getMessage() and "ignoring" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_a_class_called_train_stays_a_class(tmp_path):
+    rng = np.random.default_rng(0)
+    for name in ("train", "bus", "car"):  # images directly in each: class folders
+        for i in range(3):
+            write_image(tmp_path / "vehicles" / name / f"{i}.png", 0, rng)
+    data = load_data(tmp_path / "vehicles", image_size=16)
+    assert data.class_names == ["bus", "car", "train"] and data.splits == {}
+
+
+def test_two_val_folders_are_refused(tmp_path):
+    root = tmp_path / "ds"
+    _write_split_folder(root, {"train": 3, "val": 1, "valid": 1})
+    with pytest.raises(UserError, match="two val folders"):
+        load_data(root, image_size=16)
+
+
 def test_csv_with_relative_paths(make_csv):
     path = make_csv(classes=3, per_class=3)
     data = load_data(path, image_size=32)

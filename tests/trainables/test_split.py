@@ -108,7 +108,16 @@ def test_predefined_val_is_kept_and_test_drawn_from_train():
     assert set(s.test) <= set(train)
     assert set(s.train) | set(s.test) == set(train)
     assert not set(s.train) & set(s.test)
-    assert abs(len(s.test) - 0.1 * n) <= 2
+    assert abs(len(s.test) - 0.1 * len(train)) <= 2  # a share of the train part
+
+
+def test_val_from_a_train_folder_is_a_share_of_train_not_of_all_images():
+    """A test folder as large as the train folder must not cost train 30 % of its images."""
+    labels = np.tile(np.arange(4), 500)  # 2,000 images: 1,000 train + 1,000 test
+    pre = {"train": np.arange(1000), "test": np.arange(1000, 2000)}
+    s = draw_split(labels, val_fraction=0.15, test_fraction=0.15, seed=0, predefined=pre)
+    assert len(s.val) == 150 and len(s.train) == 850
+    assert np.array_equal(s.test, pre["test"])
 
 
 def test_all_predefined_parts_are_kept():
