@@ -17,9 +17,11 @@ SCHEDULERS = ("cosine", "step", "onecycle", "plateau", "constant")
 OPTIMIZERS = ("adamw", "sgd")
 AMP_MODES = ("auto", "fp16", "bf16", "off")
 POLICIES = ("none", "light", "strong")
+METRICS = ("accuracy", "f1")
+BALANCING = ("none", "sqrt", "balanced")
 
-# limits a numeric setting can carry
-POSITIVE, NON_NEGATIVE, UNIT = "positive", "non-negative", "unit"
+# limits a numeric setting can carry: > 0, >= 0, [0, 1), (0, 1]
+POSITIVE, NON_NEGATIVE, UNIT, FRACTION = "positive", "non-negative", "unit", "fraction"
 
 
 def setting(default: Any, help: str, *, choices: tuple | None = None, limit: str | None = None,
@@ -30,7 +32,7 @@ def setting(default: Any, help: str, *, choices: tuple | None = None, limit: str
         default: The value when neither the user nor the search sets one.
         help: One sentence for `--help`.
         choices: The allowed values of a text setting.
-        limit: POSITIVE, NON_NEGATIVE or UNIT ([0, 1)) for a numeric setting.
+        limit: POSITIVE, NON_NEGATIVE, UNIT ([0, 1)) or FRACTION ((0, 1]) for a number.
         searchable: Whether the search space may vary it.
         flag: Whether it is a user option (flag and YAML key); internal settings are not.
     """
@@ -68,6 +70,27 @@ class TrainConfig:
                            choices=POLICIES)
     hflip: bool = setting(False, "Add random horizontal flips (off: they change digits, "
                           "letters and hand signs).")
+    class_weight: str = setting("none", "Class weights of the loss, against imbalance: none, "
+                                "sqrt (inverse square root of class frequency) or balanced "
+                                "(inverse frequency).", choices=BALANCING)
+    sampler: str = setting("none", "Class-balanced sampling of training images, against "
+                           "imbalance: none (each image once per epoch), sqrt or balanced "
+                           "(drawn with those class weights).", choices=BALANCING)
+    freeze_epochs: int = setting(0, "Epochs at the start that train only the classifier, the "
+                                 "backbone frozen (BatchNorm statistics included), before full "
+                                 "fine-tuning.", limit=NON_NEGATIVE)
+    layer_decay: float = setting(1.0, "Learning-rate scale per layer from the head down "
+                                 "(timm's layer decay): below 1, earlier layers learn slower "
+                                 "than the head; 1 turns it off.", limit=FRACTION)
+    ema: float = setting(0.0, "Decay of an exponential moving average of the weights, "
+                         "evaluated and saved instead of the raw weights (e.g. 0.998; 0 turns "
+                         "it off).", limit=UNIT)
+    keep_last: int = setting(0, "Also keep each of the last N epochs' weights as a checkpoint "
+                             "(epoch_<n>.pt) for snapshot ensembles and SWA-style soups.",
+                             limit=NON_NEGATIVE, searchable=False)
+    metric: str = setting("accuracy", "What picks a trial's best epoch and the search's best "
+                          "trial: val accuracy, or val macro-F1 (f1) for imbalanced classes.",
+                          choices=METRICS, searchable=False)
     seed: int = setting(0, "Seed of the weights' training randomness (data order, "
                         "augmentation, dropout).", searchable=False, flag=False)
     threads: int = setting(1, "CPU threads of one worker.", searchable=False, flag=False)
@@ -116,5 +139,7 @@ def check_value(name: str, value: Any, where: str) -> None:
         raise UserError(f"{where} must be a whole number, not {value}")
     if limit == UNIT and not 0 <= value < 1:
         raise UserError(f"{where} must be in [0, 1), not {value}")
+    if limit == FRACTION and not 0 < value <= 1:
+        raise UserError(f"{where} must be in (0, 1], not {value}")
     if value < 0:
         raise UserError(f"{where} must not be negative, not {value}")

@@ -104,6 +104,19 @@ def initial_state(name: str, num_classes: int, *, seed: int, pretrained: bool = 
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def state_id(state: dict[str, torch.Tensor]) -> str:
+    """A short content hash of a state dict: models whose checkpoints carry the same `init_id`
+    were fine-tuned from the same weights, so their weights can be averaged."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k in sorted(state):
+        h.update(k.encode())
+        h.update(state[k].detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy()
+                 .tobytes())
+    return h.hexdigest()[:12]
+
+
 def normalization(model: nn.Module) -> tuple[list[float], list[float]]:
     """Mean and std the model's weights expect (timm's data config travels with the weights)."""
     from timm.data import resolve_data_config

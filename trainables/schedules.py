@@ -31,16 +31,24 @@ class LRSchedule:
         # warmup comes first and the schedule fills the epochs after it, so it still peaks at lr
         common = dict(num_epochs=epochs - warmup, warmup_epochs=warmup, warmup_prefix=True,
                       warmup_lr=lr * 0.01, updates_per_epoch=updates_per_epoch)
+        # layer decay (timm) gives param groups an lr_scale; torch's schedulers need it spelled out
+        scales = [g.get("lr_scale", 1.0) for g in optimizer.param_groups]
         if name == "onecycle":
+            total = epochs * updates_per_epoch
             pct = warmup / epochs if warmup else 0.25
-            self.sched = torch.optim.lr_scheduler.OneCycleLR(
-                optimizer, max_lr=lr, total_steps=max(1, epochs * updates_per_epoch),
-                pct_start=min(max(pct, 0.01), 0.9))
+            # torch divides by the length of each phase: both need at least one step
+            pct = min(max(pct, 0.01, 1.5 / max(total, 1)), 0.9)
+            if total < 2:
+                name = self.name = "constant"  # one update cannot rise and fall
+            else:
+                self.sched = torch.optim.lr_scheduler.OneCycleLR(
+                    optimizer, max_lr=[lr * s for s in scales], total_steps=total,
+                    pct_start=pct)
         elif name == "plateau":
             # patience scales with the run length: a 10-epoch trial cannot wait 10 epochs
             self.sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
                 optimizer, mode="min", factor=0.2, patience=max(1, epochs // 6))
-            self.optimizer, self.base_lr = optimizer, lr
+            self.optimizer, self.base_lrs = optimizer, [lr * s for s in scales]
             self.warmup_updates = warmup * updates_per_epoch
             self._set_warmup_lr()
         elif name == "step":
@@ -50,7 +58,7 @@ class LRSchedule:
         elif name == "cosine":
             self.sched, _ = create_scheduler_v2(
                 optimizer, "cosine", min_lr=lr * 1e-3, step_on_epochs=False, **common)
-        else:  # constant after an optional warmup
+        if name == "constant":  # after an optional warmup
             self.sched, _ = create_scheduler_v2(
                 optimizer, "step", decay_epochs=epochs + 1, decay_rate=1.0,
                 step_on_epochs=False, **common)
@@ -73,8 +81,17 @@ class LRSchedule:
     def _set_warmup_lr(self) -> None:
         if self.updates < self.warmup_updates:
             frac = 0.01 + 0.99 * self.updates / self.warmup_updates
-            for group in self.optimizer.param_groups:
-                group["lr"] = self.base_lr * frac
         elif self.updates == self.warmup_updates:
-            for group in self.optimizer.param_groups:
-                group["lr"] = self.base_lr
+            frac = 1.0
+        else:
+            return
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * frac
+
+    def state_dict(self) -> dict:
+        """What a resumed run needs to continue the schedule where it stopped."""
+        return {"updates": self.updates, "epoch": self.epoch, "sched": self.sched.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.updates, self.epoch = state["updates"], state["epoch"]
+        self.sched.load_state_dict(state["sched"])

@@ -8,6 +8,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -37,6 +38,7 @@ class TrialInputs:
     val_idx: np.ndarray
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    init_id: str = ""  # names the shared start: weights can be averaged within one start only
 
 
 def train_worker(loop_config: dict) -> None:
@@ -58,42 +60,107 @@ def fit(cfg: TrainConfig, inputs: TrialInputs, checkpoint_path: str | None = Non
         report: Callable[[dict], None] | None = None) -> dict[str, float]:
     """Trains one model; reports metrics every epoch and keeps the best checkpoint.
 
-    The best epoch (val accuracy, ties broken by val loss) is written to `checkpoint_path` by rank
-    0 together with its val probabilities. Returns the best epoch's metrics.
+    The best epoch (by `cfg.metric` on val, ties broken by val loss) is written to
+    `checkpoint_path` by rank 0 together with its val probabilities; with `cfg.keep_last` the last
+    epochs are kept beside it as `epoch_<n>.pt`. Without val images (a refit on train + val) the
+    last epoch is the checkpoint. Every epoch also leaves a resume state (`resume.pt`) beside the
+    checkpoint, so a retried trial continues after its last finished epoch instead of starting
+    over. Returns the best epoch's metrics.
     """
     torch.set_num_threads(max(1, cfg.threads))
-    torch.manual_seed(cfg.seed * 1000 + rank)
-    np.random.seed(cfg.seed * 1000 + rank)  # timm's Mixup draws from numpy's global RNG
     data: ImageData = _resolve(inputs.data)
     device = _device()
     if world_size > 1:  # each DDP worker owns its own GPU of the node, not cuda:0
         from ray.train.torch import get_device
 
         device = get_device()
+    torch.manual_seed(cfg.seed * 1000 + rank)  # dropout's draws in the model's construction
     model = create_model(cfg.model, data.num_classes, drop_rate=cfg.dropout)
     model.load_state_dict(_resolve(inputs.init_state))
     model.to(device)
     if world_size > 1:
         from ray.train.torch import prepare_model
 
-        model = prepare_model(model)
+        # frozen backbone epochs leave parameters without gradients, which DDP must expect
+        model = prepare_model(model, parallel_strategy_kwargs={
+            "find_unused_parameters": cfg.freeze_epochs > 0})
     loop = _Loop(cfg, model, inputs, data, device, rank, world_size)
-    best: dict[str, float] = {}
-    for epoch in range(1, cfg.epochs + 1):
+    keeper = _Keeper(cfg, checkpoint_path, rank, data, inputs)
+    for epoch in range(keeper.resume(loop) + 1, cfg.epochs + 1):
         metrics, val_probs = loop.epoch(epoch)
-        if not best or (metrics["val_acc"], -metrics["val_loss"]) > (best["val_acc"],
-                                                                     -best["val_loss"]):
-            best = {k: metrics[k] for k in ("val_acc", "val_loss", "val_f1")} | {"epoch": epoch}
-            if rank == 0 and checkpoint_path:
-                save_checkpoint(_checkpoint(cfg, model, data, inputs, best, val_probs),
-                                checkpoint_path)
-        metrics |= {f"best_{k}": v for k, v in best.items() if k != "epoch"}
-        metrics["best_epoch"] = best["epoch"]
+        keeper.after_epoch(epoch, metrics, val_probs, loop)
+        loop.schedule.after_epoch(metrics.get("val_loss", metrics["train_loss"]))
+        keeper.save_resume(epoch, loop)  # before reporting: a report is never sent twice
+        metrics |= keeper.best_metrics()
         metrics["progress"] = epoch / cfg.epochs  # share of its schedule done (ASHA's clock)
         if report is not None:
             report(metrics)
-        loop.schedule.after_epoch(metrics["val_loss"])
-    return best
+    keeper.finish()
+    return keeper.best
+
+
+class _Keeper:
+    """What a run keeps on disk: the best checkpoint, the last epochs, the resume state."""
+
+    def __init__(self, cfg: TrainConfig, checkpoint_path: str | None, rank: int,
+                 data: ImageData, inputs: TrialInputs) -> None:
+        self.cfg, self.rank, self.data, self.inputs = cfg, rank, data, inputs
+        self.path = Path(checkpoint_path) if checkpoint_path else None
+        self.has_val = len(inputs.val_idx) > 0
+        self.key = "val_acc" if cfg.metric == "accuracy" else "val_f1"
+        self.best: dict[str, float] = {}
+
+    @property
+    def resume_path(self) -> Path | None:
+        return self.path.with_name("resume.pt") if self.path else None
+
+    def resume(self, loop: _Loop) -> int:
+        """Loads a resume state left by an interrupted run of this config; its epoch, or 0."""
+        p = self.resume_path
+        if p is None or not p.is_file():
+            return 0
+        state = load_checkpoint(p)
+        if state.get("config") != dataclasses.asdict(self.cfg):
+            return 0  # another configuration's leftovers: start afresh
+        loop.load_state(state)
+        self.best = dict(state["best"])
+        return int(state["epoch"])
+
+    def after_epoch(self, epoch: int, metrics: dict, val_probs: np.ndarray, loop: _Loop) -> None:
+        if not self.has_val:  # a refit: the last epoch is the model
+            if epoch == self.cfg.epochs:
+                self.best = {"epoch": epoch}
+                self._save(self.path, loop, {"epoch": epoch}, val_probs)
+            return
+        score = (metrics[self.key], -metrics["val_loss"])
+        if not self.best or score > (self.best[self.key], -self.best["val_loss"]):
+            self.best = {k: metrics[k] for k in ("val_acc", "val_loss", "val_f1")} | {
+                "epoch": epoch}
+            self._save(self.path, loop, self.best, val_probs)
+        if self.cfg.keep_last and epoch > self.cfg.epochs - self.cfg.keep_last and self.path:
+            epoch_metrics = {k: metrics[k] for k in ("val_acc", "val_loss", "val_f1")}
+            self._save(self.path.with_name(f"epoch_{epoch}.pt"), loop,
+                       epoch_metrics | {"epoch": epoch}, val_probs)
+
+    def best_metrics(self) -> dict[str, float]:
+        if not self.has_val:
+            return {}
+        return {f"best_{k}": v for k, v in self.best.items() if k != "epoch"} | {
+            "best_epoch": self.best["epoch"]}
+
+    def save_resume(self, epoch: int, loop: _Loop) -> None:
+        if self.rank == 0 and self.resume_path is not None and epoch < self.cfg.epochs:
+            save_checkpoint({"config": dataclasses.asdict(self.cfg), "epoch": epoch,
+                             "best": self.best, **loop.state()}, self.resume_path)
+
+    def finish(self) -> None:
+        if self.rank == 0 and self.resume_path is not None:
+            self.resume_path.unlink(missing_ok=True)
+
+    def _save(self, path: Path | None, loop: _Loop, metrics: dict, val_probs: np.ndarray) -> None:
+        if self.rank == 0 and path is not None:
+            save_checkpoint(_checkpoint(self.cfg, loop.evaluated, self.data, self.inputs,
+                                        metrics, val_probs), path)
 
 
 class _Loop:
@@ -102,51 +169,90 @@ class _Loop:
     def __init__(self, cfg: TrainConfig, model: nn.Module, inputs: TrialInputs,
                  data: ImageData, device: torch.device, rank: int, world_size: int) -> None:
         from timm.optim import create_optimizer_v2
-        from torch.utils.data.distributed import DistributedSampler
+        from timm.utils import ModelEmaV3
 
         self.cfg, self.model, self.inputs, self.data = cfg, model, inputs, data
-        self.device, self.world_size = device, world_size
-        self.sampler = DistributedSampler(range(len(inputs.train_idx)), num_replicas=world_size,
-                                          rank=rank, shuffle=True, seed=cfg.seed)
-        per_rank = len(self.sampler)
-        self.n_batches = max(1, per_rank // cfg.batch_size)
-        self.optimizer = create_optimizer_v2(model, opt=cfg.optimizer, lr=cfg.lr,
-                                             weight_decay=cfg.weight_decay,
-                                             momentum=cfg.momentum)
+        self.device, self.rank, self.world_size = device, rank, world_size
+        self.per_rank = math.ceil(len(inputs.train_idx) / world_size)
+        self.n_batches = max(1, self.per_rank // cfg.batch_size)
+        self.optimizer = create_optimizer_v2(
+            model, opt=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
+            momentum=cfg.momentum, layer_decay=cfg.layer_decay if cfg.layer_decay < 1 else None)
         self.schedule = LRSchedule(cfg.scheduler, self.optimizer, epochs=cfg.epochs,
                                    updates_per_epoch=math.ceil(self.n_batches / cfg.accum_steps),
                                    warmup_epochs=cfg.warmup_epochs)
         self.amp = amp_dtype(cfg.amp, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp == torch.float16
                                            and device.type == "cuda")
+        self.ema = ModelEmaV3(unwrap(model), decay=cfg.ema, use_warmup=True) if cfg.ema else None
         self.transform = train_transform(cfg.augment, data.images.shape[1], hflip=cfg.hflip,
                                          seed=cfg.seed * 1000 + rank)
         self.mean = torch.tensor(inputs.mean, device=device)  # built once, not per batch
         self.std = torch.tensor(inputs.std, device=device)
-        self.mixup, self.criterion = _loss(cfg, data.num_classes)
+        train_labels = data.labels[inputs.train_idx]
+        self.mixup, self.criterion = _loss(cfg, data.num_classes, train_labels, device)
+        self.sample_weights = _sample_weights(cfg.sampler, train_labels, data.num_classes)
+        head = unwrap(model).get_classifier()
+        head_params = {id(p) for p in head.parameters()}
+        self.backbone = [p for p in unwrap(model).parameters() if id(p) not in head_params]
+        self.backbone_bn = [m for m in unwrap(model).modules() if isinstance(
+            m, nn.modules.batchnorm._BatchNorm) and not any(m is h for h in head.modules())]
+
+    @property
+    def evaluated(self) -> nn.Module:
+        """The weights that are validated and saved: the EMA when there is one."""
+        return self.ema.module if self.ema is not None else unwrap(self.model)
 
     def epoch(self, epoch: int) -> tuple[dict[str, float], np.ndarray]:
-        self.sampler.set_epoch(epoch)
-        order = self.inputs.train_idx[np.fromiter(iter(self.sampler), np.int64)]
+        self._seed(epoch)
+        frozen = epoch <= self.cfg.freeze_epochs
+        for p in self.backbone:
+            p.requires_grad_(not frozen)
+        order = self._order(epoch)
         start = time.perf_counter()
-        train_loss, seen, waited = self._train(order)
+        train_loss, seen, waited = self._train(order, frozen)
         train_s = time.perf_counter() - start
         if self.world_size > 1:
             _sync_buffers(self.model)
-        probs = predict_proba(unwrap(self.model), self.data.images, self.inputs.val_idx,
-                              mean=self.mean, std=self.std, amp=self.amp)
-        val = classification_metrics(probs, self.data.labels[self.inputs.val_idx])
-        metrics = {"epoch": epoch, "train_loss": train_loss, "val_loss": val["loss"],
-                   "val_acc": val["accuracy"], "val_f1": val["f1"],
-                   "lr": self.optimizer.param_groups[0]["lr"],
+        metrics = {"epoch": epoch, "train_loss": train_loss,
+                   "lr": self.optimizer.param_groups[-1]["lr"],
                    "train_images_per_s": seen * self.world_size / max(train_s, 1e-9),
                    "data_wait_share": waited / max(train_s, 1e-9)}
+        if not len(self.inputs.val_idx):
+            return metrics, np.zeros((0, self.data.num_classes), np.float32)
+        probs = predict_proba(self.evaluated, self.data.images, self.inputs.val_idx,
+                              mean=self.mean, std=self.std, amp=self.amp)
+        val = classification_metrics(probs, self.data.labels[self.inputs.val_idx])
+        metrics |= {"val_loss": val["loss"], "val_acc": val["accuracy"], "val_f1": val["f1"]}
         return metrics, probs
 
-    def _train(self, order: np.ndarray) -> tuple[float, int, float]:
+    def _seed(self, epoch: int) -> None:
+        """Each epoch's randomness (dropout, mixup, augmentation) is a function of the seed, the
+        rank and the epoch alone, so a run resumed at an epoch continues as it would have."""
+        base = (self.cfg.seed * 1000 + self.rank) * 10_000 + epoch
+        torch.manual_seed(base)
+        np.random.seed(base % 2**32)  # timm's Mixup draws from numpy's global RNG
+        if self.transform is not None:
+            self.transform.set_random_seed(base)
+
+    def _order(self, epoch: int) -> np.ndarray:
+        """This rank's training images for the epoch: a shuffled shard, or a class-balanced draw
+        (with replacement) of the same size."""
+        rng = np.random.default_rng([self.cfg.seed, epoch])
+        n = len(self.inputs.train_idx)
+        if self.sample_weights is None:
+            perm = rng.permutation(n)
+            perm = np.concatenate([perm, perm[:self.per_rank * self.world_size - n]])
+        else:
+            perm = rng.choice(n, size=self.per_rank * self.world_size, p=self.sample_weights)
+        return self.inputs.train_idx[perm[self.rank::self.world_size]]
+
+    def _train(self, order: np.ndarray, frozen: bool) -> tuple[float, int, float]:
         """One pass over `order`; returns mean loss, images seen, seconds blocked on data."""
         cfg, model = self.cfg, self.model
         model.train()
+        for bn in self.backbone_bn if frozen else ():
+            bn.eval()  # a frozen backbone keeps its BatchNorm statistics too
         total, seen, waited = torch.zeros((), device=self.device), 0, 0.0
         batches = iter(train_batches(self.data.images, self.data.labels, order,
                                      batch_size=cfg.batch_size, transform=self.transform))
@@ -183,6 +289,26 @@ class _Loop:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.schedule.after_update()
+        if self.ema is not None:
+            self.ema.update(unwrap(self.model), step=self.schedule.updates)
+
+    def state(self) -> dict:
+        """Everything an interrupted run needs to continue (see `_Keeper.save_resume`)."""
+        state = {"model": {k: v.detach().cpu() for k, v in unwrap(self.model).state_dict()
+                           .items()},
+                 "optimizer": self.optimizer.state_dict(),
+                 "schedule": self.schedule.state_dict(), "scaler": self.scaler.state_dict()}
+        if self.ema is not None:
+            state["ema"] = {k: v.detach().cpu() for k, v in self.ema.module.state_dict().items()}
+        return state
+
+    def load_state(self, state: dict) -> None:
+        unwrap(self.model).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None and "ema" in state:
+            self.ema.module.load_state_dict(state["ema"])
 
 
 @torch.no_grad()
@@ -232,15 +358,41 @@ def _cpu_has_native_bf16() -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
-def _loss(cfg: TrainConfig, num_classes: int):
+def _loss(cfg: TrainConfig, num_classes: int, train_labels: np.ndarray,
+          device: torch.device):
+    """timm's Mixup/CutMix (soft targets) when asked, and torch's cross-entropy, which takes
+    both hard and soft targets, with label smoothing and class weights."""
     from timm.data import Mixup
-    from timm.loss import SoftTargetCrossEntropy
 
+    weight = _class_weights(cfg.class_weight, train_labels, num_classes)
+    if weight is not None:
+        weight = torch.as_tensor(weight, dtype=torch.float32, device=device)
     if cfg.mixup > 0 or cfg.cutmix > 0:
         mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix,
                       label_smoothing=cfg.label_smoothing, num_classes=num_classes)
-        return mixup, SoftTargetCrossEntropy()
-    return None, nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        return mixup, nn.CrossEntropyLoss(weight=weight)  # smoothing is in Mixup's targets
+    return None, nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
+
+
+def _class_weights(mode: str, labels: np.ndarray, num_classes: int) -> np.ndarray | None:
+    """Per-class weights against imbalance, scaled so the average image weighs 1: inverse class
+    frequency ('balanced', as scikit-learn's) or its square root ('sqrt', gentler)."""
+    if mode == "none":
+        return None
+    counts = np.bincount(labels, minlength=num_classes).astype(float)
+    weight = np.where(counts > 0, len(labels) / (num_classes * np.maximum(counts, 1)), 0.0)
+    if mode == "sqrt":
+        weight = np.sqrt(weight)
+    return weight / (weight[labels].mean() or 1.0)
+
+
+def _sample_weights(mode: str, labels: np.ndarray, num_classes: int) -> np.ndarray | None:
+    """Per-image draw probabilities of the class-balanced sampler (None: plain shuffling)."""
+    per_class = _class_weights(mode, labels, num_classes)
+    if per_class is None:
+        return None
+    w = per_class[labels]
+    return w / w.sum()
 
 
 def _checkpoint(cfg: TrainConfig, model: nn.Module, data: ImageData, inputs: TrialInputs,
@@ -255,6 +407,7 @@ def _checkpoint(cfg: TrainConfig, model: nn.Module, data: ImageData, inputs: Tri
         "std": list(inputs.std),
         "epoch": int(best["epoch"]),
         "metrics": {k: float(v) for k, v in best.items()},
+        "init_id": inputs.init_id,
         "val_indices": torch.tensor(np.asarray(inputs.val_idx, np.int64)),
         "val_probs": torch.from_numpy(np.asarray(val_probs, np.float32)),
     }

@@ -269,3 +269,158 @@ def test_fit_without_checkpoint_path_writes_nothing(tiny, tmp_path, monkeypatch)
     best = fit(dataclasses.replace(BASE, epochs=1), inputs, None)
     assert best["epoch"] == 1
     assert list(cwd.iterdir()) == []
+
+
+# ---------------------------------------------------------------- fine-tuning, averaging, imbalance
+
+
+def _backbone_and_head(model_state: dict) -> tuple[dict, dict]:
+    head = {k: v for k, v in model_state.items() if k.startswith("fc.")}
+    body = {k: v for k, v in model_state.items() if not k.startswith("fc.")}
+    return body, head
+
+
+def test_frozen_backbone_epochs_leave_the_backbone_unchanged(tiny, tmp_path):
+    _, _, inputs = tiny
+    path = tmp_path / "frozen.pt"
+    fit(dataclasses.replace(BASE, batch_size=4, epochs=1, freeze_epochs=1), inputs, str(path))
+    body, head = _backbone_and_head(load_checkpoint(path)["model"])
+    init_body, init_head = _backbone_and_head(inputs.init_state)
+    for k, v in body.items():  # weights and BatchNorm statistics alike
+        assert torch.equal(v, init_body[k]), k
+    assert any(not torch.equal(v, init_head[k]) for k, v in head.items())
+    # after the frozen epochs the whole network trains
+    fit(dataclasses.replace(BASE, batch_size=4, epochs=2, freeze_epochs=1, keep_last=1), inputs,
+        str(tmp_path / "two" / "best.pt"))
+    body, _ = _backbone_and_head(load_checkpoint(tmp_path / "two" / "epoch_2.pt")["model"])
+    assert any(not torch.equal(v, init_body[k]) for k, v in body.items() if v.is_floating_point())
+
+
+def test_ema_and_last_epochs_load_as_normal_checkpoints(tiny, tmp_path):
+    data, split, inputs = tiny
+    cfg = dataclasses.replace(BASE, batch_size=4, epochs=3, ema=0.9, keep_last=2)
+    fit(cfg, inputs, str(tmp_path / "t" / "best.pt"))
+    names = sorted(p.name for p in (tmp_path / "t").iterdir())
+    assert names == ["best.pt", "epoch_2.pt", "epoch_3.pt"]  # no resume state left behind
+    mean, std = _mean_std(inputs)
+    for name in names:
+        model, ckpt = load_trained(str(tmp_path / "t" / name), torch.device("cpu"))
+        probs = predict_proba(model, data.images, split.val, mean=mean, std=std)
+        assert np.allclose(probs, ckpt["val_probs"].numpy(), atol=1e-5), name
+    # the EMA differs from the raw weights: it is what was evaluated and saved
+    raw = dataclasses.replace(cfg, ema=0.0, keep_last=0)
+    fit(raw, inputs, str(tmp_path / "raw.pt"))
+    ema_state = load_checkpoint(tmp_path / "t" / "epoch_3.pt")["model"]
+    raw_state = load_checkpoint(tmp_path / "raw.pt")["model"]
+    assert any(not torch.equal(ema_state[k], raw_state[k]) for k in raw_state
+               if raw_state[k].is_floating_point())
+
+
+def test_class_weights_follow_inverse_frequency():
+    from trainables.train import _class_weights, _sample_weights
+
+    labels = np.array([0] * 8 + [1] * 2)
+    balanced = _class_weights("balanced", labels, 2)
+    assert balanced[1] / balanced[0] == pytest.approx(4.0)
+    assert balanced[labels].mean() == pytest.approx(1.0)
+    sqrt = _class_weights("sqrt", labels, 2)
+    assert sqrt[1] / sqrt[0] == pytest.approx(2.0)
+    assert _class_weights("none", labels, 2) is None
+    p = _sample_weights("balanced", labels, 2)
+    assert p.sum() == pytest.approx(1.0)
+    assert p[labels == 0].sum() == pytest.approx(p[labels == 1].sum())  # classes drawn equally
+
+
+def test_balanced_sampling_and_weighted_loss_train(tiny):
+    _, _, inputs = tiny
+    cfg = dataclasses.replace(BASE, batch_size=4, class_weight="balanced", sampler="sqrt",
+                              mixup=0.2)
+    reports: list[dict] = []
+    fit(cfg, inputs, None, report=reports.append)
+    assert len(reports) == 2 and all(math.isfinite(r["train_loss"]) for r in reports)
+
+
+def test_metric_f1_picks_the_best_epoch_by_macro_f1(tiny):
+    _, _, inputs = tiny
+    reports: list[dict] = []
+    best = fit(dataclasses.replace(BASE, batch_size=4, epochs=3, metric="f1"), inputs, None,
+               report=reports.append)
+    assert best["val_f1"] == max(r["val_f1"] for r in reports)
+    for i, r in enumerate(reports):
+        assert r["best_val_f1"] == max(s["val_f1"] for s in reports[:i + 1])
+
+
+def test_refit_without_val_keeps_the_last_epoch(tiny, tmp_path):
+    data, split, inputs = tiny
+    everything = dataclasses.replace(inputs, train_idx=np.concatenate([split.train, split.val]),
+                                     val_idx=np.zeros(0, np.int64))
+    reports: list[dict] = []
+    best = fit(dataclasses.replace(BASE, batch_size=4, epochs=2), everything,
+               str(tmp_path / "final.pt"), report=reports.append)
+    assert best == {"epoch": 2} and [r["epoch"] for r in reports] == [1, 2]
+    assert not any("val_acc" in r for r in reports)
+    ckpt = load_checkpoint(tmp_path / "final.pt")
+    assert ckpt["epoch"] == 2 and len(ckpt["val_indices"]) == 0
+
+
+def test_interrupted_run_resumes_after_its_last_epoch_with_the_same_result(tiny, tmp_path):
+    """A retried trial (a lost spot instance) continues from its resume state, not epoch 1, and
+    ends where an uninterrupted run ends: each epoch's randomness depends on the epoch only."""
+    _, _, inputs = tiny
+    cfg = dataclasses.replace(BASE, batch_size=4, epochs=3, ema=0.5)
+    fit(cfg, inputs, str(tmp_path / "whole" / "best.pt"))
+
+    class Lost(Exception):
+        pass
+
+    def crash_after_two(metrics: dict) -> None:
+        if metrics["epoch"] == 2:
+            raise Lost
+
+    path = tmp_path / "part" / "best.pt"
+    with pytest.raises(Lost):
+        fit(cfg, inputs, str(path), report=crash_after_two)
+    assert load_checkpoint(path.with_name("resume.pt"))["epoch"] == 2
+    reports: list[dict] = []
+    fit(cfg, inputs, str(path), report=reports.append)
+    assert [r["epoch"] for r in reports] == [3]  # epochs 1-2 were not trained again
+    assert not path.with_name("resume.pt").exists()
+    whole, part = load_checkpoint(tmp_path / "whole" / "best.pt"), load_checkpoint(path)
+    assert whole["epoch"] == part["epoch"]
+    for k, v in whole["model"].items():
+        assert torch.allclose(v.float(), part["model"][k].float(), atol=1e-6), k
+
+
+def test_layer_decay_gives_earlier_layers_smaller_learning_rates():
+    import timm
+    from timm.optim import create_optimizer_v2
+
+    for name in ("onecycle", "cosine", "plateau"):
+        model = timm.create_model("resnet10t", num_classes=3)
+        opt = create_optimizer_v2(model, opt="adamw", lr=0.1, layer_decay=0.5)
+        sched = LRSchedule(name, opt, epochs=4, updates_per_epoch=5)
+        for _ in range(6):
+            opt.step()
+            sched.after_update()
+        lrs = [g["lr"] for g in opt.param_groups]
+        scales = [g["lr_scale"] for g in opt.param_groups]
+        assert min(scales) < 1.0
+        for lr, scale in zip(lrs, scales):
+            assert lr == pytest.approx(lrs[-1] * scale / scales[-1], rel=1e-6), name
+
+
+def test_onecycle_with_very_few_updates(tiny):
+    """1 epoch of 2-4 updates used to divide by zero in torch's one-cycle phases."""
+    for updates in (1, 2, 3, 4):
+        param = torch.nn.Parameter(torch.zeros(1))
+        opt = torch.optim.SGD([param], lr=0.1)
+        sched = LRSchedule("onecycle", opt, epochs=1, updates_per_epoch=updates)
+        for _ in range(updates):
+            opt.step()
+            sched.after_update()
+        assert math.isfinite(opt.param_groups[0]["lr"])
+    _, _, inputs = tiny
+    reports: list[dict] = []
+    fit(dataclasses.replace(BASE, batch_size=4, epochs=1, scheduler="onecycle"), inputs, None,
+        report=reports.append)
+    assert len(reports) == 1
