@@ -47,7 +47,17 @@ class SearchConfig:
                             "--pretrained-file is given).")
     pretrained_file: str | None = opt(None, "Local pretrained weights file for --model "
                                        "(.pth, .bin or .safetensors).")
+    init: str = opt("auto", "The shared start every trial fine-tunes from: pretrained (timm's "
+                    "weights, or --pretrained-file), warm (the recommended recipe trained for "
+                    "--warm-epochs on the train split first), random (one seeded random "
+                    "initialisation), or auto: pretrained when weights are given, else warm.",
+                    choices=("auto", "pretrained", "warm", "random"))
+    warm_epochs: int | None = opt(None, "Epochs of the warm start (default: a third of "
+                                  "--max-epochs, at least 1).")
+    refit: bool = opt(True, "After the search, retrain the chosen configuration on train + val "
+                      "as the final model, reported on test next to the val-selected trial.")
     train: TrainConfig = field(default_factory=TrainConfig)  # fixed settings: flags of their own
+    given: list = field(default_factory=list)  # options the user set (a budget plan keeps them)
     space: dict = opt(DEFAULT_SPACE, "Search space, from YAML or repeated --space "
                        "NAME=SPEC (e.g. --space 'lr={low: 1e-4, high: 1e-2, log: true}', "
                        "--space 'batch_size=[32,64]', --space dropout=0.1 to fix a knob).",
@@ -68,8 +78,12 @@ class SearchConfig:
     start_with_default: bool = opt(True, "Run a recommended configuration (one-cycle AdamW, "
                                    "fitted into the space) as the first trial, so even a small "
                                    "budget has a strong baseline to beat.")
-    time_budget_s: float | None = opt(None, "Stop starting and running trials after this many "
-                                       "seconds.")
+    time_budget: str | None = opt(None, "Wall-clock budget of the whole run, e.g. 20m, 1h30m, "
+                                  "900s or 900 (seconds): the trials, their epochs, the warm "
+                                  "start and the refit are planned from the measured training "
+                                  "speed to fit it, and the run ends within it with its results "
+                                  "written. --max-epochs and --num-samples, when given, cap the "
+                                  "plan.")
     seed: int = opt(0, "Seed of the split, the initial weights, the data order and the search.")
     max_failures: int = opt(1, "Times a failing trial is retried before it is marked failed.")
     # resources
@@ -100,6 +114,17 @@ class SearchConfig:
     @property
     def resolved_image_size(self) -> int:
         return self.image_size or (32 if self.data is None else 64)
+
+    @property
+    def budget_s(self) -> float | None:
+        """--time-budget in seconds."""
+        from search.budget import parse_duration
+
+        return None if self.time_budget is None else parse_duration(self.time_budget)
+
+    @property
+    def resolved_warm_epochs(self) -> int:
+        return self.warm_epochs or max(1, round(self.max_epochs / 3))
 
     @property
     def resolved_grace_period(self) -> int:
@@ -141,6 +166,8 @@ def parse_config(argv: list[str] | None = None) -> SearchConfig:
     doc = load_yaml(args.config) if args.config else {}
     flags = {k: v for k, v in vars(args).items()
              if v is not None and k not in ("config", "space")}
+    # what the user set (a saved config.yaml says so itself), which a budget plan must keep
+    given = set(doc.pop("given", None) or set(doc))
     space = dict(DEFAULT_SPACE)
     train = dict(doc.pop("train", None) or {})  # a saved config.yaml's fallback values
     for source, values, entries in (("the config file", doc, doc.pop("space", None) or {}),
@@ -157,6 +184,10 @@ def parse_config(argv: list[str] | None = None) -> SearchConfig:
         if source == "the config file":
             doc.update(values)
     doc.update(flags)
+    if isinstance(doc.get("time_budget"), (int, float)) and not isinstance(doc["time_budget"],
+                                                                          bool):
+        doc["time_budget"] = str(doc["time_budget"])  # YAML reads 900 as a number
+    doc["given"] = sorted(given | set(flags))
     unknown = sorted(set(train) - set(OPTIONS) - {"seed", "threads"})
     if unknown:
         raise UserError(f"config file has unknown training setting(s) {', '.join(unknown)} "
@@ -238,7 +269,9 @@ def validate(cfg: SearchConfig) -> SearchConfig:
         (cfg.max_concurrent is None or cfg.max_concurrent >= 1,
          "--max-concurrent must be at least 1"),
         (cfg.max_failures >= 0, "--max-failures must not be negative"),
-        (cfg.time_budget_s is None or cfg.time_budget_s > 0, "--time-budget-s must be positive"),
+        (cfg.warm_epochs is None or cfg.warm_epochs >= 1, "--warm-epochs must be at least 1"),
+        (cfg.init != "pretrained" or cfg.pretrained or cfg.pretrained_file,
+         "--init pretrained needs --pretrained (timm's weights) or --pretrained-file PATH"),
         (cfg.image_size is None or 8 <= cfg.image_size <= 1024,
          "--image-size must be between 8 and 1024"),
         (0 < cfg.val_fraction < 0.5 and 0 < cfg.test_fraction < 0.5,
@@ -249,6 +282,10 @@ def validate(cfg: SearchConfig) -> SearchConfig:
     for ok, message in checks:
         if not ok:
             raise UserError(message)
+    if cfg.time_budget is not None:
+        from search.budget import parse_duration
+
+        parse_duration(cfg.time_budget)
     for name in OPTIONS:
         check_value(name, getattr(cfg.train, name),
                     f"option {name} (--{name.replace('_', '-')})")

@@ -49,9 +49,9 @@ class Experiment:
                             "--overwrite to replace it")
         return cls(cfg, store, False)
 
-    def create(self, data: ImageData, split: Split,
-               init: tuple[dict, list[float], list[float]]) -> None:
-        """Writes the folder of a new experiment, once its inputs are known to be good."""
+    def create(self, data: ImageData, split: Split) -> None:
+        """Writes the folder of a new experiment, once its inputs are known to be good and the
+        search is sure to start (the shared start is written when it is known)."""
         if self.resumed:
             return
         if self.store.dir.exists() and self.cfg.overwrite:
@@ -61,8 +61,6 @@ class Experiment:
             dataclasses.replace(self.cfg, resume=False, overwrite=False).to_dict())
         self.store.write_data(data)
         self.store.write_split(split, data.ids)
-        state, mean, std = init
-        self.store.write_init(state, mean, std, self.cfg.train.model)
 
     def data_and_split(self) -> tuple[ImageData, Split]:
         """Decodes the data once (a resumed search reads its data.npz) and draws the split."""

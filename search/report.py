@@ -1,4 +1,5 @@
-"""The end of a search: the best trial evaluated once on the test split, summary.json, the table."""
+"""The end of a search: the best trial evaluated once on test, the refit on train + val,
+summary.json, the table, the parent run's figures."""
 
 from __future__ import annotations
 
@@ -8,28 +9,26 @@ import time
 import pandas as pd
 import torch
 
-from search.config import SearchConfig
-from search.tracking import SearchRun
-from trainables.data import ImageData
 from trainables.errors import UserError
 from trainables.metrics import classification_metrics
-from trainables.split import Split
-from trainables.store import FINISHED, ExperimentStore, code_version, ranked
+from trainables.store import FINISHED, code_version, ranked
 from trainables.train import load_trained, predict_proba
 
 log = logging.getLogger("search")
 TABLE_COLUMNS = ["trial_id", "status", "epochs_run", "lr", "weight_decay", "batch_size",
-                 "dropout", "epochs", "scheduler", "best_val_acc", "best_val_loss"]
+                 "dropout", "epochs", "scheduler", "best_val_acc", "best_val_f1",
+                 "best_val_loss"]
 
 
-def finish(cfg: SearchConfig, store: ExperimentStore, table: pd.DataFrame, data: ImageData,
-           split: Split, run: SearchRun, start: float) -> int:
-    """Evaluates the best trial once on the test split, writes summary.json, prints the table."""
-    table = ranked(table)
+def finish(r, table: pd.DataFrame) -> int:
+    """Evaluates the val-selected trial on test, refits it on train + val, writes summary.json
+    and the parent run's record, prints the table. `r` is the `search.run.Run`."""
+    cfg, store, data, split = r.cfg, r.store, r.data, r.split
+    table = ranked(table, cfg.train.metric)
     usable = table[table["status"].isin(FINISHED) & (table["checkpoint"] != "")]
     print_table(table)
     if usable.empty:
-        run.end("FAILED")
+        r.mlflow.end("FAILED")
         raise UserError(f"no trial of {cfg.experiment!r} finished (see results.csv and the "
                         "trial errors above); fix the cause and run again")
     best = usable.iloc[0]
@@ -38,22 +37,57 @@ def finish(cfg: SearchConfig, store: ExperimentStore, table: pd.DataFrame, data:
     test = classification_metrics(probs, data.labels[split.test])
     val = {"accuracy": float(best["best_val_acc"]), "loss": float(best["best_val_loss"]),
            "f1": float(best["best_val_f1"])}
-    best_row = best.to_dict() | {"checkpoint": store.relative(best["checkpoint"])}
+    refit, final_probs = _refit(r, best["checkpoint"])
+    final = {"model": "refit" if refit else "best trial",
+             "checkpoint": refit["checkpoint"] if refit else store.relative(best["checkpoint"]),
+             "test": refit["test"] if refit else test}
     store.write_summary({
-        "experiment": cfg.experiment, "best_trial": best_row, "val": val, "test": test,
+        "experiment": cfg.experiment, "best_trial": best.to_dict() | {
+            "checkpoint": store.relative(best["checkpoint"])},
+        "val": val, "test": test, "refit": refit, "final": final, "start": r.start.record(),
+        "budget": r.budget.__dict__ if r.budget else None,
         "split_hash": split.hash, "split_sizes": split.sizes(), "data": data.facts(),
-        "trials": table["status"].value_counts().to_dict(), "wall_s": round(time.time() - start, 1),
-        "mlflow": store.read_tracking(), "code": code_version(),
+        "trials": table["status"].value_counts().to_dict(),
+        "wall_s": round(time.time() - r.t0, 1), "mlflow": store.read_tracking(),
+        "code": code_version(),
     })
-    metrics = {f"test_{k}": v for k, v in test.items()} | {f"best_val_{k}": v
-                                                          for k, v in val.items()}
-    run.log_result(metrics, best["trial_id"], probs, data.labels[split.test], data.class_names)
-    run.end("FINISHED")
-    log.info("\nbest trial %s: val accuracy %.4f, test accuracy %.4f (macro-F1 %.4f) on %d "
-             "test images; %.0f s in all\nresults: %s", best["trial_id"], val["accuracy"],
-             test["accuracy"], test["f1"], len(split.test), time.time() - start,
-             store.path("summary.json"))
+    metrics = {f"test_{k}": v for k, v in final["test"].items()} | {
+        f"trial_test_{k}": v for k, v in test.items()} | {
+        f"best_val_{k}": v for k, v in val.items()}
+    r.mlflow.log_result(metrics, best["trial_id"], final_probs if refit else probs,
+                        data.labels[split.test], data.class_names)
+    r.mlflow.end("FINISHED")
+    lines = [f"\nbest trial {best['trial_id']} (chosen on val, {cfg.train.metric}): val "
+             f"accuracy {val['accuracy']:.4f}, test accuracy {test['accuracy']:.4f} (macro-F1 "
+             f"{test['f1']:.4f}) on {len(split.test)} test images"]
+    if refit:
+        lines.append(f"refit on train + val ({refit['train_images']} images, final model): test "
+                     f"accuracy {refit['test']['accuracy']:.4f} (macro-F1 "
+                     f"{refit['test']['f1']:.4f}), {refit['checkpoint']}")
+    lines.append(f"{time.time() - r.t0:.0f} s in all; results: {store.path('summary.json')}")
+    log.info("\n".join(lines))
     return 0
+
+
+def _refit(r, selected: str):
+    """The refit's record and test probabilities, or (None, None) when it is off or the budget
+    has no time left for it."""
+    from search.refit import refit
+
+    if not r.cfg.refit:
+        return None, None
+    left = r.seconds_left()
+    if left is not None and r.budget is not None and left < r.budget.refit_s * 0.8:
+        log.warning("no time left in --time-budget %s for the refit (%.0f s left, it needs about "
+                    "%.0f s): the val-selected trial is the final model", r.cfg.time_budget,
+                    max(left, 0), r.budget.refit_s)
+        return None, None
+    record, probs, reports = refit(r.store, r.data, r.split, r.start, selected, r.plan,
+                                   list(r.cfg.plugins))
+    if reports:
+        r.mlflow.log_stage("refit", reports, {k: v for k, v in record.items() if k != "test"}
+                           | {f"test_{k}": v for k, v in record["test"].items()})
+    return record, probs
 
 
 def print_table(table: pd.DataFrame) -> None:
@@ -61,6 +95,6 @@ def print_table(table: pd.DataFrame) -> None:
     shown = table[cols].copy()
     for c in ("lr", "weight_decay"):
         shown[c] = shown[c].map(lambda v: f"{v:.2e}" if pd.notna(v) else "")
-    for c in ("dropout", "best_val_acc", "best_val_loss"):
+    for c in ("dropout", "best_val_acc", "best_val_f1", "best_val_loss"):
         shown[c] = shown[c].map(lambda v: f"{v:.4f}" if pd.notna(v) else "")
     print("\ntrials, best first:\n" + shown.to_string(index=False), flush=True)

@@ -21,6 +21,11 @@ class ResourcePlan:
     gpus_per_worker: float
     trial_cpus: float  # the Tune trial's own reservation
     concurrency: int
+    solo_cpus: float = 1.0  # what one process may take when it runs alone (warm start, refit)
+
+    @property
+    def solo_threads(self) -> int:
+        return max(1, int(self.solo_cpus))
 
     @property
     def threads(self) -> int:
@@ -100,8 +105,10 @@ def _plan(cfg: SearchConfig, total: dict[str, float], nodes: list[dict[str, floa
     fits = math.floor(cpus / need_cpu + 1e-9)
     if need_gpu:
         fits = min(fits, math.floor(gpus / need_gpu + 1e-9))
-    concurrency = min(cfg.max_concurrent or fits, cfg.num_samples)
-    return ResourcePlan(w, c, g, trial_cpus, max(1, concurrency))
+    concurrency = max(1, min(cfg.max_concurrent or fits, cfg.num_samples))
+    # alone, one process may use what all concurrent trials would, within one node
+    solo = min(biggest_cpu, max(c, concurrency * (trial_cpus + w * c)))
+    return ResourcePlan(w, c, g, trial_cpus, concurrency, solo)
 
 
 def plan_for_cluster(cfg: SearchConfig) -> ResourcePlan:

@@ -21,7 +21,7 @@ def trial_rows(trials: list, store: ExperimentStore, ended: dict[str, str] | Non
     rows = []
     for t in trials:
         last = t.last_result or {}
-        epochs_run = int(last.get("training_iteration", 0) or 0)
+        epochs_run = epochs_of(last)
         planned = int(t.config.get("epochs", epochs_run) or 0)
         status = (ended or {}).get(t.trial_id, t.status)
         if status == "ERROR":
@@ -46,6 +46,12 @@ def trial_rows(trials: list, store: ExperimentStore, ended: dict[str, str] | Non
             "checkpoint": str(ckpt) if ckpt.is_file() else "",
         })
     return pd.DataFrame(rows)
+
+
+def epochs_of(result: dict) -> int:
+    """Epochs a trial has run: its own epoch count (Tune's iteration count restarts when a failed
+    trial is retried, while the trial resumes at its last finished epoch)."""
+    return int(result.get("epoch", result.get("training_iteration", 0)) or 0)
 
 
 def _started(last: dict) -> float | None:
@@ -73,8 +79,8 @@ class ResultsWriter(Callback):
     interrupt is marked `interrupted`, since --resume will run it again.
     """
 
-    def __init__(self, store: ExperimentStore) -> None:
-        self.store = store
+    def __init__(self, store: ExperimentStore, metric: str = "accuracy") -> None:
+        self.store, self.metric = store, metric
         self.ended: dict[str, str] | None = None
 
     def __getstate__(self) -> dict:  # pickled for resume: re-read what ended from results.csv
@@ -94,7 +100,7 @@ class ResultsWriter(Callback):
         ended = self._ended()
         status = {t.trial_id: ended.get(t.trial_id, "INTERRUPTED" if t.status in (
             "TERMINATED", "ERROR") else t.status) for t in trials}
-        self.store.write_results(ranked(trial_rows(trials, self.store, status)))
+        self.store.write_results(ranked(trial_rows(trials, self.store, status), self.metric))
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         self._ended()[trial.trial_id] = "TERMINATED"
@@ -116,7 +122,7 @@ class ProgressPrinter(Callback):
 
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
         epochs = trial.config.get("epochs", "?")
-        print(f"  trial {trial.trial_id} epoch {result.get('training_iteration')}/{epochs}: "
+        print(f"  trial {trial.trial_id} epoch {epochs_of(result)}/{epochs}: "
               f"val acc {result.get('val_acc', float('nan')):.4f} "
               f"loss {result.get('val_loss', float('nan')):.4f} "
               f"({result.get('train_images_per_s', 0):.0f} img/s)", flush=True)
@@ -124,7 +130,7 @@ class ProgressPrinter(Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         self.ended += 1
         last = trial.last_result or {}
-        print(f"trial {trial.trial_id} ended after {last.get('training_iteration', 0)} epoch(s): "
+        print(f"trial {trial.trial_id} ended after {epochs_of(last)} epoch(s): "
               f"best val acc {last.get('best_val_acc', float('nan')):.4f} "
               f"[{self.ended}/{self.num_samples} trials]", flush=True)
 

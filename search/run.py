@@ -1,11 +1,14 @@
-"""`python -m search.run`: data -> split -> Optuna/ASHA search on Ray Tune -> MLflow -> results."""
+"""`python -m search.run`: data -> split -> shared start -> Optuna/ASHA search on Ray Tune ->
+refit -> MLflow -> results."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import sys
 import time
+from dataclasses import dataclass
 
 from search.config import SearchConfig, parse_config
 from search.experiment import Experiment
@@ -17,6 +20,30 @@ from trainables.store import ENDED, FINISHED
 log = logging.getLogger("search")
 
 
+@dataclass
+class Run:
+    """One search as it runs: what every phase reads and what it has produced so far."""
+
+    cfg: SearchConfig
+    exp: Experiment
+    data: ImageData
+    split: Split
+    start: object  # search.start.Start: the weights every trial loads
+    plan: object  # search.resources.ResourcePlan
+    t0: float  # when the command started
+    budget: object = None  # search.budget.BudgetPlan, with --time-budget
+    mlflow: object = None  # search.tracking.SearchRun
+    deadline: float = math.inf  # when the search phase must end (time.time())
+
+    @property
+    def store(self):
+        return self.exp.store
+
+    def seconds_left(self) -> float | None:
+        budget = self.cfg.budget_s
+        return None if budget is None else budget - (time.time() - self.t0)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; user mistakes end in one sentence and exit code 2, never a traceback."""
     return run_main(lambda: run(parse_config(argv)))
@@ -24,17 +51,20 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(cfg: SearchConfig) -> int:
     """Runs (or resumes) one search and writes its results; returns the exit code."""
-    from search.start import shared_init
+    from search.resources import plan_for_cluster
+    from search.start import base_start
 
-    start = time.time()
+    t0 = time.time()
     exp = Experiment.open(cfg)
-    cfg = exp.cfg
     data, split = exp.data_and_split()  # bad data fails here, before anything is written
-    init = shared_init(cfg, exp, data.num_classes)
-    exp.create(data, split, init)
-    owns_ray = start_ray(cfg.address, cfg.num_cpus)
+    base = base_start(exp.cfg, exp, data.num_classes)  # and unusable weights
+    owns_ray = start_ray(exp.cfg.address, exp.cfg.num_cpus)
     try:
-        return search(cfg, exp, data, split, init, start)
+        r = Run(exp.cfg, exp, data, split, base, plan_for_cluster(exp.cfg), t0)
+        if r.cfg.budget_s is not None and not exp.resumed:
+            plan_time(r)
+        exp.create(data, split)  # only once the search is sure to start
+        return search(r)
     finally:
         if owns_ray:
             import ray
@@ -42,57 +72,102 @@ def run(cfg: SearchConfig) -> int:
             ray.shutdown()
 
 
-def search(cfg: SearchConfig, exp: Experiment, data: ImageData, split: Split,
-           init: tuple[dict, list[float], list[float]], start: float) -> int:
-    """Runs the trials on Ray Tune; returns 0, or 130 when interrupted (resumable)."""
-    from search.report import finish
+def plan_time(r: Run) -> None:
+    """Fits the search into --time-budget: measures this machine's training speed, then plans
+    epochs, trials, the warm start and the refit."""
+    from search import budget
     from search.resources import plan_for_cluster
+    from search.start import needs_warm_start
+    from trainables.speed import seconds_per_image
+
+    size = int(r.data.images.shape[1])
+    speed = budget.Speed(
+        trial=seconds_per_image(r.cfg.train, r.data.num_classes, size, threads=r.plan.threads),
+        solo=seconds_per_image(r.cfg.train, r.data.num_classes, size,
+                               threads=r.plan.solo_threads))
+    sizes = r.split.sizes()
+    r.budget = budget.plan_budget(
+        r.cfg, remaining_s=r.seconds_left(), speed=speed, n_train=sizes["train"],
+        n_val=sizes["val"], n_test=sizes["test"], plan=r.plan,
+        warm=needs_warm_start(r.cfg, r.start))
+    r.cfg = r.exp.cfg = budget.apply(r.cfg, r.budget)
+    r.plan = plan_for_cluster(r.cfg)
+    log.info("time budget %s: %s (measured %.1f ms per training image per trial)",
+             r.cfg.time_budget, r.budget.describe(), 1000 * speed.trial)
+
+
+def search(r: Run) -> int:
+    """The warm start, the trials on Ray Tune, then the report; returns 0, or 130 when
+    interrupted (resumable)."""
+    from search.report import finish
     from search.results import ProgressPrinter, ResultsWriter, settle
+    from search.start import needs_warm_start, warm_start
     from search.tracking import SearchRun, search_params
     from search.tune import make_trainable, make_tuner, place_inputs, restore_tuner
 
+    cfg, store = r.cfg, r.store
     log.info("data: %d images, %d classes, %d px; split train/val/test %s (hash %s)",
-             len(data.labels), data.num_classes, data.images.shape[1],
-             "/".join(str(v) for v in split.sizes().values()), split.hash)
-    plan = plan_for_cluster(cfg)
-    log.info("resources: %s", plan.describe())
-    store = exp.store
-    run = SearchRun.open(cfg.tracking_uri, cfg.experiment, store,
-                         search_params(cfg.flat_dict(), data.facts(), split))
+             len(r.data.labels), r.data.num_classes, r.data.images.shape[1],
+             "/".join(str(v) for v in r.split.sizes().values()), r.split.hash)
+    log.info("resources: %s", r.plan.describe())
+    r.mlflow = SearchRun.open(cfg.tracking_uri, cfg.experiment, store,
+                              search_params(cfg.flat_dict(), r.data.facts(), r.split))
     log.info("MLflow: %s (experiment %r); see it with: mlflow ui --backend-store-uri %s",
-             run.uri, cfg.experiment, run.uri)
-    trainable = make_trainable(cfg, plan, place_inputs(data, split, init), store)
-    if exp.resumed:
-        log.info("resuming %s: finished trials are kept, unfinished ones run again", store.dir)
+             r.mlflow.uri, cfg.experiment, r.mlflow.uri)
+    if needs_warm_start(cfg, r.start):
+        r.start, reports = warm_start(cfg, r.exp, r.data, r.split, r.start, r.plan)
+        r.mlflow.log_stage("warm-start", reports, r.start.record())
+    if not store.has_init():
+        store.write_init(r.start.state, r.start.mean, r.start.std, cfg.train.model,
+                         kind=r.start.kind, facts=r.start.facts)
+    trainable = make_trainable(cfg, r.plan, place_inputs(r.data, r.split, r.start), store)
+    if r.exp.resumed:
+        log.info("resuming %s: finished trials are kept, unfinished ones continue", store.dir)
         tuner = restore_tuner(store, trainable)
     else:
-        recorder = run.trial_recorder(trial_params(cfg, plan), data.class_names,
-                                      data.labels[split.val].tolist())
-        tuner = make_tuner(cfg, plan, trainable,
-                           [recorder, ResultsWriter(store), ProgressPrinter(cfg.num_samples)])
+        recorder = r.mlflow.trial_recorder(trial_params(r), r.data.class_names,
+                                           r.data.labels[r.split.val].tolist())
+        deadline = _search_deadline(r)
+        tuner = make_tuner(cfg, r.plan, trainable,
+                           [recorder, ResultsWriter(store, cfg.train.metric),
+                            ProgressPrinter(cfg.num_samples)], time_budget_s=deadline)
     tuner.fit()
-    out_of_time = cfg.time_budget_s is not None and time.time() - start >= cfg.time_budget_s
+    out_of_time = time.time() >= r.deadline
     table = settle(store, out_of_time)
-    run.close_open_trial_runs(table)
+    r.mlflow.close_open_trial_runs(table)
     if not out_of_time and unfinished(cfg, table):
         log.warning("search interrupted: %d of %d trials finished; continue it with "
                     "python -m search.run --resume --experiment %s --storage %s",
                     int(table["status"].isin(FINISHED).sum()), cfg.num_samples, cfg.experiment,
                     cfg.storage)
         return 130
-    return finish(cfg, store, table, data, split, run, start)
+    return finish(r, table)
 
 
-def trial_params(cfg: SearchConfig, plan) -> dict:
+def _search_deadline(r: Run) -> float | None:
+    from search.budget import FINISH_S, SLACK
+
+    """Seconds Tune may run trials: what the budget plan gives the search, counted from now
+    (the warm start has used its share), keeping the refit's time free."""
+    if r.budget is None:
+        return None
+    left = r.seconds_left() - r.budget.refit_s / SLACK - FINISH_S
+    seconds = max(30.0, min(r.budget.search_s, left))
+    r.deadline = time.time() + seconds - 1.0
+    return seconds
+
+
+def trial_params(r: Run) -> dict:
     """What every trial's MLflow run records besides its own config: the fixed training
-    settings, the image size and the resources."""
+    settings, the image size, the shared start and the resources."""
     from search.tune import trial_train_config
 
-    fixed = {k: v for k, v in dataclasses.asdict(trial_train_config(cfg, plan)).items()
-             if k not in cfg.space}
-    return fixed | {"image_size": cfg.resolved_image_size, "workers_per_trial": plan.workers,
-                    "cpus_per_worker": plan.cpus_per_worker,
-                    "gpus_per_worker": plan.gpus_per_worker}
+    fixed = {k: v for k, v in dataclasses.asdict(trial_train_config(r.cfg, r.plan)).items()
+             if k not in r.cfg.space}
+    return fixed | {"image_size": r.cfg.resolved_image_size, "init": r.start.kind,
+                    "init_id": r.start.id, "workers_per_trial": r.plan.workers,
+                    "cpus_per_worker": r.plan.cpus_per_worker,
+                    "gpus_per_worker": r.plan.gpus_per_worker}
 
 
 def unfinished(cfg: SearchConfig, table) -> bool:

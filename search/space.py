@@ -42,10 +42,15 @@ def resolve_space(space: dict[str, Any], max_epochs: int) -> dict[str, Any]:
     bad one. A space without an epochs entry leaves epochs to the fixed training settings."""
     space = {k: v for k, v in space.items()}
     if "epochs" in space and space["epochs"] is None:
-        space["epochs"] = {"low": max(1, (max_epochs + 1) // 2), "high": max_epochs}
+        space["epochs"] = default_epochs(max_epochs)
     for name, spec in space.items():
         _check_entry(name, spec, max_epochs)
     return space
+
+
+def default_epochs(max_epochs: int) -> dict[str, int]:
+    """The epochs range when the user sets none: from half of --max-epochs up to it."""
+    return {"low": max(1, (max_epochs + 1) // 2), "high": max_epochs}
 
 
 def recommended_point(space: dict[str, Any]) -> dict[str, Any]:

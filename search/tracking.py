@@ -13,6 +13,7 @@ from typing import Any
 import pandas as pd
 from ray.tune import Callback
 
+from search.results import epochs_of
 from trainables.split import Split
 from trainables.store import ExperimentStore, code_version, outcome
 from trainables.tracking import (
@@ -75,7 +76,7 @@ class TrialRecorder(Callback):
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
         from mlflow.entities import Metric
 
-        step = int(result.get("training_iteration", 0))
+        step = epochs_of(result)
         now = int(time.time() * 1000)
         metrics = [Metric(k, float(result[k]), now, step) for k in TRIAL_METRICS if k in result]
         self.client.log_batch(self.run_id(trial), metrics=metrics)
@@ -83,7 +84,7 @@ class TrialRecorder(Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         run_id = self.run_id(trial)
         last = trial.last_result or {}
-        epochs_run = int(last.get("training_iteration", 0))
+        epochs_run = epochs_of(last)
         planned = int(trial.config.get("epochs", self.fixed.get("epochs", epochs_run)))
         self.client.set_tag(run_id, "outcome", outcome(epochs_run, planned))
         self.client.set_tag(run_id, "epochs_run", str(epochs_run))
@@ -134,6 +135,23 @@ class SearchRun:
                        val_labels: list[int]) -> TrialRecorder:
         return TrialRecorder(self.uri, self.exp_id, self.run_id, fixed_params, self.store,
                              class_names, val_labels)
+
+    def log_stage(self, name: str, reports: list[dict], params: dict[str, Any]) -> str:
+        """A nested run for a stage that is not a trial (the warm start, the refit): its facts
+        as params and its per-epoch reports as metric curves."""
+        from mlflow.entities import Metric
+
+        run = self.client.create_run(self.exp_id, run_name=name, tags={
+            "mlflow.parentRunId": self.run_id, "kind": name, **code_version()})
+        rid = run.info.run_id
+        log_params(self.client, rid, flat_params(params))
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, float(r[k]), now, epochs_of(r)) for r in reports
+                   for k in TRIAL_METRICS if k in r]
+        for i in range(0, len(metrics), 500):
+            self.client.log_batch(rid, metrics=metrics[i:i + 500])
+        self.client.set_terminated(rid, "FINISHED")
+        return rid
 
     def close_open_trial_runs(self, table: pd.DataFrame) -> None:
         """Child runs Tune never reported as ended: FINISHED at the time budget, else KILLED."""

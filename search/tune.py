@@ -13,11 +13,15 @@ from trainables.data import ImageData
 from trainables.errors import UserError
 from trainables.models import import_plugins
 from trainables.split import Split
-from trainables.store import ExperimentStore
+from trainables.store import ExperimentStore, score_column
 from trainables.train import TrainConfig, TrialInputs, fit, train_worker
 
-METRIC = "best_val_acc"  # running best: monotone per trial, what ASHA rungs and Optuna compare
 PROGRESS = "progress"  # share of its own epochs a trial has done: ASHA's clock
+
+
+def metric(cfg: SearchConfig) -> str:
+    """What ASHA rungs and Optuna compare: the trial's running best val score (monotone)."""
+    return score_column(cfg.train.metric)
 
 
 def run_trial(config: dict[str, Any], inputs: TrialInputs | None = None,
@@ -67,15 +71,34 @@ def with_placement(report):
     return lambda metrics: report({**metrics, **where})
 
 
-def place_inputs(data: ImageData, split: Split, init: tuple[dict, list[float], list[float]]
-                 ) -> TrialInputs:
-    """Puts the decoded data and the initial weights into Ray's object store once; every trial
-    and worker then reads them zero-copy."""
+def fit_on_ray(train_cfg: TrainConfig, inputs: TrialInputs, checkpoint, plugins: list[str],
+               plan: ResourcePlan) -> tuple[dict, list[dict]]:
+    """Runs `fit` alone as one Ray task with what all concurrent trials would use on one node
+    (the warm start and the refit run when no trial does); returns its best metrics and its
+    per-epoch reports."""
     import ray
 
-    state, mean, std = init
-    return TrialInputs(data=ray.put(data), init_state=ray.put(state), train_idx=split.train,
-                       val_idx=split.val, mean=mean, std=std)
+    task = ray.remote(_fit_task).options(num_cpus=plan.solo_cpus,
+                                         num_gpus=1 if plan.gpus_per_worker else 0)
+    cfg = dataclasses.replace(train_cfg, threads=plan.solo_threads)
+    return ray.get(task.remote(cfg, inputs, str(checkpoint), list(plugins)))
+
+
+def _fit_task(cfg: TrainConfig, inputs: TrialInputs, checkpoint: str, plugins: list[str]
+              ) -> tuple[dict, list[dict]]:
+    import_plugins(plugins)
+    reports: list[dict] = []
+    best = fit(cfg, inputs, checkpoint, report=reports.append)
+    return best, reports
+
+
+def place_inputs(data: ImageData, split: Split, start) -> TrialInputs:
+    """Puts the decoded data and the shared start (`search.start.Start`) into Ray's object store
+    once; every trial and worker then reads them zero-copy."""
+    import ray
+
+    return TrialInputs(data=ray.put(data), init_state=ray.put(start.state), train_idx=split.train,
+                       val_idx=split.val, mean=start.mean, std=start.std, init_id=start.id)
 
 
 def trial_train_config(cfg: SearchConfig, plan: ResourcePlan) -> TrainConfig:
@@ -103,7 +126,8 @@ def make_trainable(cfg: SearchConfig, plan: ResourcePlan, inputs: TrialInputs,
     return tune.with_resources(trainable, {"cpu": plan.trial_cpus})
 
 
-def make_tuner(cfg: SearchConfig, plan: ResourcePlan, trainable, callbacks: list):
+def make_tuner(cfg: SearchConfig, plan: ResourcePlan, trainable, callbacks: list,
+               time_budget_s: float | None = None):
     """A fresh Tuner: Optuna TPE proposes, ASHA stops weak trials, Tune runs them."""
     import optuna
     from ray import tune
@@ -123,7 +147,7 @@ def make_tuner(cfg: SearchConfig, plan: ResourcePlan, trainable, callbacks: list
     # That is deliberate: the partial score is lower than a full run's would be, which is what
     # the sampler should learn (ASHA stopped it for being behind at its rung).
     first = [recommended_point(cfg.space)] if cfg.start_with_default else []
-    searcher = OptunaSearch(space=SpaceSampler(cfg.space), metric=METRIC, mode="max",
+    searcher = OptunaSearch(space=SpaceSampler(cfg.space), metric=metric(cfg), mode="max",
                             sampler=sampler, points_to_evaluate=first or None)
     scheduler = ASHAScheduler(**asha_settings(cfg))
     if cfg.early_stopping == "none":
@@ -133,7 +157,7 @@ def make_tuner(cfg: SearchConfig, plan: ResourcePlan, trainable, callbacks: list
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
                                     num_samples=cfg.num_samples,
                                     max_concurrent_trials=plan.concurrency,
-                                    time_budget_s=cfg.time_budget_s,
+                                    time_budget_s=time_budget_s,
                                     # a warm trial process has torch and timm imported already:
                                     # reusing it saves seconds per trial on small data
                                     reuse_actors=True,
@@ -156,7 +180,7 @@ def asha_settings(cfg: SearchConfig) -> dict[str, Any]:
     """
     # a hair below the exact share, so 3 * (2 / 10) still matches epoch 3 of 5 in floating point
     grace = cfg.resolved_grace_period / cfg.max_epochs - 1e-9
-    return {"time_attr": PROGRESS, "metric": METRIC, "mode": "max", "max_t": 1.0,
+    return {"time_attr": PROGRESS, "metric": metric(cfg), "mode": "max", "max_t": 1.0,
             "grace_period": grace, "reduction_factor": cfg.reduction_factor}
 
 

@@ -35,18 +35,24 @@ def outcome(epochs_run: int, planned: int) -> str:
     return "completed" if epochs_run >= planned else "stopped_early"
 
 
-def rank_key(val_acc: float, val_loss: float) -> tuple[float, float]:
-    """The one ranking rule, for sort keys: higher val accuracy first, then lower val loss."""
-    return (-val_acc, val_loss)
+def rank_key(score: float, val_loss: float) -> tuple[float, float]:
+    """The one ranking rule, for sort keys: the higher val score (accuracy, or macro-F1 with
+    --metric f1) first, then the lower val loss."""
+    return (-score, val_loss)
 
 
-def ranked(table: pd.DataFrame) -> pd.DataFrame:
+def score_column(metric: str) -> str:
+    """The results-table column a search ranks its trials by."""
+    return {"accuracy": "best_val_acc", "f1": "best_val_f1"}[metric]
+
+
+def ranked(table: pd.DataFrame, metric: str = "accuracy") -> pd.DataFrame:
     """Finished trials with a checkpoint first, ordered by `rank_key`; the rest after them."""
     if table.empty:
         return table
     usable = table["status"].isin(FINISHED) & (table["checkpoint"] != "")
     order = table.assign(_usable=usable).sort_values(
-        ["_usable", "best_val_acc", "best_val_loss"], ascending=[False, False, True],
+        ["_usable", score_column(metric), "best_val_loss"], ascending=[False, False, True],
         na_position="last")
     return order.drop(columns="_usable").reset_index(drop=True)
 
@@ -134,6 +140,12 @@ class ExperimentStore:
     def read_config(self) -> dict[str, Any]:
         return yaml.safe_load(self.path("config.yaml").read_text())
 
+    @property
+    def metric(self) -> str:
+        """What the search ranks by ('accuracy' or 'f1'), from its config."""
+        doc = self.read_config() if self.holds_search() else {}
+        return (doc.get("train") or {}).get("metric") or doc.get("metric") or "accuracy"
+
     def write_data(self, data: ImageData) -> None:
         save_image_data(data, self.path("data.npz"))
 
@@ -150,9 +162,12 @@ class ExperimentStore:
         path = self.path("split.json")
         return Split.from_doc(read_json(path), source=str(path))
 
-    def write_init(self, state: dict, mean: list[float], std: list[float], model: str) -> None:
-        save_checkpoint({"model": state, "mean": mean, "std": std, "model_name": model},
-                        self.path("init.pt"))
+    def write_init(self, state: dict, mean: list[float], std: list[float], model: str, *,
+                   kind: str = "random", facts: dict | None = None) -> None:
+        """init.pt: the weights every trial of the search starts from, and where they came
+        from (kind 'pretrained', 'warm' or 'random', with e.g. the warm start's val accuracy)."""
+        save_checkpoint({"model": state, "mean": mean, "std": std, "model_name": model,
+                         "kind": kind, "facts": dict(facts or {})}, self.path("init.pt"))
 
     def read_init(self) -> dict:
         return load_checkpoint(self.path("init.pt"))
@@ -183,7 +198,7 @@ class ExperimentStore:
 
     def usable_trials(self) -> pd.DataFrame:
         """Finished trials whose checkpoint is on disk, best first."""
-        table = ranked(self.read_results())
+        table = ranked(self.read_results(), self.metric)
         usable = table[table["status"].isin(FINISHED) & (table["checkpoint"] != "")]
         return usable[[Path(c).is_file() for c in usable["checkpoint"]]]
 

@@ -45,7 +45,8 @@ def test_search_spreads_trials_over_nodes_and_ensemble_builds(cluster, tmp_path)
     storage = tmp_path / "shared"
     args = ["--data", str(_images(tmp_path / "images")), "--image-size", "32",
             "--num-samples", "4", "--max-epochs", "1", "--space", "batch_size=[8]",
-            "--experiment", "multi", "--storage", str(storage)]
+            "--experiment", "multi", "--storage", str(storage), "--init", "random",
+            "--no-refit"]
     proc = _run("search.run", args, tmp_path, cluster.address)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 trial(s) at once" in proc.stderr
@@ -65,7 +66,7 @@ def test_fractional_gpus_place_trials_on_gpu_nodes_only(cluster, tmp_path):
     args = ["--data", str(_images(tmp_path / "images")), "--image-size", "32",
             "--num-samples", "4", "--max-epochs", "1", "--space", "batch_size=[8]",
             "--gpus-per-worker", "0.5", "--cpus-per-worker", "0.25", "--experiment", "gpu",
-            "--storage", str(tmp_path / "runs")]
+            "--storage", str(tmp_path / "runs"), "--init", "random", "--no-refit"]
     proc = _run("search.run", args, tmp_path, cluster.address)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "4 trial(s) at once" in proc.stderr and "0.5 GPU per worker" in proc.stderr

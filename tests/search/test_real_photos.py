@@ -23,6 +23,7 @@ def test_search_on_sign_language_photos(tmp_path):
         [sys.executable, "-m", "search.run", "--data", str(SHARED_DATA), "--image-size", "32",
          "--num-samples", "2", "--max-epochs", "2", "--space", "epochs=2",
          "--space", "lr=0.003", "--space", "scheduler=cosine", "--experiment", "signs",
+         "--init", "random", "--no-refit",
          "--storage", str(tmp_path / "runs"), "--tracking-uri",
          f"sqlite:///{tmp_path / 'mlflow.db'}", "--num-cpus", "2"],
         cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from conftest import REPO, write_image
 
@@ -22,6 +23,7 @@ pytestmark = pytest.mark.slow
 SIX = {"lr", "weight_decay", "batch_size", "dropout", "epochs", "scheduler"}
 TINY = ["--image-size", "32", "--space", "batch_size=[8,16]", "--max-epochs", "2",
         "--grace-period", "1", "--num-cpus", "2"]
+BARE = ["--init", "random", "--no-refit"]  # for tests about other things: no warm start, refit
 
 
 def _folder(root: Path, classes: int = 3, per_class: int = 14) -> Path:
@@ -47,7 +49,8 @@ def searched(tmp_path_factory) -> dict:
     proc = _cli(["--data", str(data), "--num-samples", "3", "--experiment", "e2e",
                  "--storage", str(work / "runs"), "--tracking-uri", uri, *TINY], work)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return {"work": work, "uri": uri, "exp_dir": work / "runs" / "e2e", "stdout": proc.stdout}
+    return {"work": work, "uri": uri, "exp_dir": work / "runs" / "e2e", "stdout": proc.stdout,
+            "stderr": proc.stderr}
 
 
 def test_search_writes_results_and_summary(searched):
@@ -70,24 +73,67 @@ def test_search_writes_results_and_summary(searched):
     assert not set(split["test"]) & set(split["train"])
     assert (exp / "config.yaml").is_file() and (exp / "init.pt").is_file()
     assert "trials, best first" in searched["stdout"]
-    assert "test accuracy" in searched["stderr"] if "stderr" in searched else True
+
+
+def test_every_trial_fine_tunes_from_the_one_warm_start(searched):
+    from trainables.checkpoint import load_checkpoint
+    from trainables.models import state_id
+
+    exp = searched["exp_dir"]
+    init = load_checkpoint(exp / "init.pt")
+    assert init["kind"] == "warm" and 0.0 <= init["facts"]["val_acc"] <= 1.0
+    warm = load_checkpoint(exp / "warm" / "best.pt")  # the warm start's own checkpoint
+    assert all(torch.equal(v, warm["model"][k]) for k, v in init["model"].items())
+    table = pd.read_csv(exp / "results.csv")
+    ids = {load_checkpoint(exp / c)["init_id"] for c in table["checkpoint"]}
+    assert ids == {state_id(init["model"])}
+    summary = json.loads((exp / "summary.json").read_text())
+    assert summary["start"]["kind"] == "warm" and summary["start"]["id"] == state_id(init["model"])
+
+
+def test_refit_on_train_and_val_is_the_final_model(searched):
+    from trainables.checkpoint import load_checkpoint
+    from trainables.train import TrainConfig
+
+    exp = searched["exp_dir"]
+    summary = json.loads((exp / "summary.json").read_text())
+    refit, final = summary["refit"], summary["final"]
+    assert final["model"] == "refit" and final["checkpoint"] == refit["checkpoint"]
+    assert refit["train_images"] == summary["split_sizes"]["train"] + summary["split_sizes"]["val"]
+    assert 0.0 <= refit["test"]["accuracy"] <= 1.0 and "f1" in refit["test"]
+    ckpt = load_checkpoint(exp / refit["checkpoint"])
+    chosen = load_checkpoint(exp / summary["best_trial"]["checkpoint"])
+    assert TrainConfig.from_dict(ckpt["config"]).lr == TrainConfig.from_dict(chosen["config"]).lr
+    assert len(ckpt["val_indices"]) == 0  # no image was held out from it
+    assert "refit on train + val" in searched["stderr"]
 
 
 def _run_tree(client, name: str):
+    """The parent run and its trial runs; stage runs (warm start, refit) are left out."""
+    parent, children, _ = _run_tree_with_stages(client, name)
+    return parent, children
+
+
+def _run_tree_with_stages(client, name: str):
     exp = client.get_experiment_by_name(name)
     runs = client.search_runs([exp.experiment_id])
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 1
     parent = parents[0]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    return parent, children
+    trials = [r for r in children if "trial_id" in r.data.tags]
+    stages = [r for r in children if "trial_id" not in r.data.tags]
+    return parent, trials, stages
 
 
 def test_mlflow_run_tree(searched):
     from mlflow import MlflowClient
 
     client = MlflowClient(searched["uri"])
-    parent, children = _run_tree(client, "e2e")
+    parent, children, stages = _run_tree_with_stages(client, "e2e")
+    assert sorted(r.data.tags["kind"] for r in stages) == ["refit", "warm-start"]
+    for stage in stages:
+        assert client.get_metric_history(stage.info.run_id, "train_loss")
     table = pd.read_csv(searched["exp_dir"] / "results.csv").set_index("trial_id")
     assert parent.info.status == "FINISHED"
     assert "test_accuracy" in parent.data.metrics
@@ -139,9 +185,10 @@ def test_mlflow_server_serves_the_tree_over_rest(searched):
             data=json.dumps({"experiment_ids": [parent.info.experiment_id]}).encode(),
             headers={"Content-Type": "application/json"})
         runs = json.load(urllib.request.urlopen(req, timeout=10))["runs"]
-        assert len(runs) == 4
+        assert len(runs) == 6  # parent, 3 trials, warm start, refit
+        trial_ids = {c.info.run_id for c in children}
         child_params = [{p["key"] for p in r["data"].get("params", [])} for r in runs
-                        if r["info"]["run_id"] != parent.info.run_id]
+                        if r["info"]["run_id"] in trial_ids]
         assert all(SIX <= p for p in child_params)
     finally:
         server.terminate()
@@ -154,7 +201,7 @@ def test_ddp_trial_with_two_workers(tmp_path):
     proc = _cli(["--data", str(data), "--num-samples", "1", "--workers-per-trial", "2",
                  "--max-epochs", "1", "--experiment", "ddp", "--storage",
                  str(tmp_path / "runs"), "--tracking-uri", uri, "--image-size", "32",
-                 "--space", "batch_size=[8]", "--num-cpus", "2"], tmp_path)
+                 "--space", "batch_size=[8]", "--num-cpus", "2", *BARE], tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "DDP x2" in proc.stderr
     table = pd.read_csv(tmp_path / "runs" / "ddp" / "results.csv")
@@ -171,7 +218,7 @@ def test_resume_after_interrupt_keeps_finished_trials(tmp_path):
     data = _folder(tmp_path / "images")
     args = ["--data", str(data), "--num-samples", "3", "--max-concurrent", "1",
             "--experiment", "res", "--storage", str(tmp_path / "runs"), "--tracking-uri",
-            f"sqlite:///{tmp_path / 'mlflow.db'}", *TINY]
+            f"sqlite:///{tmp_path / 'mlflow.db'}", "--no-refit", *TINY]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-m", "search.run", *args], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -191,6 +238,7 @@ def test_resume_after_interrupt_keeps_finished_trials(tmp_path):
     assert 1 <= len(done) < 3
     exp = tmp_path / "runs" / "res"
     stamps = {t: (exp / c).stat().st_mtime_ns for t, c in zip(done["trial_id"], done["checkpoint"])}
+    warm_stamp = (exp / "init.pt").stat().st_mtime_ns
 
     resumed = _cli(["--resume", "--experiment", "res", "--storage", str(tmp_path / "runs")],
                    tmp_path)
@@ -203,8 +251,12 @@ def test_resume_after_interrupt_keeps_finished_trials(tmp_path):
     from mlflow import MlflowClient
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    _, children = _run_tree(client, "res")
+    _, children, stages = _run_tree_with_stages(client, "res")
     assert len(children) == 3
+    # the warm start was trained once: --resume reused it
+    assert (exp / "init.pt").stat().st_mtime_ns == warm_stamp
+    assert [s.data.tags["kind"] for s in stages] == ["warm-start"]
+    assert "warm start" not in resumed.stderr
 
 
 FLAKY = '''
@@ -231,7 +283,7 @@ def test_failing_trial_is_retried_and_does_not_stop_search(tmp_path, max_failure
     args = ["--data", str(data), "--model", "flaky_net", "--plugins", "flaky_models",
             "--num-samples", "2", "--max-concurrent", "1", "--max-failures", str(max_failures),
             "--space", "epochs=1", "--experiment", "flaky", "--storage", str(tmp_path / "runs"),
-            "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", *TINY]
+            "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", *TINY, *BARE]
     os.environ.update(env_marker)
     try:
         proc = _cli(args, tmp_path)

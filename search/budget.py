@@ -1,0 +1,118 @@
+"""`--time-budget`: plan a search to fit the user's wall-clock budget.
+
+Users think in "20 minutes" or "overnight", not in trials x epochs. From the measured training
+speed, the data size and the resources, the plan decides how long the longest trial trains
+(--max-epochs), how many trials run (--num-samples), the warm start's epochs and the time the
+search may take, keeping time for the warm start before it and the refit after it. Tune stops the
+search at its deadline, so the run ends within the budget with its results written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from dataclasses import dataclass
+
+from search.config import SearchConfig, validate
+from search.resources import ResourcePlan
+from search.space import default_epochs
+from trainables.errors import UserError
+
+log = logging.getLogger("search")
+
+TRIALS_PER_SLOT = 2.0  # full-length trials each concurrency slot should fit (ASHA makes more)
+MAX_EPOCHS = 40  # the longest trial a plan gives, however large the budget
+WARM_SHARE = 0.3  # warm-start epochs as a share of the longest trial
+EVAL_COST = 0.35  # predicting an image costs about this share of training on it
+FINISH_S = 15.0  # the end: test predictions, MLflow records, summary
+SLACK = 0.92  # keep a margin for trial start-up and the unexpected
+
+
+def parse_duration(text: str | float | int) -> float:
+    """Seconds from '20m', '1h30m', '90s', '1.5h' or a plain number of seconds."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        seconds = float(text)
+    else:
+        s = str(text).strip().lower().replace(" ", "")
+        parts = re.findall(r"(\d+(?:\.\d+)?)([hms]?)", s)
+        if not s or "".join(n + u for n, u in parts) != s:
+            raise UserError(f"--time-budget {text!r} is not a duration; write e.g. 20m, 1h30m, "
+                            "90s or a number of seconds")
+        unit = {"h": 3600.0, "m": 60.0, "s": 1.0, "": 1.0}
+        seconds = sum(float(n) * unit[u] for n, u in parts)
+    if seconds <= 0:
+        raise UserError(f"--time-budget must be positive, not {text!r}")
+    return seconds
+
+
+@dataclass(frozen=True)
+class Speed:
+    """Measured training seconds per image: one trial's worker, and one process alone."""
+
+    trial: float
+    solo: float
+
+
+@dataclass(frozen=True)
+class BudgetPlan:
+    max_epochs: int
+    num_samples: int
+    warm_epochs: int | None
+    search_s: float  # Tune's deadline for the search phase, from its start
+    refit_s: float  # expected refit time (kept free after the search)
+    warm_s: float
+    trial_s: float
+
+    def describe(self) -> str:
+        warm = f"warm start {self.warm_epochs} epoch(s) ~{self.warm_s:.0f} s, " \
+            if self.warm_epochs else ""
+        return (f"{warm}search ~{self.search_s:.0f} s: up to {self.num_samples} trials of at "
+                f"most {self.max_epochs} epochs (~{self.trial_s:.0f} s each), refit "
+                f"~{self.refit_s:.0f} s")
+
+
+def plan_budget(cfg: SearchConfig, *, remaining_s: float, speed: Speed, n_train: int,
+                n_val: int, n_test: int, plan: ResourcePlan, warm: bool) -> BudgetPlan:
+    """The plan that fits `remaining_s` (the budget minus what the run has used already).
+
+    With E the longest trial's epochs: the warm start takes WARM_SHARE * E epochs alone, the
+    search TRIALS_PER_SLOT full trials per slot, the refit E epochs of train + val alone; E is
+    the largest that fits (at most MAX_EPOCHS, or the user's --max-epochs).
+    """
+    epoch_trial = (n_train + EVAL_COST * n_val) * speed.trial  # one epoch of one trial
+    epoch_solo = (n_train + EVAL_COST * n_val) * speed.solo
+    refit_epoch = (n_train + n_val) * speed.solo if cfg.refit else 0.0
+    usable = remaining_s * SLACK - FINISH_S - EVAL_COST * n_test * speed.solo
+    per_epoch = (WARM_SHARE * epoch_solo if warm else 0.0) + refit_epoch \
+        + TRIALS_PER_SLOT * epoch_trial
+    cap = cfg.max_epochs if "max_epochs" in cfg.given else MAX_EPOCHS
+    epochs = int(min(cap, usable / per_epoch)) if usable > 0 else 0
+    if epochs < 1:
+        need = (per_epoch + FINISH_S) / SLACK
+        raise UserError(f"--time-budget leaves {max(remaining_s, 0):.0f} s after reading the "
+                        f"data, and one epoch of this search needs about {need:.0f} s here; "
+                        "give a larger budget, a smaller --image-size or model, or fewer images")
+    warm_epochs = (cfg.warm_epochs or max(1, round(WARM_SHARE * epochs))) if warm else None
+    warm_s = (warm_epochs or 0) * epoch_solo
+    refit_s = epochs * refit_epoch
+    search_s = max(usable - warm_s - refit_s, epoch_trial)
+    # ASHA lets about 1 in 3 trials run their full length, the rest stop at half or less
+    trials = max(plan.concurrency, int(search_s * plan.concurrency / (0.6 * epochs * epoch_trial)))
+    if "num_samples" in cfg.given:
+        trials = min(trials, cfg.num_samples)
+    return BudgetPlan(epochs, trials, warm_epochs, search_s, refit_s, warm_s,
+                      epochs * epoch_trial)
+
+
+def apply(cfg: SearchConfig, plan: BudgetPlan) -> SearchConfig:
+    """The config with the plan's epochs, trials and warm start; an epochs range the user did
+    not set follows the new --max-epochs."""
+    space = dict(cfg.space)
+    if space.get("epochs") == default_epochs(cfg.max_epochs):
+        space["epochs"] = None
+    grace = min(cfg.grace_period, plan.max_epochs) if cfg.grace_period else None
+    return validate(dataclasses.replace(
+        cfg, max_epochs=plan.max_epochs, num_samples=plan.num_samples, space=space,
+        warm_epochs=plan.warm_epochs or cfg.warm_epochs, grace_period=grace))
+

@@ -1,0 +1,72 @@
+"""--time-budget: durations, and plans that fit the budget (pure arithmetic, no training)."""
+
+from __future__ import annotations
+
+import pytest
+
+from search.budget import Speed, apply, parse_duration, plan_budget
+from search.config import parse_config
+from search.resources import ResourcePlan
+from trainables.errors import UserError
+
+PLAN = ResourcePlan(workers=1, cpus_per_worker=1.0, gpus_per_worker=0.0, trial_cpus=0.0,
+                    concurrency=2, solo_cpus=2.0)
+CLOTHES = {"n_train": 3068, "n_val": 341, "n_test": 372}
+
+
+@pytest.mark.parametrize("text, seconds", [("20m", 1200), ("1h30m", 5400), ("90s", 90),
+                                           ("1.5h", 5400), ("900", 900), (900, 900),
+                                           ("2m 30s", 150)])
+def test_durations(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "ten minutes", "20x", "-5m", "0", "m"])
+def test_bad_durations_are_user_errors(text):
+    with pytest.raises(UserError, match="time-budget"):
+        parse_duration(text)
+
+
+def test_bad_budget_flag_is_refused_at_parse_time():
+    with pytest.raises(UserError, match="time-budget"):
+        parse_config(["--time-budget", "soon"])
+
+
+@pytest.mark.parametrize("budget", [600, 1400, 3600, 8 * 3600])
+@pytest.mark.parametrize("warm", [True, False])
+def test_plan_fits_the_budget(budget, warm):
+    cfg = parse_config(["--data", "x", "--time-budget", str(budget)])
+    speed = Speed(trial=1 / 70, solo=1 / 110)
+    plan = plan_budget(cfg, remaining_s=budget - 20, speed=speed, plan=PLAN, warm=warm, **CLOTHES)
+    assert plan.warm_s + plan.search_s + plan.refit_s <= budget - 20
+    assert 1 <= plan.max_epochs <= 40 and plan.num_samples >= PLAN.concurrency
+    assert (plan.warm_epochs is not None) == warm
+    # the search gets room for about two full-length trials per slot
+    assert plan.search_s >= 2 * plan.trial_s * 0.99
+    applied = apply(cfg, plan)
+    assert applied.max_epochs == plan.max_epochs and applied.num_samples == plan.num_samples
+    assert applied.space["epochs"]["high"] == plan.max_epochs  # the default range follows
+
+
+def test_a_larger_budget_trains_longer_and_tries_more():
+    cfg = parse_config(["--data", "x", "--time-budget", "1h"])
+    speed = Speed(trial=1 / 70, solo=1 / 110)
+    small = plan_budget(cfg, remaining_s=900, speed=speed, plan=PLAN, warm=True, **CLOTHES)
+    large = plan_budget(cfg, remaining_s=4 * 3600, speed=speed, plan=PLAN, warm=True, **CLOTHES)
+    assert large.max_epochs > small.max_epochs and large.num_samples >= small.num_samples
+
+
+def test_given_options_cap_the_plan():
+    cfg = parse_config(["--data", "x", "--time-budget", "8h", "--max-epochs", "12",
+                        "--num-samples", "5", "--space", "epochs={low: 4, high: 12}"])
+    plan = plan_budget(cfg, remaining_s=8 * 3600, speed=Speed(1 / 70, 1 / 110), plan=PLAN,
+                       warm=True, **CLOTHES)
+    assert plan.max_epochs == 12 and plan.num_samples == 5
+    assert apply(cfg, plan).space["epochs"] == {"low": 4, "high": 12}  # the user's range stays
+
+
+def test_a_budget_too_small_for_one_epoch_says_so():
+    cfg = parse_config(["--data", "x", "--time-budget", "30s"])
+    with pytest.raises(UserError, match="time-budget"):
+        plan_budget(cfg, remaining_s=10, speed=Speed(1 / 20, 1 / 30), plan=PLAN, warm=True,
+                    **CLOTHES)
