@@ -19,7 +19,8 @@ from pathlib import Path
 
 from benchmarks.common import REPO, add_search_args, header, mean_std, resolve_data
 
-ROWS = ("best single", "hard vote", "soft vote", "weighted vote", "uniform soup", "greedy soup")
+ROWS = ("best single", "hard vote", "soft vote", "weighted vote", "uniform soup", "greedy soup",
+        "last-epochs soup")
 
 
 def run_one(seed: int, work: Path, args: argparse.Namespace) -> dict:

@@ -83,9 +83,10 @@ def build(cfg: EnsembleConfig) -> int:
     if cfg.seeds:
         members += _retrain(cfg, state, members, out / "seeds")
     log.info("members: %s", ", ".join(f"{m.name} (val {m.val_acc:.4f})" for m in members))
-    pool = Pool(state, predict_members(state, members, cfg.tta), cfg.tta, cfg.rounds)
+    pool = Pool(state, predict_members(state, members, cfg.tta), cfg.tta, cfg.rounds,
+                state.store.metric)
     rows = build_rows(pool)
-    chosen = choose(rows)
+    chosen = choose(rows, pool.metric)
     saved = out / "ensemble.pt"
     chosen.artifact.save(saved, cfg.tta)
     for r in rows:

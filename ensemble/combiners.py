@@ -80,6 +80,7 @@ class Pool:
     preds: list[MemberPreds]
     tta: list[str]
     rounds: int = 25
+    metric: str = "accuracy"  # what ranks members and rows: val accuracy or val macro-F1
 
     @property
     def y_val(self) -> np.ndarray:
@@ -97,7 +98,32 @@ class Pool:
     def ranking(self) -> list[int]:
         """Member positions, best first by the one ranking rule."""
         return sorted(range(len(self.preds)), key=lambda i: rank_key(
-            self.val_scores[i]["accuracy"], self.val_scores[i]["loss"]))
+            self.val_scores[i][self.metric], self.val_scores[i]["loss"]))
+
+    def soup_group(self) -> list[int]:
+        """Positions of the members a soup may average: the best member's architecture and
+        start, best first."""
+        best = self.preds[self.ranking[0]]
+        return [i for i in self.ranking if self.preds[i].arch == best.arch
+                and self.preds[i].member.init_id == best.member.init_id]
+
+    def soup_candidates(self) -> list[tuple[str, str]]:
+        """(name, checkpoint) of every model a greedy soup may take: the soup group's members
+        and their last epochs' weights, ordered best first by val score."""
+        scored = []
+        for i in self.soup_group():
+            p = self.preds[i]
+            scored.append((p.member.name, p.member.checkpoint, self.val_scores[i]))
+            for snap in p.member.snapshots:
+                if Path(snap).stem == f"epoch_{p.member.epoch}":
+                    continue  # the member's own weights, already a candidate
+                model, ckpt = load_trained(snap, torch.device("cpu"))
+                probs, _ = timed_predict(model, self.state.data.images[self.state.split.val],
+                                         ckpt, self.tta)
+                scored.append((f"{p.member.name}-{Path(snap).stem}", snap,
+                               ensemble_metrics(probs, self.y_val)))
+        scored.sort(key=lambda t: rank_key(t[2][self.metric], t[2]["loss"]))
+        return [(name, path) for name, path, _ in scored]
 
     @cached_property
     def soup_cooker(self) -> _SoupCooker:
@@ -200,56 +226,89 @@ class WeightedVote(_Vote):
 
 
 class _Soup(Combiner):
-    """A weight average over the members that share the best member's architecture."""
+    """A weight average of models fine-tuned from one start: the best member's architecture and
+    shared start (init_id); members from another start would average into nonsense."""
+
+    minimum = 2  # ingredients a soup needs to be a soup
+
+    @abstractmethod
+    def candidates(self, pool: Pool) -> list[tuple[str, str]]:
+        """(name, checkpoint) of the possible ingredients, best first."""
 
     @abstractmethod
     def cook(self, states: list[dict], cooker: _SoupCooker) -> tuple[dict, list[int]]:
         """The averaged state and the positions (in `states`) of the ingredients taken."""
 
     def fit(self, pool: Pool) -> Combined:
-        best_arch = pool.preds[pool.ranking[0]].arch
-        group = [i for i in pool.ranking if pool.preds[i].arch == best_arch]
-        if len(group) < 2:
-            return skipped(self.name, "fewer than 2 members share an architecture")
+        ingredients = self.candidates(pool)
+        if len(ingredients) < self.minimum:
+            return skipped(self.name, f"fewer than {self.minimum} ingredients share the best "
+                           "member's architecture and start")
         cooker = pool.soup_cooker
-        states = [load_checkpoint(pool.preds[i].member.checkpoint)["model"] for i in group]
+        states = [load_checkpoint(path)["model"] for _, path in ingredients]
         soup, chosen = self.cook(states, cooker)
         model, recal = cooker.best_variant(soup)
         images, split = pool.state.data.images, pool.state.split
         val, _ = timed_predict(model, images[split.val], cooker.base, pool.tta)
         test, ms = timed_predict(model, images[split.test], cooker.base, pool.tta)
-        picked = [pool.preds[group[i]].member for i in chosen]
+        picked = [ingredients[i] for i in chosen]
         val_metrics = ensemble_metrics(val, pool.y_val)
         checkpoint = dict(cooker.base)  # a soup is a normal training checkpoint
         checkpoint.update(model={k: v.clone() for k, v in model.state_dict().items()},
                           kind="soup", combiner=self.name, bn_recalibrated=recal,
-                          ingredients=[m.checkpoint for m in picked],
+                          ingredients=[path for _, path in picked],
                           metrics={f"val_{k}": float(v) for k, v in val_metrics.items()})
         checkpoint.pop("val_probs", None)
         checkpoint.pop("val_indices", None)
-        return Combined(self.name, [m.name for m in picked], [1.0 / len(picked)] * len(picked),
-                        val_metrics, ensemble_metrics(test, pool.y_test),
-                        pool.preds[group[0]].params, ms, test_probs=test,
-                        artifact=NetworkArtifact(checkpoint),
-                        note="BN statistics recomputed" if recal else "BN statistics averaged")
+        note = (f"{len(picked)} of {len(ingredients)} ingredients; BN statistics "
+                + ("recomputed" if recal else "averaged"))
+        return Combined(self.name, [name for name, _ in picked],
+                        [1.0 / len(picked)] * len(picked), val_metrics,
+                        ensemble_metrics(test, pool.y_test), pool.preds[pool.ranking[0]].params,
+                        ms, test_probs=test, artifact=NetworkArtifact(checkpoint), note=note)
 
 
 class UniformSoup(_Soup):
+    """Every member of the best member's start, equally weighted (Wortsman et al. 2022)."""
+
     name = "uniform soup"
+
+    def candidates(self, pool: Pool) -> list[tuple[str, str]]:
+        return [(pool.preds[i].member.name, pool.preds[i].member.checkpoint)
+                for i in pool.soup_group()]
 
     def cook(self, states: list[dict], cooker: _SoupCooker) -> tuple[dict, list[int]]:
         return uniform_soup(states), list(range(len(states)))
 
 
 class GreedySoup(_Soup):
+    """Members and their last epochs' weights join best-first while val accuracy holds."""
+
     name = "greedy soup"
+
+    def candidates(self, pool: Pool) -> list[tuple[str, str]]:
+        return pool.soup_candidates()
 
     def cook(self, states: list[dict], cooker: _SoupCooker) -> tuple[dict, list[int]]:
         return greedy_soup(states, cooker.val_accuracy, order=list(range(len(states))))
 
 
+class SnapshotSoup(_Soup):
+    """The best member's last epochs averaged (SWA-style): one trial as a soup, at one model's
+    cost. Needs trials run with --keep-last."""
+
+    name = "last-epochs soup"
+
+    def candidates(self, pool: Pool) -> list[tuple[str, str]]:
+        best = pool.preds[pool.ranking[0]].member
+        return [(f"{best.name}-{Path(s).stem}", s) for s in reversed(best.snapshots)]
+
+    def cook(self, states: list[dict], cooker: _SoupCooker) -> tuple[dict, list[int]]:
+        return uniform_soup(states), list(range(len(states)))
+
+
 COMBINERS: tuple[type[Combiner], ...] = (BestSingle, HardVote, SoftVote, WeightedVote,
-                                         UniformSoup, GreedySoup)
+                                         UniformSoup, GreedySoup, SnapshotSoup)
 
 
 class _SoupCooker:
@@ -309,10 +368,10 @@ def build_rows(pool: Pool, combiners: tuple[type[Combiner], ...] = COMBINERS
     return [c().fit(pool) for c in combiners]
 
 
-def choose(rows: list[Combined]) -> Combined:
+def choose(rows: list[Combined], metric: str = "accuracy") -> Combined:
     """The row to save, chosen on val only: the ranking rule, then fewer parameters."""
     usable = [r for r in rows if not r.skipped]
-    return min(usable, key=lambda r: (*rank_key(r.val["accuracy"], r.val["loss"]), r.params))
+    return min(usable, key=lambda r: (*rank_key(r.val[metric], r.val["loss"]), r.params))
 
 
 def skipped(name: str, why: str) -> Combined:

@@ -27,6 +27,9 @@ class Member:
     trial_id: str
     seed: int
     val_acc: float
+    init_id: str = ""  # the shared start it was fine-tuned from: soups stay within one start
+    snapshots: tuple[str, ...] = ()  # its last epochs' checkpoints (--keep-last), oldest first
+    epoch: int = 0  # the epoch its checkpoint holds
 
 
 @dataclass
@@ -82,20 +85,28 @@ def top_members(state: SearchState, top: int) -> list[Member]:
     members = [Member(name=f"trial-{r.trial_id}", checkpoint=r.checkpoint, trial_id=r.trial_id,
                       seed=state.seed, val_acc=float(r.best_val_acc))
                for r in usable.head(top).itertuples()]
-    _check_same_classes(members)
-    return members
+    return _described(members)
 
 
-def _check_same_classes(members: list[Member]) -> None:
-    first = None
+def _described(members: list[Member]) -> list[Member]:
+    """Members with their start and snapshots filled in from their checkpoints (read once),
+    after checking that they all know the same classes."""
+    out, first = [], None
     for m in members:
-        names = load_checkpoint(m.checkpoint)["class_names"]
+        ckpt = load_checkpoint(m.checkpoint)
+        names = ckpt["class_names"]
         if first is None:
             first = (m, names)
         elif names != first[1]:
             raise UserError(f"members {first[0].name} and {m.name} were trained on different "
                             f"class lists ({len(first[1])} vs {len(names)} classes); an ensemble "
                             "can only combine models of the same classes")
+        folder = Path(m.checkpoint).parent
+        snaps = sorted(folder.glob("epoch_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+        out.append(dataclasses.replace(m, init_id=ckpt.get("init_id", ""),
+                                       snapshots=tuple(str(p) for p in snaps),
+                                       epoch=int(ckpt.get("epoch", 0))))
+    return out
 
 
 def retrain_seeds(state: SearchState, members: list[Member], seeds: int, *,
@@ -108,12 +119,13 @@ def retrain_seeds(state: SearchState, members: list[Member], seeds: int, *,
     """
     import ray
 
+    from trainables.models import state_id
     from trainables.train import TrainConfig, TrialInputs
 
     init = state.store.read_init()
     inputs = TrialInputs(data=ray.put(state.data), init_state=ray.put(init["model"]),
                          train_idx=state.split.train, val_idx=state.split.val,
-                         mean=init["mean"], std=init["std"])
+                         mean=init["mean"], std=init["std"], init_id=state_id(init["model"]))
     cpus = state.config.get("cpus_per_worker") or 1.0
     task = ray.remote(_train_one).options(num_cpus=cpus,
                                           num_gpus=state.config.get("gpus_per_worker") or 0)
@@ -131,10 +143,10 @@ def retrain_seeds(state: SearchState, members: list[Member], seeds: int, *,
         log.info("retraining %d member config(s) x %d seed(s): %d run(s) on Ray", len(members),
                  seeds, len(jobs))
         ray.get(jobs)
-    return [Member(name=f"trial-{m.trial_id}-seed{seed}", checkpoint=str(path),
-                   trial_id=m.trial_id, seed=seed,
-                   val_acc=float(load_checkpoint(path)["metrics"]["val_acc"]))
-            for m, seed, path in new]
+    return _described([Member(name=f"trial-{m.trial_id}-seed{seed}", checkpoint=str(path),
+                              trial_id=m.trial_id, seed=seed,
+                              val_acc=float(load_checkpoint(path)["metrics"]["val_acc"]))
+                       for m, seed, path in new])
 
 
 def _train_one(cfg, inputs, checkpoint: str, plugins: list[str]) -> dict:

@@ -21,7 +21,8 @@ from trainables.checkpoint import load_checkpoint, save_checkpoint
 from trainables.data import load_image_data
 
 pytestmark = pytest.mark.slow
-ROWS = ["best single", "hard vote", "soft vote", "weighted vote", "uniform soup", "greedy soup"]
+ROWS = ["best single", "hard vote", "soft vote", "weighted vote", "uniform soup", "greedy soup",
+        "last-epochs soup"]
 
 
 def _run(module: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -40,7 +41,7 @@ def search(tmp_path_factory) -> dict:
     proc = _run("search.run", [
         "--data", str(work / "images"), "--image-size", "32", "--num-samples", "3",
         "--max-epochs", "2", "--grace-period", "2", "--space", "batch_size=[8]",
-        "--experiment", "ens", "--num-cpus", "2"], work)
+        "--experiment", "ens", "--num-cpus", "2", "--no-refit", "--keep-last", "2"], work)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {"work": work, "exp": work / "runs" / "ens"}
 
@@ -61,7 +62,7 @@ def test_build_reports_every_row_and_saves_a_loadable_ensemble(search):
     best_val = max(r["val"]["accuracy"] for r in rows.values()
                    if not math.isnan(r["val"]["accuracy"]))
     assert chosen["val"]["accuracy"] == best_val  # chosen on val, whatever test says
-    assert (out / "report.md").read_text().count("|") > 6 * 9
+    assert (out / "report.md").read_text().count("|") > 7 * 9
     assert (out / "comparison.png").stat().st_size > 1000
 
     model = ensemble.load(out / "ensemble.pt")
@@ -81,6 +82,25 @@ def test_build_reports_every_row_and_saves_a_loadable_ensemble(search):
     assert len(runs) >= 1
     assert "greedy_soup.test_accuracy" in runs[0].data.metrics
     assert "members" in runs[0].data.params
+
+
+def test_soups_of_warm_started_trials(search):
+    """Every trial fine-tuned from the search's warm start, so they (and their last epochs)
+    average into soups; the report says how many ingredients each soup took."""
+    from trainables.checkpoint import load_checkpoint
+
+    report = json.loads((search["exp"] / "ensemble" / "report.json").read_text())
+    rows = {r["name"]: r for r in report["rows"]}
+    assert load_checkpoint(search["exp"] / "init.pt")["kind"] == "warm"
+    uniform, greedy, last = rows["uniform soup"], rows["greedy soup"], rows["last-epochs soup"]
+    assert len(uniform["members"]) == 3 and uniform["note"].startswith("3 of 3 ingredients")
+    # greedy candidates: 3 members + their kept last epochs (not already a member's best)
+    taken, offered = (int(x) for x in greedy["note"].split(" ingredients")[0].split(" of "))
+    assert 1 <= taken == len(greedy["members"]) <= offered and offered >= 3
+    assert greedy["val"]["accuracy"] >= rows["best single"]["val"]["accuracy"]
+    assert len(last["members"]) == 2 and all("epoch_" in m for m in last["members"])
+    soup = load_checkpoint(search["exp"] / "ensemble" / "last-epochs_soup.pt")
+    assert soup["kind"] == "soup" and len(soup["ingredients"]) == 2
 
 
 def test_soup_checkpoint_loads_as_a_training_checkpoint(search):
