@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import logging
 import os
 import re
@@ -20,6 +21,9 @@ import yaml
 from trainables.errors import UserError
 
 NOISY_LOGGERS = ("alembic", "mlflow", "urllib3", "filelock", "optuna")
+# what the file system says when the storage cannot take our files: one sentence, not a traceback
+STORAGE_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT,
+                  errno.EFBIG, errno.ENOTDIR, errno.EEXIST}
 
 
 def default_storage() -> str:
@@ -126,6 +130,18 @@ def run_main(body: Callable[[], int]) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        if exc.errno not in STORAGE_ERRORS:
+            raise
+        what = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+                errno.EFBIG: "the file grew too large"}.get(exc.errno, exc.strerror)
+        print(f"error: cannot write {exc.filename or 'the experiment folder'}: {what}; free "
+              "space, or pass a writable --storage / --output, then run again", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; what finished is saved (a search continues with --resume)",
+              file=sys.stderr)
+        return 130
 
 
 def start_ray(address: str | None, num_cpus: int | None) -> bool:
@@ -136,6 +152,8 @@ def start_ray(address: str | None, num_cpus: int | None) -> bool:
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        _check_reachable(address)
     env = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S":  # 60 s is too short on small machines
            os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300"),
            # Ray Train collects worker reports on each health-check poll (2 s by default), which
@@ -144,10 +162,34 @@ def start_ray(address: str | None, num_cpus: int | None) -> bool:
            os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"),
            "NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONWARNINGS": "ignore::FutureWarning"}
     try:
+        # workers' own output stays in Ray's session logs: a finished trial's process prints
+        # expected teardown tracebacks (SystemExit in Ray's SIGTERM handler, placement group
+        # clean-up) that read like failures; real failures reach the driver through Tune
         ray.init(address=address, num_cpus=None if address else num_cpus,
-                 include_dashboard=False, logging_level=logging.WARNING,
+                 include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
                  runtime_env={"env_vars": env})
     except ConnectionError as exc:
         raise UserError(f"cannot reach the Ray cluster at {address} ({exc}); check "
                         "--address/RAY_ADDRESS or leave both unset for a local Ray") from None
     return True
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fails in one sentence, within seconds, when nothing listens at a Ray address (ray.init
+    would otherwise retry for minutes, warning every few seconds)."""
+    import socket
+
+    if address in ("auto", "local"):
+        return
+    host_port = address.split("://", 1)[-1].rsplit("/", 1)[0]
+    host, _, port = host_port.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"--address/RAY_ADDRESS {address!r} is not HOST:PORT (e.g. "
+                        "10.0.0.5:6379, or ray://10.0.0.5:10001); fix it or leave both unset "
+                        "for a local Ray")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise UserError(f"cannot reach the Ray cluster at {address} ({exc.strerror or exc}); "
+                        "check --address/RAY_ADDRESS or leave both unset for a local "
+                        "Ray") from None

@@ -19,6 +19,7 @@ AMP_MODES = ("auto", "fp16", "bf16", "off")
 POLICIES = ("none", "light", "strong")
 METRICS = ("accuracy", "f1")
 BALANCING = ("none", "sqrt", "balanced")
+AUGMENT_DEVICES = ("cpu", "cuda")
 
 # limits a numeric setting can carry: > 0, >= 0, [0, 1), (0, 1]
 POSITIVE, NON_NEGATIVE, UNIT, FRACTION = "positive", "non-negative", "unit", "fraction"
@@ -44,7 +45,8 @@ def setting(default: Any, help: str, *, choices: tuple | None = None, limit: str
 class TrainConfig:
     """Everything one training run needs to know, flat so it logs as MLflow params."""
 
-    model: str = setting("resnet10t", "timm model name.", searchable=False)
+    model: str = setting("resnet10t", "timm model name (searchable: each architecture gets a "
+                         "shared start of its own).")
     lr: float = setting(1e-3, "Peak learning rate.", limit=POSITIVE)
     weight_decay: float = setting(1e-4, "Weight decay (decoupled for AdamW).",
                                   limit=NON_NEGATIVE)
@@ -56,7 +58,7 @@ class TrainConfig:
                                  limit=NON_NEGATIVE)
     optimizer: str = setting("adamw", "Optimizer (timm's factory).", choices=OPTIMIZERS)
     momentum: float = setting(0.9, "SGD momentum.", limit=UNIT)
-    label_smoothing: float = setting(0.0, "Label smoothing of the cross-entropy loss.",
+    label_smoothing: float = setting(0.1, "Label smoothing of the cross-entropy loss.",
                                      limit=UNIT)
     mixup: float = setting(0.0, "Mixup alpha (0 turns mixup off).", limit=NON_NEGATIVE)
     cutmix: float = setting(0.0, "CutMix alpha (0 turns CutMix off).", limit=NON_NEGATIVE)
@@ -65,7 +67,7 @@ class TrainConfig:
     grad_clip: float = setting(0.0, "Clip gradients to this global norm (0: no clipping).",
                                limit=NON_NEGATIVE)
     amp: str = setting("auto", "Mixed precision: auto (fp16+GradScaler on CUDA, bf16 on CPUs "
-                       "with native bf16), fp16, bf16 or off.", choices=AMP_MODES)
+                       "with AMX), fp16, bf16 or off.", choices=AMP_MODES)
     augment: str = setting("light", "Augmentation policy: none, light or strong.",
                            choices=POLICIES)
     hflip: bool = setting(False, "Add random horizontal flips (off: they change digits, "
@@ -91,6 +93,26 @@ class TrainConfig:
     metric: str = setting("accuracy", "What picks a trial's best epoch and the search's best "
                           "trial: val accuracy, or val macro-F1 (f1) for imbalanced classes.",
                           choices=METRICS, searchable=False)
+    loader_threads: int = setting(0, "Threads that build (gather and augment) training batches; "
+                                  "0: as many as the worker's CPU threads.",
+                                  limit=NON_NEGATIVE, searchable=False)
+    prefetch: int = setting(2, "Training batches each loader thread builds ahead of the one "
+                            "training (0: each batch is built when it is needed).",
+                            limit=NON_NEGATIVE, searchable=False)
+    augment_device: str = setting("cpu", "Where training images are augmented: cpu "
+                                  "(albumentations on the loader threads) or cuda (whole batches "
+                                  "on the GPU, when the CPUs cannot keep up; a worker without a "
+                                  "GPU warns and augments on the CPU).", choices=AUGMENT_DEVICES)
+    channels_last: bool = setting(True, "Train in channels_last memory layout on CUDA (faster "
+                                  "convolutions); no effect on CPU.", searchable=False)
+    pin_memory: bool = setting(True, "Build batches in page-locked memory and copy them to the "
+                               "GPU without blocking; no effect on CPU.", searchable=False)
+    cudnn_benchmark: bool = setting(True, "Let cuDNN time its convolution algorithms once and "
+                                    "keep the fastest (not bit-reproducible); no effect on CPU.",
+                                    searchable=False)
+    torch_compile: bool = setting(False, "Compile the model with torch.compile: faster steps "
+                                  "after a compile of tens of seconds or more in the first "
+                                  "epoch.", searchable=False)
     seed: int = setting(0, "Seed of the weights' training randomness (data order, "
                         "augmentation, dropout).", searchable=False, flag=False)
     threads: int = setting(1, "CPU threads of one worker.", searchable=False, flag=False)

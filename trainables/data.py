@@ -21,6 +21,9 @@ from trainables.errors import UserError
 
 log = logging.getLogger(__name__)
 
+# Pillow refuses images over ~179 megapixels as decompression bombs; phone photos reach 200 MP,
+# and JPEGs are decoded at a reduced scale anyway (Image.draft). Above this, an image is skipped.
+Image.MAX_IMAGE_PIXELS = 1_000_000_000
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
 SPLIT_NAMES = ("train", "val", "test")
 # folder names users give their splits (compared case-insensitively)
@@ -39,6 +42,8 @@ class ImageData:
         ids: One id per image (path relative to the data root, or an index for built-in data).
         splits: Index arrays of a split the data came with (`train`, optionally `val`, `test`).
         source: Where the data came from, for the record.
+        groups: Optional group id per image: images of one group stay in one split (copies of a
+            file, a CSV's --group-col). Not cached: the split that uses it is saved.
     """
 
     images: np.ndarray
@@ -47,6 +52,7 @@ class ImageData:
     ids: list[str]
     splits: dict[str, np.ndarray] = field(default_factory=dict)
     source: str = ""
+    groups: np.ndarray | None = None
 
     @property
     def num_classes(self) -> int:
@@ -73,6 +79,7 @@ def load_data(
     image_col: str = "image_path",
     label_col: str = "target",
     on_bad_image: str = "skip",
+    group_col: str | None = None,
 ) -> ImageData:
     """Reads the built-in digits (path None), a folder of class folders, or a CSV.
 
@@ -89,7 +96,7 @@ def load_data(
             raise UserError(f"data path {path} is a file but not a .csv; pass a CSV with "
                             "image-path and label columns or a folder of class folders")
         return read_csv(path, image_size=image_size, image_col=image_col, label_col=label_col,
-                        on_bad_image=on_bad_image)
+                        on_bad_image=on_bad_image, group_col=group_col)
     return read_image_folder(path, image_size=image_size, on_bad_image=on_bad_image)
 
 
@@ -122,7 +129,7 @@ def read_image_folder(root: Path, *, image_size: int, on_bad_image: str = "skip"
     """
     parts = split_folders(root)
     if not parts:
-        files = _class_files(root)
+        files = class_files(root)
         return _decode_labelled(files, root, image_size, on_bad_image, str(root))
     if "train" not in parts:
         raise UserError(f"{root} has {', '.join(p.name + '/' for p in parts.values())} but no "
@@ -133,8 +140,8 @@ def read_image_folder(root: Path, *, image_size: int, on_bad_image: str = "skip"
                         and not d.name.startswith(".")):
         log.warning("ignoring folder %s: not a split folder (train/; val/, valid/, validation/ or "
                     "dev/; test/ or testing/); move its images into one to use them", other)
-    per_part = {p: _class_files(d) for p, d in parts.items()}
-    class_names = _sorted_classes({c for c, _ in per_part["train"]})
+    per_part = {p: class_files(d) for p, d in parts.items()}
+    class_names = sorted_classes({c for c, _ in per_part["train"]})
     for p, d in parts.items():
         unknown = sorted({c for c, _ in per_part[p]} - set(class_names))
         if unknown:
@@ -164,9 +171,9 @@ def split_folders(root: Path) -> dict[str, Path]:
     return {k: found[k] for k in SPLIT_NAMES if k in found}
 
 
-def read_csv(path: Path, *, image_size: int, image_col: str, label_col: str,
-             on_bad_image: str = "skip") -> ImageData:
-    """Reads a CSV with an image-path column and a label column (paths relative to the CSV)."""
+def labelled_rows(path: Path, image_col: str, label_col: str):
+    """The CSV's rows that have both an image path and a label (a DataFrame); UserErrors for a
+    file that is not a CSV or lacks either column."""
     import pandas as pd
 
     try:
@@ -178,13 +185,42 @@ def read_csv(path: Path, *, image_size: int, image_col: str, label_col: str,
     if missing:
         raise UserError(f"CSV {path} has no column {', '.join(map(repr, missing))} (it has "
                         f"{', '.join(map(repr, table.columns))}); pass --image-col and --label-col")
-    table = table.dropna(subset=[image_col, label_col])
+    return table.dropna(subset=[image_col, label_col])
+
+
+def read_csv(path: Path, *, image_size: int, image_col: str, label_col: str,
+             on_bad_image: str = "skip", group_col: str | None = None) -> ImageData:
+    """Reads a CSV with an image-path column and a label column (paths relative to the CSV)."""
+    table = labelled_rows(path, image_col, label_col)
     if table.empty:
         raise UserError(f"CSV {path} has no rows with both {image_col!r} and {label_col!r}; "
                         "add labelled rows")
+    if group_col is not None and group_col not in table.columns:
+        raise UserError(f"CSV {path} has no group column {group_col!r} (it has "
+                        f"{', '.join(map(repr, table.columns))}); pass an existing --group-col")
+    table = _without_duplicate_rows(table, path, image_col, label_col)
     labels = table[label_col].astype(str).str.strip().tolist()
     files = [(lab, path.parent / str(p)) for lab, p in zip(labels, table[image_col])]
-    return _decode_labelled(files, path.parent, image_size, on_bad_image, str(path))
+    groups = table[group_col].astype(str).tolist() if group_col else None
+    return _decode_labelled(files, path.parent, image_size, on_bad_image, str(path),
+                            groups=groups)
+
+
+def _without_duplicate_rows(table, path: Path, image_col: str, label_col: str):
+    """Drops repeated (image, label) rows; an image listed under two labels stays, with a
+    warning (both copies will sit in one split)."""
+    dup = table.duplicated(subset=[image_col, label_col])
+    if dup.any():
+        log.warning("CSV %s lists %d row(s) twice (same image and label); using each once",
+                    path, int(dup.sum()))
+        table = table[~dup]
+    labels_per_image = table.groupby(image_col)[label_col].nunique()
+    conflicting = labels_per_image[labels_per_image > 1]
+    if len(conflicting):
+        log.warning("CSV %s gives %d image(s) more than one label (e.g. %s); each copy is kept "
+                    "and all copies of an image stay in one split", path, len(conflicting),
+                    conflicting.index[0])
+    return table
 
 
 def read_unlabelled(path: str | Path, *, image_size: int, image_col: str = "image_path",
@@ -209,7 +245,7 @@ def read_unlabelled(path: str | Path, *, image_size: int, image_col: str = "imag
         raise UserError(f"no images found in {path}; expected image files "
                         f"({', '.join(sorted(IMAGE_SUFFIXES))})")
     images, kept = decode_images(files, image_size, on_bad_image)
-    ids = [_rel(files[i], root) for i in kept]
+    ids = [relative_id(files[i], root) for i in kept]
     if not ids:
         raise UserError(f"none of the images in {path} could be read; check the files")
     return images, ids
@@ -222,7 +258,7 @@ def decode_images(files: list[Path], image_size: int,
         raise UserError(f"--on-bad-image must be 'skip' or 'error', not {on_bad_image!r}")
     workers = min(8, (os.cpu_count() or 1) * 2)
     with ThreadPoolExecutor(workers) as pool:
-        decoded = list(pool.map(lambda f: _decode_one(f, image_size), files))
+        decoded = list(pool.map(lambda f: decode_image(f, image_size), files))
     kept = []
     for i, (f, img) in enumerate(zip(files, decoded)):
         if isinstance(img, str):
@@ -238,12 +274,12 @@ def decode_images(files: list[Path], image_size: int,
     return out, kept
 
 
-def _decode_one(path: Path, size: int) -> np.ndarray | str:
+def decode_image(path: Path, size: int) -> np.ndarray | str:
     """One image to (size, size, 3) uint8 (shorter side resized, centre cropped), or an error."""
     try:
         with Image.open(path) as im:
             im.draft("RGB", (size, size))  # JPEG: decode at a reduced scale, far faster for photos
-            im = ImageOps.exif_transpose(im).convert("RGB")
+            im = _to_rgb(ImageOps.exif_transpose(im))
             w, h = im.size
             side = min(w, h)
             box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
@@ -251,14 +287,42 @@ def _decode_one(path: Path, size: int) -> np.ndarray | str:
             return np.asarray(im, dtype=np.uint8)
     except FileNotFoundError:
         return "file not found"
+    except Image.DecompressionBombError:
+        return f"larger than {Image.MAX_IMAGE_PIXELS:,} pixels"
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         return f"not a readable image ({type(exc).__name__}: {exc})"
 
 
-def _class_files(root: Path) -> list[tuple[str, Path]]:
-    """(class, file) pairs for root/<class>/<image>; folders without images are not classes."""
-    pairs = []
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """RGB, with 16-bit and float images scaled into 0-255 rather than clipped (Pillow's own
+    conversion clips a 16-bit grey PNG to almost all white)."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        if im.mode.startswith("I;16"):
+            a = a / 257.0  # 0..65535 -> 0..255
+        elif a.size and a.max() > 255:  # 32-bit int / float: stretch its own range
+            lo, hi = float(a.min()), float(a.max())
+            a = (a - lo) * (255.0 / max(hi - lo, 1e-12))
+        im = Image.fromarray(np.clip(a, 0, 255).round().astype(np.uint8), mode="L")
+    return im.convert("RGB")
+
+
+def class_files(root: Path) -> list[tuple[str, Path]]:
+    """(class, file) pairs for root/<class>/<image>; folders without images are not classes.
+
+    A linked folder that leads back to the data (the root, an ancestor, another class) is not a
+    class: it would add every image a second time under another label.
+    """
+    pairs, seen = [], set()
+    real_root = root.resolve()
     for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        real = d.resolve()
+        if real in seen or real == real_root or real in real_root.parents \
+                or (d.is_symlink() and real_root in real.parents):
+            log.warning("ignoring folder %s: it links to %s, which the data already holds", d,
+                        real)
+            continue
+        seen.add(real)
         pairs += [(d.name, f) for f in sorted(d.rglob("*")) if f.suffix.lower() in IMAGE_SUFFIXES]
     if not pairs:
         raise UserError(f"no images found under {root}; expected class folders like "
@@ -268,23 +332,50 @@ def _class_files(root: Path) -> list[tuple[str, Path]]:
 
 def _decode_labelled(files: list[tuple[str, Path]], root: Path, image_size: int,
                      on_bad_image: str, source: str, class_names: list[str] | None = None,
-                     extra: np.ndarray | None = None) -> ImageData:
-    class_names = class_names or _sorted_classes({c for c, _ in files})
+                     extra: np.ndarray | None = None, groups: list[str] | None = None
+                     ) -> ImageData:
+    class_names = class_names or sorted_classes({c for c, _ in files})
     index = {c: i for i, c in enumerate(class_names)}
     images, kept = decode_images([f for _, f in files], image_size, on_bad_image)
     if not kept:
         raise UserError(f"none of the {len(files)} images under {source} could be read; "
                         "check the files")
     labels = np.array([index[files[i][0]] for i in kept], np.int64)
+    if len(np.unique(labels)) < 2:
+        raise UserError(f"{source} holds readable images of one class only "
+                        f"({class_names[int(labels[0])]!r}); a classifier needs images of at "
+                        "least two classes")
     splits = {}
     if extra is not None:
         owner = extra[kept]
         splits = {p: np.flatnonzero(owner == p) for p in SPLIT_NAMES if (owner == p).any()}
     return ImageData(images=images, labels=labels, class_names=class_names,
-                     ids=[_rel(files[i][1], root) for i in kept], splits=splits, source=source)
+                     ids=[relative_id(files[i][1], root) for i in kept], splits=splits,
+                     source=source, groups=_groups([files[i][1] for i in kept],
+                                    [groups[i] for i in kept] if groups else None))
 
 
-def _sorted_classes(names: set[str]) -> list[str]:
+def _groups(files: list[Path], named: list[str] | None) -> np.ndarray | None:
+    """A group id per image, or None when every image is its own group. Copies of one file
+    (under two labels, or linked) form a group, and so do images of one named group (a CSV's
+    --group-col); a file in two named groups joins them (connected components)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    _, by_file = np.unique([str(f.resolve()) for f in files], return_inverse=True)
+    if named is None:
+        out = by_file
+    else:
+        _, by_name = np.unique(named, return_inverse=True)
+        n_files = int(by_file.max()) + 1
+        nodes = n_files + int(by_name.max()) + 1  # file nodes, then group-name nodes
+        edges = coo_matrix((np.ones(len(files)), (by_file, n_files + by_name)),
+                           shape=(nodes, nodes))
+        out = connected_components(edges, directed=False)[1][by_file]
+    return None if len(np.unique(out)) == len(out) else out.astype(np.int64)
+
+
+def sorted_classes(names: set[str]) -> list[str]:
     """Numeric labels sort as numbers ('2' before '10'); anything else sorts as text."""
     try:
         return sorted(names, key=float)
@@ -292,7 +383,7 @@ def _sorted_classes(names: set[str]) -> list[str]:
         return sorted(names)
 
 
-def _rel(path: Path, root: Path) -> str:
+def relative_id(path: Path, root: Path) -> str:
     try:
         return str(path.relative_to(root))
     except ValueError:

@@ -50,15 +50,16 @@ class Split:
 
 def draw_split(labels: np.ndarray, *, val_fraction: float, test_fraction: float, seed: int,
                predefined: dict[str, np.ndarray] | None = None,
-               class_names: list[str] | None = None) -> Split:
+               class_names: list[str] | None = None, groups: np.ndarray | None = None) -> Split:
     """Stratified split; parts the data already defines (`predefined`) are kept as they are.
 
     Parts missing from `predefined` are drawn from its train part, stratified by class, as shares
     of that train part (of all images when the data defines no split). A test folder as large as
     the train folder then does not cost the training set more than `val_fraction` of itself.
+    With `groups`, the images of one group land in one part together (copies of a file, or a
+    CSV's group column such as a patient id): they are split as groups, stratified by the class
+    of each group's first image.
     """
-    from sklearn.model_selection import train_test_split
-
     predefined = predefined or {}
     pool = predefined.get("train", np.arange(len(labels)))
     base = len(pool)
@@ -71,14 +72,30 @@ def draw_split(labels: np.ndarray, *, val_fraction: float, test_fraction: float,
         _check_class_counts(labels[pool], class_names, need=3 if len(drawn) == 0 else 2)
         share = min(fraction * base / len(pool), 0.5)
         try:
-            pool, part = train_test_split(pool, test_size=share, random_state=seed,
-                                          stratify=labels[pool])
+            pool, part = _draw(pool, labels, groups, share, seed)
         except ValueError as exc:
             raise UserError(f"cannot draw a stratified {name} split of {fraction:.0%} from "
                             f"{len(pool)} images: {exc}; add images or change "
                             f"--{name}-fraction") from None
         drawn[name] = np.sort(part)
     return Split(train=np.sort(pool), val=drawn["val"], test=drawn["test"])
+
+
+def _draw(pool: np.ndarray, labels: np.ndarray, groups: np.ndarray | None, share: float,
+          seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rest, part) of `pool`, stratified; with groups, whole groups move to the part."""
+    from sklearn.model_selection import train_test_split
+
+    if groups is None:
+        return train_test_split(pool, test_size=share, random_state=seed, stratify=labels[pool])
+    keys, first, inverse = np.unique(groups[pool], return_index=True, return_inverse=True)
+    strata = labels[pool][first]
+    if np.unique(strata, return_counts=True)[1].min() < 2:
+        strata = None  # a class with one group cannot be stratified: draw groups plainly
+    _, chosen = train_test_split(np.arange(len(keys)), test_size=share, random_state=seed,
+                                 stratify=strata)
+    in_part = np.isin(inverse, chosen)
+    return pool[~in_part], pool[in_part]
 
 
 def _check_class_counts(labels: np.ndarray, class_names: list[str] | None, need: int) -> None:

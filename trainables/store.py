@@ -6,6 +6,9 @@ Layout of `<storage>/<experiment>/`:
   results.csv    one row per trial                   summary.json  best trial, val and test metrics
   mlflow.json    tracking URI and parent run id      checkpoints/<trial_id>/best.pt
   ensemble/      what ensemble.build writes
+  data_report/   the data report (trainables.eda)      model_report/<model>/  errors, Grad-CAM
+  folds/<key>/<trial_id>/fold<k>/best.pt   K-fold models (ensemble.build --folds)
+  students/<name>/best.pt                  distilled students (ensemble.distill)
 and Ray Tune's own state for --resume. Paths written inside the folder are relative to it, so a
 folder can be moved or copied. No Ray and no MLflow here: the search writes through this module,
 ensembles (and anything else that reads a finished search) read through it.
@@ -22,6 +25,7 @@ import yaml
 
 from trainables.checkpoint import load_checkpoint, save_checkpoint
 from trainables.data import ImageData, load_image_data, save_image_data
+from trainables.errors import UserError
 from trainables.files import atomic_write, read_json, write_json
 from trainables.split import Split
 
@@ -107,6 +111,34 @@ class ExperimentStore:
     def ensemble_dir(self) -> Path:
         return self.dir / "ensemble"
 
+    @property
+    def data_report_dir(self) -> Path:
+        """data_report/: the data report (trainables.eda) of the search's images."""
+        return self.dir / "data_report"
+
+    def model_report_dir(self, name: str) -> Path:
+        """model_report/<name>/: errors and Grad-CAM of a model ('best_trial', 'ensemble')."""
+        return self.dir / "model_report" / name
+
+    def folds_dir(self, key: str) -> Path:
+        """folds/<key>/: the models of one K-fold assignment of train + val; `key` names the
+        assignment (K, seed, groups), so models of another assignment are never mixed in."""
+        return self.dir / "folds" / key
+
+    def fold_checkpoint(self, key: str, trial_id: str, fold: int) -> Path:
+        """The model of one trial's configuration trained on all folds but `fold`."""
+        return self.folds_dir(key) / str(trial_id) / f"fold{fold}" / CHECKPOINT
+
+    def student_checkpoint(self, name: str) -> Path:
+        """students/<name>/best.pt: a student distilled from an ensemble (ensemble.distill)."""
+        return self.dir / "students" / name / CHECKPOINT
+
+    def student_checkpoints(self) -> list[Path]:
+        """Every finished student (its training left no resume state behind), by name."""
+        root = self.dir / "students"
+        found = sorted(root.glob(f"*/{CHECKPOINT}")) if root.is_dir() else []
+        return [p for p in found if not p.with_name("resume.pt").exists()]
+
     def relative(self, path: str | Path) -> str:
         """`path` as stored inside the folder: relative to it when it lies inside."""
         path = Path(path)
@@ -119,6 +151,23 @@ class ExperimentStore:
         """A path read from inside the folder, made absolute (relative ones are to the folder)."""
         p = Path(stored)
         return p if p.is_absolute() else self.dir / p
+
+    def lock(self):
+        """Takes the experiment's exclusive lock (a file beside its folder) for as long as the
+        returned file stays open; a UserError when another process holds it. Two searches (or a
+        search and a build) on one folder would mix each other's split, results and summary."""
+        import fcntl
+
+        self.dir.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.dir.parent / f".{self.name}.lock", "a+")  # noqa: SIM115 - held open
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            raise UserError(f"experiment {self.name!r} in {self.dir.parent} is in use by another "
+                            "search.run or ensemble.build; wait for it to end or pick another "
+                            "--experiment") from None
+        return handle
 
     def holds_search(self) -> bool:
         return self.path("config.yaml").is_file()
@@ -162,18 +211,28 @@ class ExperimentStore:
         path = self.path("split.json")
         return Split.from_doc(read_json(path), source=str(path))
 
+    def init_path(self, model: str | None = None, *, primary: bool = True) -> Path:
+        """init.pt: the start of the search's (first) architecture; init-<model>.pt: the start
+        of each other architecture a search over models trains."""
+        if primary or model is None:
+            return self.path("init.pt")
+        return self.path(f"init-{model}.pt")
+
     def write_init(self, state: dict, mean: list[float], std: list[float], model: str, *,
-                   kind: str = "random", facts: dict | None = None) -> None:
-        """init.pt: the weights every trial of the search starts from, and where they came
-        from (kind 'pretrained', 'warm' or 'random', with e.g. the warm start's val accuracy)."""
+                   kind: str = "random", facts: dict | None = None, primary: bool = True) -> None:
+        """The weights every trial of `model` starts from, and where they came from (kind
+        'pretrained', 'warm' or 'random', with e.g. the warm start's val accuracy)."""
         save_checkpoint({"model": state, "mean": mean, "std": std, "model_name": model,
-                         "kind": kind, "facts": dict(facts or {})}, self.path("init.pt"))
+                         "kind": kind, "facts": dict(facts or {})},
+                        self.init_path(model, primary=primary))
 
-    def read_init(self) -> dict:
-        return load_checkpoint(self.path("init.pt"))
+    def read_init(self, model: str | None = None) -> dict:
+        """The start of `model` (init-<model>.pt when it has its own, else init.pt)."""
+        own = self.init_path(model, primary=False)
+        return load_checkpoint(own if own.is_file() else self.init_path())
 
-    def has_init(self) -> bool:
-        return self.path("init.pt").is_file()
+    def has_init(self, model: str | None = None, *, primary: bool = True) -> bool:
+        return self.init_path(model, primary=primary).is_file()
 
     # ------------------------------------------------------------------ the trial table
 
@@ -195,6 +254,28 @@ class ExperimentStore:
             table["checkpoint"] = [str(self.resolve(c)) if isinstance(c, str) and c else ""
                                    for c in table["checkpoint"]]
         return table
+
+    def write_trial_record(self, trial_id: str, config: dict) -> None:
+        """checkpoints/<trial>/trial.json: the trial's config, written when it starts, so a
+        continued search can recognise an interrupted trial and give it its folder back."""
+        path = self.checkpoint(trial_id).with_name("trial.json")
+        if not path.is_file():
+            write_json(path, {"trial_id": trial_id, "config": config})
+
+    def trial_records(self) -> list[dict]:
+        root = self.checkpoint_root
+        return [read_json(p) for p in sorted(root.glob("*/trial.json"))] if root.is_dir() else []
+
+    def write_adoptions(self, adopt: dict[str, str]) -> None:
+        write_json(self.path("adopt.json"), adopt)
+
+    def read_adoptions(self) -> dict[str, str]:
+        p = self.path("adopt.json")
+        return read_json(p) if p.is_file() else {}
+
+    def started(self) -> bool:
+        """Whether any trial ever started: before that, a folder holds no results to keep."""
+        return self.has_results() or bool(self.trial_records())
 
     def usable_trials(self) -> pd.DataFrame:
         """Finished trials whose checkpoint is on disk, best first."""

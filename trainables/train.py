@@ -6,10 +6,11 @@ import contextlib
 import dataclasses
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -22,6 +23,9 @@ from trainables.data import ImageData
 from trainables.metrics import classification_metrics
 from trainables.models import create_model, import_plugins, unwrap
 from trainables.schedules import LRSchedule
+
+if TYPE_CHECKING:
+    from trainables.gpu_augment import BatchAugment
 
 
 @dataclass
@@ -39,6 +43,19 @@ class TrialInputs:
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     init_id: str = ""  # names the shared start: weights can be averaged within one start only
+    split_hash: str = ""  # names the split: members of one ensemble must share it
+    teacher: Teacher | None = None  # distillation: a student learns from it and the labels
+
+
+@dataclass
+class Teacher:
+    """What a student (ensemble.distill) learns from besides the labels: the teacher's class
+    probabilities of every image of the data, (N, C) (or a Ray ref to them), softened by
+    `temperature` and weighted by `alpha` in `distillation_loss`."""
+
+    probs: Any
+    temperature: float = 4.0
+    alpha: float = 0.9
 
 
 def train_worker(loop_config: dict) -> None:
@@ -77,7 +94,7 @@ def fit(cfg: TrainConfig, inputs: TrialInputs, checkpoint_path: str | None = Non
     torch.manual_seed(cfg.seed * 1000 + rank)  # dropout's draws in the model's construction
     model = create_model(cfg.model, data.num_classes, drop_rate=cfg.dropout)
     model.load_state_dict(_resolve(inputs.init_state))
-    model.to(device)
+    model.to(device, memory_format=_memory_format(cfg, device))  # before DDP wraps it
     if world_size > 1:
         from ray.train.torch import prepare_model
 
@@ -86,8 +103,11 @@ def fit(cfg: TrainConfig, inputs: TrialInputs, checkpoint_path: str | None = Non
             "find_unused_parameters": cfg.freeze_epochs > 0})
     loop = _Loop(cfg, model, inputs, data, device, rank, world_size)
     keeper = _Keeper(cfg, checkpoint_path, rank, data, inputs)
+    cost: dict[str, float] = {}
     for epoch in range(keeper.resume(loop) + 1, cfg.epochs + 1):
         metrics, val_probs = loop.epoch(epoch)
+        cost = cost or inference_cost(loop.evaluated, data.images, inputs, loop.amp)
+        metrics |= cost
         keeper.after_epoch(epoch, metrics, val_probs, loop)
         loop.schedule.after_epoch(metrics.get("val_loss", metrics["train_loss"]))
         keeper.save_resume(epoch, loop)  # before reporting: a report is never sent twice
@@ -185,12 +205,18 @@ class _Loop:
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp == torch.float16
                                            and device.type == "cuda")
         self.ema = ModelEmaV3(unwrap(model), decay=cfg.ema, use_warmup=True) if cfg.ema else None
-        self.transform = train_transform(cfg.augment, data.images.shape[1], hflip=cfg.hflip,
-                                         seed=cfg.seed * 1000 + rank)
+        self.transform, self.gpu_augment = _augmentation(cfg, data.images.shape[1], device, rank)
+        self.batch_seed = 0
+        self.channels_last = _memory_format(cfg, device) == torch.channels_last
+        self.pin_memory = cfg.pin_memory and device.type == "cuda"
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
+        self.forward = torch.compile(model) if cfg.torch_compile else model
         self.mean = torch.tensor(inputs.mean, device=device)  # built once, not per batch
         self.std = torch.tensor(inputs.std, device=device)
         train_labels = data.labels[inputs.train_idx]
-        self.mixup, self.criterion = _loss(cfg, data.num_classes, train_labels, device)
+        self.mixup, self.criterion = _loss(cfg, data.num_classes, train_labels, device,
+                                           inputs.teacher, data.labels)
         self.sample_weights = _sample_weights(cfg.sampler, train_labels, data.num_classes)
         head = unwrap(model).get_classifier()
         head_params = {id(p) for p in head.parameters()}
@@ -232,8 +258,9 @@ class _Loop:
         base = (self.cfg.seed * 1000 + self.rank) * 10_000 + epoch
         torch.manual_seed(base)
         np.random.seed(base % 2**32)  # timm's Mixup draws from numpy's global RNG
-        if self.transform is not None:
-            self.transform.set_random_seed(base)
+        self.batch_seed = base  # the loader seeds each batch's augmentation from it and its place
+        if self.gpu_augment is not None:
+            self.gpu_augment.set_random_seed(base)
 
     def _order(self, epoch: int) -> np.ndarray:
         """This rank's training images for the epoch: a shuffled shard, or a class-balanced draw
@@ -254,13 +281,21 @@ class _Loop:
         for bn in self.backbone_bn if frozen else ():
             bn.eval()  # a frozen backbone keeps its BatchNorm statistics too
         total, seen, waited = torch.zeros((), device=self.device), 0, 0.0
-        batches = iter(train_batches(self.data.images, self.data.labels, order,
-                                     batch_size=cfg.batch_size, transform=self.transform))
+        batches = iter(train_batches(
+            self.data.images, self.data.labels, order, batch_size=cfg.batch_size,
+            transform=self.transform, threads=cfg.loader_threads or cfg.threads,
+            prefetch=cfg.prefetch, seed=self.batch_seed, channels_last=self.channels_last,
+            pin_memory=self.pin_memory))
         for i in range(self.n_batches):
             tick = time.perf_counter()
             x, y = next(batches)
             waited += time.perf_counter() - tick
-            x = normalize(x.to(self.device, non_blocking=True), self.mean, self.std)
+            x = x.to(self.device, non_blocking=True)
+            if self.gpu_augment is not None:
+                x = self.gpu_augment(x)  # uint8 -> float in [0, 1], on the device
+            x = normalize(x, self.mean, self.std)
+            if self.channels_last:  # a no-op when the loader already kept HWC memory order
+                x = x.contiguous(memory_format=torch.channels_last)
             y = y.to(self.device, non_blocking=True)
             if self.mixup is not None and len(x) % 2 == 0:
                 x, y = self.mixup(x, y)
@@ -273,7 +308,8 @@ class _Loop:
             with sync:
                 with torch.autocast(self.device.type, dtype=self.amp or torch.float32,
                                     enabled=self.amp is not None):
-                    loss = self.criterion(model(x), y)
+                    loss = self.criterion(self.forward(x), _target(self.criterion, y, order, i,
+                                                                   cfg.batch_size))
                 self.scaler.scale(loss / cfg.accum_steps).backward()
             if step_now:
                 self._update()
@@ -340,7 +376,7 @@ def load_trained(path_or_state: str | dict, device: torch.device | None = None
 
 
 def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for an AMP mode: fp16 on CUDA, bf16 on CPUs with native bf16, else off."""
+    """The autocast dtype for an AMP mode: fp16 on CUDA, bf16 on CPUs with AMX, else off."""
     if mode == "off":
         return None
     if mode == "fp16":
@@ -353,25 +389,83 @@ def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
 
 
 def _cpu_has_native_bf16() -> bool:
-    # bf16 autocast is slower than fp32 on CPUs without AVX512-BF16 or AMX
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+    # bf16 autocast pays on CPUs with AMX tiles; with AVX512-BF16 alone it was slower than fp32
+    # (resnet10t at 64 px, 1 thread, interleaved: 99 vs 107 images/s), and slower still without
+    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 
 
 def _loss(cfg: TrainConfig, num_classes: int, train_labels: np.ndarray,
-          device: torch.device):
+          device: torch.device, teacher: Teacher | None = None,
+          labels: np.ndarray | None = None):
     """timm's Mixup/CutMix (soft targets) when asked, and torch's cross-entropy, which takes
-    both hard and soft targets, with label smoothing and class weights."""
+    both hard and soft targets, with label smoothing and class weights. A student (with a
+    `teacher`) learns from the teacher's probabilities instead of mixup's mixed labels."""
     from timm.data import Mixup
 
     weight = _class_weights(cfg.class_weight, train_labels, num_classes)
     if weight is not None:
         weight = torch.as_tensor(weight, dtype=torch.float32, device=device)
+    if teacher is not None:
+        hard = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
+        return None, DistillLoss(_resolve(teacher.probs), labels, hard,
+                                 temperature=teacher.temperature, alpha=teacher.alpha)
     if cfg.mixup > 0 or cfg.cutmix > 0:
         mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix,
                       label_smoothing=cfg.label_smoothing, num_classes=num_classes)
         return mixup, nn.CrossEntropyLoss(weight=weight)  # smoothing is in Mixup's targets
     return None, nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
+
+
+def distillation_loss(logits: torch.Tensor, teacher_probs: torch.Tensor, labels: torch.Tensor,
+                      *, temperature: float, alpha: float,
+                      hard_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+                      ) -> torch.Tensor:
+    """Knowledge distillation (Hinton et al. 2015): alpha * T^2 * KL(teacher_T || student_T)
+    + (1 - alpha) * hard_loss(logits, labels), KL averaged over the batch.
+
+    The teacher is an ensemble, which gives probabilities rather than logits, so its softened
+    distribution is softmax(log p / T) (p^(1/T) renormalised). T^2 keeps the soft term's
+    gradients on the hard term's scale whatever T is. `hard_loss` defaults to cross-entropy.
+    """
+    t = float(temperature)
+    student = nn.functional.log_softmax(logits.float() / t, dim=1)
+    teacher = nn.functional.log_softmax(teacher_probs.float().clamp_min(1e-12).log() / t, dim=1)
+    soft = nn.functional.kl_div(student, teacher, reduction="batchmean", log_target=True)
+    hard = (hard_loss or nn.functional.cross_entropy)(logits.float(), labels)
+    return alpha * t * t * soft + (1.0 - alpha) * hard
+
+
+class DistillLoss(nn.Module):
+    """A student's criterion: `distillation_loss` against the teacher's probabilities of the
+    batch's images, found by their indices into the data (targets are (labels, indices))."""
+
+    def __init__(self, soft_targets: np.ndarray, labels: np.ndarray, hard_loss: nn.Module, *,
+                 temperature: float, alpha: float) -> None:
+        super().__init__()
+        # kept on the CPU: only a batch's rows move to the device
+        self.soft_targets = torch.as_tensor(np.asarray(soft_targets, np.float32))
+        self.labels = torch.as_tensor(np.asarray(labels, np.int64))
+        self.hard_loss, self.temperature, self.alpha = hard_loss, temperature, alpha
+
+    def forward(self, logits: torch.Tensor, target: tuple[torch.Tensor, np.ndarray]
+                ) -> torch.Tensor:
+        y, idx = target
+        idx = torch.as_tensor(np.asarray(idx, np.int64))
+        if not torch.equal(self.labels[idx], y.cpu()):
+            raise RuntimeError("a training batch's labels do not match its indices: batches no "
+                               "longer come in `order`, which distillation relies on")
+        teacher = self.soft_targets[idx].to(logits.device, non_blocking=True)
+        return distillation_loss(logits, teacher, y, temperature=self.temperature,
+                                 alpha=self.alpha, hard_loss=self.hard_loss)
+
+
+def _target(criterion: nn.Module, y: torch.Tensor, order: np.ndarray, batch: int,
+            batch_size: int) -> Any:
+    """What the criterion compares the logits with: the labels, or for a student the labels
+    and the batch's indices into the data (batch b of `train_batches` is order[b*bs:(b+1)*bs])."""
+    if not isinstance(criterion, DistillLoss):
+        return y
+    return y, order[batch * batch_size:(batch + 1) * batch_size]
 
 
 def _class_weights(mode: str, labels: np.ndarray, num_classes: int) -> np.ndarray | None:
@@ -408,6 +502,7 @@ def _checkpoint(cfg: TrainConfig, model: nn.Module, data: ImageData, inputs: Tri
         "epoch": int(best["epoch"]),
         "metrics": {k: float(v) for k, v in best.items()},
         "init_id": inputs.init_id,
+        "split_hash": inputs.split_hash,
         "val_indices": torch.tensor(np.asarray(inputs.val_idx, np.int64)),
         "val_probs": torch.from_numpy(np.asarray(val_probs, np.float32)),
     }
@@ -425,6 +520,36 @@ def _sync_buffers(model: nn.Module) -> None:
         dist.broadcast(buf, src=0)
 
 
+def _augmentation(cfg: TrainConfig, image_size: int, device: torch.device, rank: int
+                  ) -> tuple[Any, BatchAugment | None]:
+    """(albumentations pipeline for the loader threads, batched augmentation on the device): the
+    one `cfg.augment_device` asks for, the other None.
+
+    A worker without CUDA augments on the CPU with a warning rather than failing: the setting is
+    searchable, and the same configuration must still run on a laptop or a CPU node.
+    """
+    on_gpu = cfg.augment_device == "cuda"
+    if on_gpu and device.type != "cuda":
+        warnings.warn(f"augment_device 'cuda' asked for, but this worker trains on "
+                      f"{device.type}: augmenting with albumentations on the CPU instead; set "
+                      f"augment_device to cpu, or give workers a GPU", stacklevel=3)
+        on_gpu = False
+    seed = cfg.seed * 1000 + rank
+    if on_gpu:
+        from trainables.gpu_augment import batch_transform  # imports torchvision (~1.7 s)
+
+        return None, batch_transform(cfg.augment, hflip=cfg.hflip, seed=seed)
+    return train_transform(cfg.augment, image_size, hflip=cfg.hflip, seed=seed), None
+
+
+def _memory_format(cfg: TrainConfig, device: torch.device) -> torch.memory_format:
+    """channels_last where asked for on CUDA (tensor-core convolutions want NHWC); elsewhere
+    the layout is left as it is."""
+    if cfg.channels_last and device.type == "cuda":
+        return torch.channels_last
+    return torch.preserve_format
+
+
 def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -433,3 +558,23 @@ def _resolve(obj: Any) -> Any:
     import ray
 
     return ray.get(obj) if isinstance(obj, ray.ObjectRef) else obj
+
+
+def inference_cost(model: nn.Module, images: np.ndarray, inputs: TrialInputs,
+                   amp: torch.dtype | None, n: int = 64) -> dict[str, float]:
+    """Measured, not estimated: milliseconds per image of predicting a batch of `n` val (else
+    train) images on this worker's device and threads (the faster of two passes, after a
+    warm-up), and the parameter count. What an accuracy-against-cost search trades off."""
+    idx = inputs.val_idx if len(inputs.val_idx) else inputs.train_idx
+    idx = np.asarray(idx)[:n]
+    if not len(idx):
+        return {}
+    was_training = model.training
+    times = []
+    for _ in range(3):
+        tick = time.perf_counter()
+        predict_proba(model, images, idx, mean=inputs.mean, std=inputs.std, amp=amp)
+        times.append(time.perf_counter() - tick)
+    model.train(was_training)
+    return {"latency_ms": 1000 * min(times[1:]) / len(idx),
+            "params": float(sum(p.numel() for p in model.parameters()))}

@@ -12,6 +12,7 @@ from PIL import Image
 from conftest import write_image
 from trainables.data import (
     ImageData,
+    decode_images,
     load_data,
     load_image_data,
     read_unlabelled,
@@ -202,9 +203,9 @@ def test_non_square_image_is_centre_cropped(tmp_path):
     wide[:, 40:80, 1] = 255  # green centre third
     (root / "a").mkdir(parents=True)
     Image.fromarray(wide).save(root / "a" / "w.png")
-    data = load_data(root, image_size=20)
-    assert data.images.shape == (1, 20, 20, 3)
-    assert data.images[0, :, :, 1].mean() > 200
+    images, kept = decode_images([root / "a" / "w.png"], 20)
+    assert images.shape == (1, 20, 20, 3) and kept == [0]
+    assert images[0, :, :, 1].mean() > 200
 
 
 def test_read_unlabelled_folder_recursive(make_folder):
@@ -390,3 +391,110 @@ def test_read_unlabelled_csv_missing_column(make_csv):
     with pytest.raises(UserError) as info:
         read_unlabelled(path, image_size=16, image_col="file")
     assert "'file'" in str(info.value) and "'image_path'" in str(info.value)
+
+
+# ---------------------------------------------------------------- data that used to slip through
+
+
+def test_photo_over_pillows_bomb_limit_is_read(tmp_path):
+    """A 182-megapixel phone photo is over Pillow's default limit (179 MP); it is a photo."""
+    big = tmp_path / "big.jpg"
+    Image.new("L", (13500, 13500), color=200).save(big, quality=50)
+    images, kept = decode_images([big], 16)
+    assert kept == [0] and abs(int(images[0].mean()) - 200) <= 2
+
+
+def _png_header_only(path: Path, width: int, height: int) -> None:
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(
+            ">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+
+
+def test_decompression_bomb_is_skipped_with_a_warning_or_refused(tmp_path, caplog):
+    root = tmp_path / "ds"
+    for k in range(2):
+        for i in range(3):
+            write_image(root / f"c{k}" / f"{i}.png", k, np.random.default_rng(i))
+    _png_header_only(root / "c0" / "bomb.png", 60000, 60000)  # 3.6 gigapixels
+    with caplog.at_level(logging.WARNING):
+        data = load_data(root, image_size=16)
+    assert len(data.labels) == 6
+    assert any("bomb.png" in r.getMessage() and "pixels" in r.getMessage()
+               for r in caplog.records)
+    with pytest.raises(UserError, match="bomb.png"):
+        load_data(root, image_size=16, on_bad_image="error")
+
+
+def test_16_bit_grey_png_is_scaled_not_clipped(tmp_path):
+    ramp = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (64, 1))
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    images, _ = decode_images([tmp_path / "deep.png"], 64)
+    row = images[0, 0, :, 0].astype(int)
+    assert row[0] <= 5 and row[-1] >= 250 and 100 <= row[32] <= 160
+    assert (images[0] == 255).mean() < 0.1  # Pillow's own conversion made 99 % of it white
+
+
+def test_one_class_is_refused(make_folder):
+    with pytest.raises(UserError, match="one class"):
+        load_data(make_folder(classes=1, per_class=4), image_size=16)
+
+
+def test_symlink_back_to_the_data_is_not_a_class(make_folder, caplog):
+    root = make_folder(classes=2, per_class=3)
+    (root / "everything").symlink_to(root, target_is_directory=True)
+    (root / "again").symlink_to(root / "class_0", target_is_directory=True)
+    with caplog.at_level(logging.WARNING):
+        data = load_data(root, image_size=16)
+    assert data.class_names == ["class_0", "class_1"] and len(data.labels) == 6
+    assert sum("ignoring folder" in r.getMessage() for r in caplog.records) == 2
+
+
+def test_duplicate_csv_rows_are_used_once_and_copies_share_a_split(tmp_path, caplog):
+    from trainables.split import draw_split
+
+    rng = np.random.default_rng(0)
+    rows = ["image_path,target,patient"]
+    for k in range(3):
+        for i in range(12):
+            write_image(tmp_path / f"{k}_{i}.png", k, rng)
+            rows.append(f"{k}_{i}.png,c{k},p{(k * 12 + i) // 3}")
+    rows += ["0_0.png,c0,p0", "0_0.png,c0,p0", "1_1.png,c2,p4"]  # repeated; a second label
+    (tmp_path / "t.csv").write_text("\n".join(rows) + "\n")
+    with caplog.at_level(logging.WARNING):
+        data = load_data(tmp_path / "t.csv", image_size=16)
+    text = " ".join(r.getMessage() for r in caplog.records)
+    assert "twice" in text and "more than one label" in text
+    assert len(data.labels) == 37  # 36 + the second label of 1_1.png
+    copies = [i for i, name in enumerate(data.ids) if name == "1_1.png"]
+    assert len(copies) == 2 and data.groups[copies[0]] == data.groups[copies[1]]
+    for seed in range(5):
+        s = draw_split(data.labels, val_fraction=0.2, test_fraction=0.2, seed=seed,
+                       groups=data.groups)
+        part = {i: name for name in ("train", "val", "test") for i in getattr(s, name)}
+        assert part[copies[0]] == part[copies[1]]
+
+
+def test_group_column_keeps_each_group_in_one_split(make_csv, tmp_path):
+    from trainables.split import draw_split
+
+    rng = np.random.default_rng(1)
+    rows = ["image_path,target,patient"]
+    for k in range(2):
+        for i in range(30):
+            write_image(tmp_path / "g" / f"{k}_{i}.png", k, rng)
+            rows.append(f"{k}_{i}.png,c{k},patient{(k * 30 + i) // 4}")
+    (tmp_path / "g" / "t.csv").write_text("\n".join(rows) + "\n")
+    data = load_data(tmp_path / "g" / "t.csv", image_size=16, group_col="patient")
+    s = draw_split(data.labels, val_fraction=0.2, test_fraction=0.2, seed=0, groups=data.groups)
+    parts = [set(data.groups[getattr(s, p)]) for p in ("train", "val", "test")]
+    assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
+    assert all(len(p) for p in parts)
+    with pytest.raises(UserError, match="group column 'ward'"):
+        load_data(tmp_path / "g" / "t.csv", image_size=16, group_col="ward")
