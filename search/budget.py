@@ -73,18 +73,19 @@ class BudgetPlan:
 
 
 def plan_budget(cfg: SearchConfig, *, remaining_s: float, speed: Speed, n_train: int,
-                n_val: int, n_test: int, plan: ResourcePlan, warm: bool) -> BudgetPlan:
+                n_val: int, n_test: int, plan: ResourcePlan, warm: int) -> BudgetPlan:
     """The plan that fits `remaining_s` (the budget minus what the run has used already).
 
-    With E the longest trial's epochs: the warm start takes WARM_SHARE * E epochs alone, the
-    search TRIALS_PER_SLOT full trials per slot, the refit E epochs of train + val alone; E is
-    the largest that fits (at most MAX_EPOCHS, or the user's --max-epochs).
+    With E the longest trial's epochs: each of the `warm` warm starts (one per architecture)
+    takes WARM_SHARE * E epochs alone, the search TRIALS_PER_SLOT full trials per slot, the
+    refit E epochs of train + val alone; E is the largest that fits (at most MAX_EPOCHS, or the
+    user's --max-epochs).
     """
     epoch_trial = (n_train + EVAL_COST * n_val) * speed.trial  # one epoch of one trial
     epoch_solo = (n_train + EVAL_COST * n_val) * speed.solo
     refit_epoch = (n_train + n_val) * speed.solo if cfg.refit else 0.0
     usable = remaining_s * SLACK - FINISH_S - EVAL_COST * n_test * speed.solo
-    per_epoch = (WARM_SHARE * epoch_solo if warm else 0.0) + refit_epoch \
+    per_epoch = WARM_SHARE * epoch_solo * warm + refit_epoch \
         + TRIALS_PER_SLOT * epoch_trial
     cap = cfg.max_epochs if "max_epochs" in cfg.given else MAX_EPOCHS
     epochs = int(min(cap, usable / per_epoch)) if usable > 0 else 0
@@ -94,7 +95,7 @@ def plan_budget(cfg: SearchConfig, *, remaining_s: float, speed: Speed, n_train:
                         f"data, and one epoch of this search needs about {need:.0f} s here; "
                         "give a larger budget, a smaller --image-size or model, or fewer images")
     warm_epochs = (cfg.warm_epochs or max(1, round(WARM_SHARE * epochs))) if warm else None
-    warm_s = (warm_epochs or 0) * epoch_solo
+    warm_s = (warm_epochs or 0) * epoch_solo * warm
     refit_s = epochs * refit_epoch
     search_s = max(usable - warm_s - refit_s, epoch_trial)
     # ASHA lets about 1 in 3 trials run their full length, the rest stop at half or less

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from search.space import DEFAULT_SPACE, resolve_space
+from search.space import BUILTIN_SPACE, DEFAULT_SPACE, PRETRAINED_LR, resolve_space
 from trainables.cli import add_options, default_storage, opt, read_yaml, typed
-from trainables.config import OPTIONS, TrainConfig, check_value
+from trainables.config import OPTIONS, SETTINGS, TrainConfig, check_value
 from trainables.errors import UserError
 
 
@@ -31,6 +32,8 @@ class SearchConfig:
                             "scikit-learn digits.")
     image_col: str = opt("image_path", "CSV column holding image paths (relative to the CSV).")
     label_col: str = opt("target", "CSV column holding class labels.")
+    group_col: str | None = opt(None, "CSV column of groups (e.g. a patient id) whose images "
+                                "must stay in one split (train, val or test) together.")
     on_bad_image: str = opt("skip", "What to do with an unreadable image: 'skip' it with a "
                              "warning naming the file, or 'error' and stop.",
                              choices=("skip", "error"))
@@ -65,6 +68,11 @@ class SearchConfig:
     # search
     search_algorithm: str = opt("optuna", "How trials are proposed: optuna (TPE, define-by-run "
                                 "space) or random.", choices=("optuna", "random"))
+    objective: str = opt("accuracy", "What the search optimises: the val score (--metric), or "
+                         "the score against cost: accuracy,latency (measured milliseconds per "
+                         "image) or accuracy,params. A multi-objective search keeps the Pareto "
+                         "front (pareto.csv) and still reports its best-scoring trial on test.",
+                         choices=("accuracy", "accuracy,latency", "accuracy,params"))
     early_stopping: str = opt("asha", "Stop weak trials at rungs (asha) or run every trial to "
                               "its epochs (none).", choices=("asha", "none"))
     num_samples: int = opt(10, "Number of trials.")
@@ -106,8 +114,15 @@ class SearchConfig:
                        "IMGSEARCH_STORAGE, else ./runs).")
     tracking_uri: str | None = opt(None, "MLflow tracking URI (default: MLFLOW_TRACKING_URI, "
                                     "else sqlite:///mlflow.db here).")
+    register: str | None = opt(None, "Log the final model (the refit, else the best trial) as "
+                               "an MLflow model (a pyfunc taking image file bytes) and register "
+                               "a new version under this name, ready for mlflow models serve.")
     resume: bool = opt(False, "Continue an interrupted search in the same experiment without "
-                        "rerunning finished trials.", cli_only=True)
+                        "rerunning finished trials; interrupted trials continue after their last "
+                        "finished epoch. Resources and --num-samples may change; other changed "
+                        "options are named and ignored.", cli_only=True)
+    extend: int = opt(0, "Add this many trials to a finished (or interrupted) search of the same "
+                      "experiment; the sampler continues from its whole history.", cli_only=True)
     overwrite: bool = opt(False, "Replace an existing experiment folder of the same name.",
                            cli_only=True)
 
@@ -167,8 +182,12 @@ def parse_config(argv: list[str] | None = None) -> SearchConfig:
     flags = {k: v for k, v in vars(args).items()
              if v is not None and k not in ("config", "space")}
     # what the user set (a saved config.yaml says so itself), which a budget plan must keep
-    given = set(doc.pop("given", None) or set(doc))
-    space = dict(DEFAULT_SPACE)
+    given = set(doc.pop("given", None) or set(doc)) | set(flags) | (
+        {"space"} if args.space else set())
+    data = flags.get("data", doc.get("data"))
+    space = dict(DEFAULT_SPACE) | ({} if data else BUILTIN_SPACE)
+    if _pretrained(flags, doc):
+        space["lr"] = PRETRAINED_LR
     train = dict(doc.pop("train", None) or {})  # a saved config.yaml's fallback values
     for source, values, entries in (("the config file", doc, doc.pop("space", None) or {}),
                                     ("the flags", flags, _space_flags(args.space))):
@@ -187,14 +206,23 @@ def parse_config(argv: list[str] | None = None) -> SearchConfig:
     if isinstance(doc.get("time_budget"), (int, float)) and not isinstance(doc["time_budget"],
                                                                           bool):
         doc["time_budget"] = str(doc["time_budget"])  # YAML reads 900 as a number
-    doc["given"] = sorted(given | set(flags))
-    unknown = sorted(set(train) - set(OPTIONS) - {"seed", "threads"})
+    doc["given"] = sorted(given)
+    unknown = sorted(set(train) - set(SETTINGS))  # internal settings are known too
     if unknown:
         raise UserError(f"config file has unknown training setting(s) {', '.join(unknown)} "
                         "under train; see python -m search.run --help")
     search_opts = typed(SearchConfig, doc)
     train = typed(TrainConfig, train) | {"seed": search_opts.get("seed", SearchConfig.seed)}
     return validate(SearchConfig(**search_opts, train=TrainConfig(**train), space=space))
+
+
+def _pretrained(flags: dict[str, Any], doc: dict[str, Any]) -> bool:
+    """Whether the trials fine-tune pretrained weights (--init pretrained, or auto with
+    weights given), which sets the default learning-rate range."""
+    get = lambda k: flags.get(k, doc.get(k))  # noqa: E731 - flags beat the file
+    init = get("init") or "auto"
+    return init == "pretrained" or (init == "auto" and bool(get("pretrained")
+                                                          or get("pretrained_file")))
 
 
 def _space_flags(items: list[str] | None) -> dict[str, Any]:
@@ -248,7 +276,7 @@ def load_yaml(path: str) -> dict[str, Any]:
         if doc.get(key) is not None and not isinstance(doc[key], dict):
             raise UserError(f"config file {p}: {key} must be a mapping of setting: value, not "
                             f"{doc[key]!r}")
-    for k in ("resume", "overwrite"):
+    for k in ("resume", "overwrite", "extend"):
         doc.pop(k, None)  # actions of one invocation, not settings of an experiment
     return doc
 
@@ -276,8 +304,11 @@ def validate(cfg: SearchConfig) -> SearchConfig:
          "--image-size must be between 8 and 1024"),
         (0 < cfg.val_fraction < 0.5 and 0 < cfg.test_fraction < 0.5,
          "--val-fraction and --test-fraction must be between 0 and 0.5"),
-        (bool(cfg.experiment) and "/" not in cfg.experiment,
-         f"--experiment must be a plain name, not {cfg.experiment!r}"),
+        (re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", cfg.experiment or "") is not None
+         and cfg.experiment not in (".", ".."),
+         f"--experiment must be a plain folder name (letters, digits, '.', '_', '-'), not "
+         f"{cfg.experiment!r}"),
+        (cfg.extend >= 0, "--extend must not be negative"),
     ]
     for ok, message in checks:
         if not ok:
@@ -286,6 +317,10 @@ def validate(cfg: SearchConfig) -> SearchConfig:
         from search.budget import parse_duration
 
         parse_duration(cfg.time_budget)
+    if cfg.register is not None:
+        from trainables.tracking import check_model_name
+
+        check_model_name(cfg.register)
     for name in OPTIONS:
         check_value(name, getattr(cfg.train, name),
                     f"option {name} (--{name.replace('_', '-')})")
@@ -296,5 +331,7 @@ def validate(cfg: SearchConfig) -> SearchConfig:
     from trainables.models import check_model_name, import_plugins
 
     import_plugins(cfg.plugins)
-    check_model_name(cfg.train.model)
+    models = space.get("model", cfg.train.model)
+    for name in models if isinstance(models, list) else [models]:
+        check_model_name(name)
     return dataclasses.replace(cfg, space=space)

@@ -1,7 +1,8 @@
-"""Opening a search's experiment folder: new, replaced (--overwrite) or resumed (--resume).
+"""Opening a search's experiment folder: new, replaced (--overwrite), resumed (--resume) or
+extended (--extend N).
 
 The folder's paths, reads and writes belong to `trainables.store.ExperimentStore`; this module
-decides what a search may do with the folder.
+decides what a search may do with the folder. Its exclusive lock is held for the whole run.
 """
 
 from __future__ import annotations
@@ -9,9 +10,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import IO, Any
 
 from search.config import SearchConfig, validate
+from trainables.config import OPTIONS
 from trainables.data import ImageData, load_data
 from trainables.errors import UserError
 from trainables.split import Split, draw_split
@@ -19,7 +22,10 @@ from trainables.store import ExperimentStore
 
 log = logging.getLogger("search")
 
-KEEP_ON_RESUME = ("address", "num_cpus", "max_concurrent", "tracking_uri")
+# options a continued search may change: where and how much it runs, not what it searches
+SAFE_ON_RESUME = ("address", "num_cpus", "max_concurrent", "tracking_uri", "max_failures",
+                  "num_samples", "time_budget", "cpus_per_worker", "gpus_per_worker")
+INVOCATION = ("resume", "extend", "overwrite", "experiment", "storage", "config")
 
 
 @dataclass
@@ -27,27 +33,28 @@ class Experiment:
     cfg: SearchConfig
     store: ExperimentStore
     resumed: bool
+    lock: IO[Any] | None = field(default=None, repr=False)
 
     @classmethod
     def open(cls, cfg: SearchConfig) -> Experiment:
-        """Starts a new experiment folder or reopens one for --resume; never clobbers silently."""
+        """Starts a new experiment folder or reopens one to continue; never clobbers silently.
+
+        A folder whose search never reached its first trial (a failed or killed start) holds
+        nothing to keep: a plain rerun replaces it and --resume starts it again.
+        """
         store = ExperimentStore(cfg.experiment_dir)
-        if cfg.resume:
-            if not store.holds_search():
-                raise UserError(f"no experiment {cfg.experiment!r} to resume in "
-                                f"{store.dir.parent} (found: "
-                                f"{', '.join(store.siblings()) or 'none'}); pass --experiment "
-                                "NAME or start a new search without --resume")
-            doc = store.read_config()
-            doc.update({k: getattr(cfg, k) for k in KEEP_ON_RESUME if getattr(cfg, k) is not None})
-            doc.update(storage=cfg.storage, experiment=cfg.experiment, resume=True,
-                       overwrite=False)
-            return cls(validate(SearchConfig.from_dict(doc)), store, True)
-        if not store.is_empty() and not cfg.overwrite:
+        lock = store.lock()
+        if cfg.resume or cfg.extend:
+            return cls(_continued_config(cfg, store), store, True, lock)
+        if store.started() and not cfg.overwrite:
             raise UserError(f"experiment folder {store.dir} already holds a search; pass --resume "
-                            "to continue it, --experiment NAME for a new one, or "
-                            "--overwrite to replace it")
-        return cls(cfg, store, False)
+                            "to continue it, --extend N to add trials, --experiment NAME for a "
+                            "new one, or --overwrite to replace it")
+        if not store.is_empty() and not store.started() and not cfg.overwrite:
+            log.warning("%s holds a start that never reached its first trial: replacing it",
+                        store.dir)
+            cfg = dataclasses.replace(cfg, overwrite=True)
+        return cls(cfg, store, False, lock)
 
     def create(self, data: ImageData, split: Split) -> None:
         """Writes the folder of a new experiment, once its inputs are known to be good and the
@@ -58,7 +65,7 @@ class Experiment:
             shutil.rmtree(self.store.dir)
         self.store.dir.mkdir(parents=True, exist_ok=True)
         self.store.write_config(
-            dataclasses.replace(self.cfg, resume=False, overwrite=False).to_dict())
+            dataclasses.replace(self.cfg, resume=False, overwrite=False, extend=0).to_dict())
         self.store.write_data(data)
         self.store.write_split(split, data.ids)
 
@@ -70,8 +77,42 @@ class Experiment:
         log.info("reading %s at %d px ...", cfg.data or "the built-in digits",
                  cfg.resolved_image_size)
         data = load_data(cfg.data, image_size=cfg.resolved_image_size, image_col=cfg.image_col,
-                         label_col=cfg.label_col, on_bad_image=cfg.on_bad_image)
+                         label_col=cfg.label_col, on_bad_image=cfg.on_bad_image,
+                         group_col=cfg.group_col)
         split = draw_split(data.labels, val_fraction=cfg.val_fraction,
                            test_fraction=cfg.test_fraction, seed=cfg.seed,
-                           predefined=data.splits, class_names=data.class_names)
+                           predefined=data.splits, class_names=data.class_names,
+                           groups=data.groups)
         return data, split
+
+
+def _continued_config(cfg: SearchConfig, store: ExperimentStore) -> SearchConfig:
+    """The saved config of the search to continue, with the options it may change taken from
+    this invocation; other options given now are named in a warning and ignored."""
+    flag = "--extend" if cfg.extend else "--resume"
+    if not store.holds_search():
+        raise UserError(f"no experiment {cfg.experiment!r} to continue in {store.dir.parent} "
+                        f"(found: {', '.join(store.siblings()) or 'none'}); pass --experiment "
+                        f"NAME or start a new search without {flag}")
+    doc = store.read_config()
+    saved = SearchConfig.from_dict(doc)
+    taken = {k: getattr(cfg, k) for k in SAFE_ON_RESUME if k in cfg.given}
+    ignored = [k for k in cfg.given if k not in SAFE_ON_RESUME and k not in INVOCATION
+               and _value(cfg, k) != _value(saved, k)]
+    if ignored:
+        log.warning("%s keeps the saved settings of %r; ignoring %s (start a new experiment to "
+                    "change them)", flag, cfg.experiment,
+                    ", ".join("--" + k.replace("_", "-") for k in sorted(ignored)))
+    doc.update(taken, storage=cfg.storage, experiment=cfg.experiment, resume=cfg.resume,
+               extend=cfg.extend, overwrite=False)
+    if cfg.extend:  # N more than it has (or was asked for, if it has not finished them)
+        ended = len(store.read_results()) if store.has_results() else 0
+        doc["num_samples"] = max(saved.num_samples, ended) + cfg.extend
+    continued = validate(SearchConfig.from_dict(doc))
+    # the experiment's config records what it now runs (more trials, other resources)
+    store.write_config(dataclasses.replace(continued, resume=False, extend=0).to_dict())
+    return continued
+
+
+def _value(cfg: SearchConfig, name: str) -> Any:
+    return getattr(cfg.train, name) if name in OPTIONS else getattr(cfg, name, None)

@@ -29,7 +29,7 @@ log = logging.getLogger("search")
 REFIT = "refit/final.pt"
 
 
-def refit(store: ExperimentStore, data: ImageData, split: Split, start: Start,
+def refit(store: ExperimentStore, data: ImageData, split: Split, starts: dict[str, Start],
           selected_checkpoint: str, plan: ResourcePlan, plugins: list[str]
           ) -> tuple[dict, np.ndarray, list[dict]]:
     """Trains the selected trial's configuration on train + val; returns its record (test
@@ -40,6 +40,7 @@ def refit(store: ExperimentStore, data: ImageData, split: Split, start: Start,
     from search.tune import fit_on_ray
 
     train_cfg = TrainConfig.from_dict(load_checkpoint(selected_checkpoint)["config"])
+    start = starts[train_cfg.model]
     path = store.path(REFIT)
     reports: list[dict] = []
     tick = time.time()
@@ -49,7 +50,7 @@ def refit(store: ExperimentStore, data: ImageData, split: Split, start: Start,
         inputs = TrialInputs(data=ray.put(data), init_state=ray.put(start.state),
                              train_idx=np.concatenate([split.train, split.val]),
                              val_idx=np.zeros(0, np.int64), mean=start.mean, std=start.std,
-                             init_id=start.id)
+                             init_id=start.id, split_hash=split.hash)
         _, reports = fit_on_ray(train_cfg, inputs, path, plugins, plan)
     model, ckpt = load_trained(str(path), torch.device("cpu"))
     probs = predict_proba(model, data.images, split.test, mean=ckpt["mean"], std=ckpt["std"])

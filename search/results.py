@@ -6,7 +6,8 @@ from __future__ import annotations
 import pandas as pd
 from ray.tune import Callback
 
-from trainables.store import ENDED, ExperimentStore, outcome, ranked
+from search.space import training_values
+from trainables.store import ExperimentStore, outcome, ranked
 
 SEARCHED = ("lr", "weight_decay", "batch_size", "dropout", "epochs", "scheduler")
 BEST = ("best_val_acc", "best_val_loss", "best_val_f1", "best_epoch")
@@ -36,7 +37,7 @@ def trial_rows(trials: list, store: ExperimentStore, ended: dict[str, str] | Non
             "status": result,
             "epochs_run": epochs_run,
             **{k: t.config.get(k) for k in SEARCHED},
-            **{k: v for k, v in t.config.items() if k not in SEARCHED},
+            **{k: v for k, v in training_values(t.config).items() if k not in SEARCHED},
             **{k: last.get(k) for k in BEST},
             "started_at": _started(last),
             "ended_at": last.get("timestamp"),
@@ -74,40 +75,30 @@ def settle(store: ExperimentStore, out_of_time: bool) -> pd.DataFrame:
 class ResultsWriter(Callback):
     """Keeps `results.csv` current as trials end, so an interrupted search still has one.
 
-    A trial counts as ended only when Tune reported it complete or failed (in this run or, read
-    back from results.csv, in the run this one resumes); a trial Tune merely cleaned up on an
-    interrupt is marked `interrupted`, since --resume will run it again.
+    A trial counts as ended only when Tune reported it complete or failed in this run; a trial
+    Tune merely cleaned up on an interrupt is marked `interrupted`, since a continued search runs
+    it again. Rows of trials that ended in earlier runs of a continued search (`earlier`) stay.
     """
 
-    def __init__(self, store: ExperimentStore, metric: str = "accuracy") -> None:
+    def __init__(self, store: ExperimentStore, metric: str = "accuracy",
+                 earlier: pd.DataFrame | None = None) -> None:
         self.store, self.metric = store, metric
-        self.ended: dict[str, str] | None = None
-
-    def __getstate__(self) -> dict:  # pickled for resume: re-read what ended from results.csv
-        return {**self.__dict__, "ended": None}
-
-    def _ended(self) -> dict[str, str]:
-        if self.ended is None:
-            self.ended = {}
-            if self.store.has_results():
-                old = self.store.read_results()
-                done = old[old["status"].isin(ENDED)]
-                self.ended = {t: ("ERROR" if s == "failed" else "TERMINATED")
-                              for t, s in zip(done["trial_id"], done["status"])}
-        return self.ended
+        self.earlier = earlier if earlier is not None else pd.DataFrame()
+        self.ended: dict[str, str] = {}
 
     def _write(self, trials: list) -> None:
-        ended = self._ended()
-        status = {t.trial_id: ended.get(t.trial_id, "INTERRUPTED" if t.status in (
+        status = {t.trial_id: self.ended.get(t.trial_id, "INTERRUPTED" if t.status in (
             "TERMINATED", "ERROR") else t.status) for t in trials}
-        self.store.write_results(ranked(trial_rows(trials, self.store, status), self.metric))
+        rows = trial_rows(trials, self.store, status)
+        table = pd.concat([self.earlier, rows], ignore_index=True) if len(self.earlier) else rows
+        self.store.write_results(ranked(table, self.metric))
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
-        self._ended()[trial.trial_id] = "TERMINATED"
+        self.ended[trial.trial_id] = "TERMINATED"
         self._write(trials)
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
-        self._ended()[trial.trial_id] = "ERROR"
+        self.ended[trial.trial_id] = "ERROR"
         self._write(trials)
 
     def on_experiment_end(self, trials: list, **info) -> None:
@@ -117,13 +108,14 @@ class ResultsWriter(Callback):
 class ProgressPrinter(Callback):
     """One short line per trial epoch and per trial end, instead of Tune's large tables."""
 
-    def __init__(self, num_samples: int) -> None:
-        self.num_samples, self.ended = num_samples, 0
+    def __init__(self, num_samples: int, ended: int = 0) -> None:
+        self.num_samples, self.ended = num_samples, ended
 
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
         epochs = trial.config.get("epochs", "?")
         print(f"  trial {trial.trial_id} epoch {epochs_of(result)}/{epochs}: "
               f"val acc {result.get('val_acc', float('nan')):.4f} "
+              f"F1 {result.get('val_f1', float('nan')):.4f} "
               f"loss {result.get('val_loss', float('nan')):.4f} "
               f"({result.get('train_images_per_s', 0):.0f} img/s)", flush=True)
 

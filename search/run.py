@@ -28,7 +28,7 @@ class Run:
     exp: Experiment
     data: ImageData
     split: Split
-    start: object  # search.start.Start: the weights every trial loads
+    starts: dict  # architecture -> search.start.Start: the weights its trials load
     plan: object  # search.resources.ResourcePlan
     t0: float  # when the command started
     budget: object = None  # search.budget.BudgetPlan, with --time-budget
@@ -52,12 +52,12 @@ def main(argv: list[str] | None = None) -> int:
 def run(cfg: SearchConfig) -> int:
     """Runs (or resumes) one search and writes its results; returns the exit code."""
     from search.resources import plan_for_cluster
-    from search.start import base_start
+    from search.start import base_starts
 
     t0 = time.time()
     exp = Experiment.open(cfg)
     data, split = exp.data_and_split()  # bad data fails here, before anything is written
-    base = base_start(exp.cfg, exp, data.num_classes)  # and unusable weights
+    base = base_starts(exp.cfg, exp, data.num_classes)  # and unusable weights
     owns_ray = start_ray(exp.cfg.address, exp.cfg.num_cpus)
     try:
         r = Run(exp.cfg, exp, data, split, base, plan_for_cluster(exp.cfg), t0)
@@ -81,15 +81,17 @@ def plan_time(r: Run) -> None:
     from trainables.speed import seconds_per_image
 
     size = int(r.data.images.shape[1])
+    models = [dataclasses.replace(r.cfg.train, model=m) for m in r.starts]  # each architecture
     speed = budget.Speed(
-        trial=seconds_per_image(r.cfg.train, r.data.num_classes, size, threads=r.plan.threads),
-        solo=seconds_per_image(r.cfg.train, r.data.num_classes, size,
-                               threads=r.plan.solo_threads))
+        trial=sum(seconds_per_image(t, r.data.num_classes, size, threads=r.plan.threads)
+                  for t in models) / len(models),
+        solo=sum(seconds_per_image(t, r.data.num_classes, size, threads=r.plan.solo_threads)
+                 for t in models) / len(models))
     sizes = r.split.sizes()
     r.budget = budget.plan_budget(
         r.cfg, remaining_s=r.seconds_left(), speed=speed, n_train=sizes["train"],
         n_val=sizes["val"], n_test=sizes["test"], plan=r.plan,
-        warm=needs_warm_start(r.cfg, r.start))
+        warm=len(models) if needs_warm_start(r.cfg, r.starts) else 0)
     r.cfg = r.exp.cfg = budget.apply(r.cfg, r.budget)
     r.plan = plan_for_cluster(r.cfg)
     log.info("time budget %s: %s (measured %.1f ms per training image per trial)",
@@ -101,9 +103,10 @@ def search(r: Run) -> int:
     interrupted (resumable)."""
     from search.report import finish
     from search.results import ProgressPrinter, ResultsWriter, settle
-    from search.start import needs_warm_start, warm_start
+    from search.resume import continuation, fresh
+    from search.start import needs_warm_start, warm_starts, write_starts
     from search.tracking import SearchRun, search_params
-    from search.tune import make_trainable, make_tuner, place_inputs, restore_tuner
+    from search.tune import make_trainable, make_tuner, place_inputs
 
     cfg, store = r.cfg, r.store
     log.info("data: %d images, %d classes, %d px; split train/val/test %s (hash %s)",
@@ -114,24 +117,24 @@ def search(r: Run) -> int:
                               search_params(cfg.flat_dict(), r.data.facts(), r.split))
     log.info("MLflow: %s (experiment %r); see it with: mlflow ui --backend-store-uri %s",
              r.mlflow.uri, cfg.experiment, r.mlflow.uri)
-    if needs_warm_start(cfg, r.start):
-        r.start, reports = warm_start(cfg, r.exp, r.data, r.split, r.start, r.plan)
-        r.mlflow.log_stage("warm-start", reports, r.start.record())
-    if not store.has_init():
-        store.write_init(r.start.state, r.start.mean, r.start.std, cfg.train.model,
-                         kind=r.start.kind, facts=r.start.facts)
-    trainable = make_trainable(cfg, r.plan, place_inputs(r.data, r.split, r.start), store)
+    if needs_warm_start(cfg, r.starts):
+        r.starts, reports = warm_starts(cfg, r.exp, r.data, r.split, r.starts, r.plan)
+        for model, curve in reports.items():
+            r.mlflow.log_stage("warm-start", curve, r.starts[model].record())
+    write_starts(cfg, r.exp, r.starts)
+    cont = continuation(store) if r.exp.resumed else fresh()
     if r.exp.resumed:
-        log.info("resuming %s: finished trials are kept, unfinished ones continue", store.dir)
-        tuner = restore_tuner(store, trainable)
-    else:
+        log.info("continuing %s: %d trial(s) ended and are kept, %d interrupted one(s) run again "
+                 "(from their last finished epoch), %d trial(s) to go", store.dir, cont.count,
+                 len(cont.pending), max(0, cfg.num_samples - cont.count))
+    if cfg.num_samples > cont.count or cont.pending:
+        trainable = make_trainable(cfg, r.plan, place_inputs(r.data, r.split, r.starts), store)
         recorder = r.mlflow.trial_recorder(trial_params(r), r.data.class_names,
                                            r.data.labels[r.split.val].tolist())
-        deadline = _search_deadline(r)
-        tuner = make_tuner(cfg, r.plan, trainable,
-                           [recorder, ResultsWriter(store, cfg.train.metric),
-                            ProgressPrinter(cfg.num_samples)], time_budget_s=deadline)
-    tuner.fit()
+        callbacks = [recorder, ResultsWriter(store, cfg.train.metric, cont.ended),
+                     ProgressPrinter(cfg.num_samples, cont.count)]
+        make_tuner(cfg, r.plan, trainable, callbacks, cont, store,
+                   time_budget_s=_search_deadline(r)).fit()
     out_of_time = time.time() >= r.deadline
     table = settle(store, out_of_time)
     r.mlflow.close_open_trial_runs(table)
@@ -152,7 +155,7 @@ def _search_deadline(r: Run) -> float | None:
     if r.budget is None:
         return None
     left = r.seconds_left() - r.budget.refit_s / SLACK - FINISH_S
-    seconds = max(30.0, min(r.budget.search_s, left))
+    seconds = max(10.0, min(r.budget.search_s, left))
     r.deadline = time.time() + seconds - 1.0
     return seconds
 
@@ -164,8 +167,9 @@ def trial_params(r: Run) -> dict:
 
     fixed = {k: v for k, v in dataclasses.asdict(trial_train_config(r.cfg, r.plan)).items()
              if k not in r.cfg.space}
-    return fixed | {"image_size": r.cfg.resolved_image_size, "init": r.start.kind,
-                    "init_id": r.start.id, "workers_per_trial": r.plan.workers,
+    first = next(iter(r.starts.values()))
+    return fixed | {"image_size": r.cfg.resolved_image_size, "init": first.kind,
+                    "workers_per_trial": r.plan.workers,
                     "cpus_per_worker": r.plan.cpus_per_worker,
                     "gpus_per_worker": r.plan.gpus_per_worker}
 

@@ -7,24 +7,34 @@ time_*) out of the runs.
 
 from __future__ import annotations
 
+import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 from ray.tune import Callback
 
 from search.results import epochs_of
+from search.space import training_values
 from trainables.split import Split
-from trainables.store import ExperimentStore, code_version, outcome
+from trainables.store import ExperimentStore, code_version, outcome, score_column
 from trainables.tracking import (
     client_for,
+    dataset_entity,
     experiment_id,
     flat_params,
+    log_dataset,
     log_params,
     log_prediction_pictures,
     log_val_pictures,
     resolve_tracking_uri,
+    save_runs_view,
+    ui_address,
 )
+
+log = logging.getLogger("search")
+VIEW_NAME = "search: searched params and val score"  # the runs-page view each search saves
 
 TRIAL_METRICS = ("train_loss", "val_loss", "val_acc", "val_f1", "lr", "train_images_per_s",
                  "data_wait_share", "best_val_acc", "best_val_loss", "best_val_f1")
@@ -39,6 +49,7 @@ class TrialRecorder(Callback):
         self.uri, self.exp_id, self.parent = tracking_uri, experiment_id, parent_run_id
         self.fixed, self.tags, self.store = fixed_params, code_version(), store
         self.class_names, self.val_labels = class_names, val_labels
+        self.dataset = None  # the search's MLflow dataset record, attached to every trial run
         self._client = None
         self._runs: dict[str, str] = {}
 
@@ -66,12 +77,32 @@ class TrialRecorder(Callback):
                 run = self.client.create_run(self.exp_id, run_name=f"trial-{tid}", tags={
                     "mlflow.parentRunId": self.parent, "trial_id": tid, **self.tags})
                 self._runs[tid] = run.info.run_id
+                if self.dataset is not None:
+                    log_dataset(self.client, run.info.run_id, self.dataset)
         return self._runs[tid]
 
     def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
+        self._adopt(trial)
         run_id = self.run_id(trial)
         self.client.update_run(run_id, status="RUNNING")
-        log_params(self.client, run_id, flat_params({**self.fixed, **trial.config}))
+        log_params(self.client, run_id, flat_params({**self.fixed,
+                                                     **training_values(trial.config)}))
+
+    def _adopt(self, trial) -> None:
+        """A trial that continues an interrupted one (same config) takes over its run, so the
+        search keeps one record per trial and the curves go on where they stopped."""
+        from search.resume import config_key
+
+        old = self.store.read_adoptions().get(config_key(trial.config))
+        if not old or old == trial.trial_id or trial.trial_id in self._runs:
+            return
+        found = self.client.search_runs(
+            [self.exp_id], filter_string=f"tags.trial_id = '{old}' and "
+            f"tags.`mlflow.parentRunId` = '{self.parent}'", max_results=1)
+        if found:
+            self.client.set_tag(found[0].info.run_id, "trial_id", trial.trial_id)
+            self.client.set_tag(found[0].info.run_id, "continues", old)
+            self._runs[trial.trial_id] = found[0].info.run_id
 
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
         from mlflow.entities import Metric
@@ -117,6 +148,7 @@ class SearchRun:
         uri = saved["tracking_uri"] if saved and not tracking_uri else \
             resolve_tracking_uri(tracking_uri)
         run = cls(uri, experiment, store)
+        run.dataset = search_dataset(params)
         if saved:
             run.run_id = saved["parent_run_id"]
             run.client.update_run(run.run_id, status="RUNNING")
@@ -129,12 +161,45 @@ class SearchRun:
         run.client.log_artifact(run.run_id, str(store.path("config.yaml")))
         store.write_tracking({"tracking_uri": uri, "experiment_id": run.exp_id,
                               "parent_run_id": run.run_id})
+        run.describe()
         return run
+
+    def describe(self) -> None:
+        """What the UI shows beside the numbers: the dataset, a saved runs-table view of the
+        searched params and the val score, and the data report (before any training)."""
+        log_dataset(self.client, self.run_id, self.dataset)
+        doc = self.store.read_config()
+        searched = [k for k, v in (doc.get("space") or {}).items() if isinstance(v, (dict, list))]
+        score = score_column(self.store.metric)
+        view = save_runs_view(
+            self.client, self.exp_id, "imgsearch", VIEW_NAME,
+            [f"params.`{k}`" for k in searched] + [f"metrics.`{score}`", "metrics.`best_val_loss`"],
+            f"metrics.`{score}`", expanded=[self.run_id], charts=search_charts(searched, score))
+        log.info("MLflow: %s opens the runs in the model-training view, the searched params and "
+                 "%s as columns and charts (view %r)", ui_address(self.uri, self.exp_id, view),
+                 score, VIEW_NAME)
+        self.log_data_report(doc)
+
+    def log_data_report(self, doc: dict[str, Any]) -> None:
+        """Writes the data report into the experiment folder, logs it, warns about findings."""
+        from trainables.eda import data_report, findings, split_parts
+        from trainables.files import read_json
+
+        start, out = time.time(), self.store.data_report_dir
+        report = data_report(doc.get("data"), out, image_col=doc.get("image_col", "image_path"),
+                             label_col=doc.get("label_col", "target"),
+                             parts=split_parts(read_json(self.store.path("split.json"))))
+        self.client.log_artifacts(self.run_id, str(out), "data_report")
+        for line in findings(report):
+            log.warning("data report: %s", line)
+        log.info("data report: %s (%.1f s)", out / "report.md", time.time() - start)
 
     def trial_recorder(self, fixed_params: dict[str, Any], class_names: list[str],
                        val_labels: list[int]) -> TrialRecorder:
-        return TrialRecorder(self.uri, self.exp_id, self.run_id, fixed_params, self.store,
-                             class_names, val_labels)
+        recorder = TrialRecorder(self.uri, self.exp_id, self.run_id, fixed_params, self.store,
+                                 class_names, val_labels)
+        recorder.dataset = self.dataset
+        return recorder
 
     def log_stage(self, name: str, reports: list[dict], params: dict[str, Any]) -> str:
         """A nested run for a stage that is not a trial (the warm start, the refit): its facts
@@ -183,3 +248,24 @@ def search_params(cfg_doc: dict, facts: dict, split: Split) -> dict[str, str]:
     """The parent run's params: the resolved config, data facts and the split."""
     return flat_params(cfg_doc) | flat_params({"data": facts}) | {
         "split_hash": split.hash, **{f"split.{k}": str(v) for k, v in split.sizes().items()}}
+
+
+def search_dataset(params: dict[str, str]):
+    """The search's MLflow dataset record, from its parent run's params: the data's source,
+    the split hash as digest, image and class counts and the images per part as profile."""
+    source = params.get("data.source", "")
+    profile = {k: int(params[f"data.{k}"]) for k in ("num_images", "num_classes", "image_size")
+               if f"data.{k}" in params}
+    profile |= {k: int(params[f"split.{k}"]) for k in ("train", "val", "test")}
+    return dataset_entity(Path(source).name or source, source, params["split_hash"], profile)
+
+
+def search_charts(searched: list[str], score: str) -> list[dict]:
+    """The view's first charts: the searched params against the val score (parallel
+    coordinates), the score per run, then the val and train curves per epoch."""
+    line = {"type": "LINE", "xAxisKey": "step", "scaleType": "linear", "lineSmoothness": 0,
+            "useGlobalXaxisKey": True, "useGlobalLineSmoothing": True}
+    return [{"type": "PARALLEL", "selectedParams": searched, "selectedMetrics": [score],
+             "showAllRuns": True}, {"type": "BAR", "metricKey": score},
+            *({**line, "metricKey": k, "selectedMetricKeys": [k]}
+              for k in ("val_acc", "val_loss", "train_loss"))]

@@ -6,11 +6,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from ray.tune.search.optuna import OptunaSearch
+
 from search.config import SearchConfig
 from search.resources import ResourcePlan
-from search.space import SpaceSampler, recommended_point
+from search.resume import STUDY, Continuation, study_storage
+from search.space import SpaceSampler, recommended_point, training_values
 from trainables.data import ImageData
-from trainables.errors import UserError
 from trainables.models import import_plugins
 from trainables.split import Split
 from trainables.store import ExperimentStore, score_column
@@ -19,12 +21,36 @@ from trainables.train import TrainConfig, TrialInputs, fit, train_worker
 PROGRESS = "progress"  # share of its own epochs a trial has done: ASHA's clock
 
 
+COSTS = {"latency": "latency_ms", "params": "params"}  # measured in every trial (trainables.train)
+
+
 def metric(cfg: SearchConfig) -> str:
-    """What ASHA rungs and Optuna compare: the trial's running best val score (monotone)."""
+    """What ASHA rungs compare (and Optuna maximises): the trial's running best val score."""
     return score_column(cfg.train.metric)
 
 
-def run_trial(config: dict[str, Any], inputs: TrialInputs | None = None,
+def objectives(cfg: SearchConfig) -> tuple[str | list[str], str | list[str]]:
+    """Optuna's metric(s) and mode(s): the val score, and with --objective accuracy,latency
+    (or accuracy,params) the measured cost to minimise next to it."""
+    parts = cfg.objective.split(",")
+    if len(parts) == 1:
+        return metric(cfg), "max"
+    return [metric(cfg), COSTS[parts[1]]], ["max", "min"]
+
+
+class StudySearch(OptunaSearch):
+    """Ray's OptunaSearch, also writing each Tune trial id into its Optuna trial (user attribute
+    `trial_id`), so the study in optuna.db can be read back against results.csv."""
+
+    def suggest(self, trial_id: str):
+        config = super().suggest(trial_id)
+        ot_trial = self._ot_trials.get(trial_id)  # Ray keeps its Optuna trials here
+        if ot_trial is not None:
+            ot_trial.set_user_attr("trial_id", trial_id)
+        return config
+
+
+def run_trial(config: dict[str, Any], inputs: dict[str, TrialInputs] | None = None,
               setup: dict[str, Any] | None = None) -> None:
     """The Tune function trainable.
 
@@ -33,11 +59,15 @@ def run_trial(config: dict[str, Any], inputs: TrialInputs | None = None,
     """
     from ray import tune
 
+    from search.resume import adopt_folder
+
     import_plugins(setup["plugins"])
     trial_id = tune.get_context().get_trial_id()
     store: ExperimentStore = setup["store"]
+    adopt_folder(store, trial_id, config)  # an interrupted trial of this config continues here
     checkpoint = str(store.checkpoint(trial_id))
-    train_cfg = dataclasses.replace(setup["train"], **config)
+    train_cfg = dataclasses.replace(setup["train"], **training_values(config))
+    inputs = inputs[train_cfg.model]  # each architecture fine-tunes from its own start
     if setup["workers"] == 1:
         fit(train_cfg, inputs, checkpoint, report=with_placement(tune.report))
         return
@@ -92,13 +122,16 @@ def _fit_task(cfg: TrainConfig, inputs: TrialInputs, checkpoint: str, plugins: l
     return best, reports
 
 
-def place_inputs(data: ImageData, split: Split, start) -> TrialInputs:
-    """Puts the decoded data and the shared start (`search.start.Start`) into Ray's object store
-    once; every trial and worker then reads them zero-copy."""
+def place_inputs(data: ImageData, split: Split, starts: dict) -> dict[str, TrialInputs]:
+    """Puts the decoded data and each architecture's shared start (`search.start.Start`) into
+    Ray's object store once; every trial and worker then reads them zero-copy. Returns the
+    inputs of a trial by its model."""
     import ray
 
-    return TrialInputs(data=ray.put(data), init_state=ray.put(start.state), train_idx=split.train,
-                       val_idx=split.val, mean=start.mean, std=start.std, init_id=start.id)
+    ref = ray.put(data)
+    return {model: TrialInputs(data=ref, init_state=ray.put(s.state), train_idx=split.train,
+                               val_idx=split.val, mean=s.mean, std=s.std, init_id=s.id,
+                               split_hash=split.hash) for model, s in starts.items()}
 
 
 def trial_train_config(cfg: SearchConfig, plan: ResourcePlan) -> TrainConfig:
@@ -106,7 +139,7 @@ def trial_train_config(cfg: SearchConfig, plan: ResourcePlan) -> TrainConfig:
     return dataclasses.replace(cfg.train, threads=plan.threads)
 
 
-def make_trainable(cfg: SearchConfig, plan: ResourcePlan, inputs: TrialInputs,
+def make_trainable(cfg: SearchConfig, plan: ResourcePlan, inputs: dict[str, TrialInputs],
                    store: ExperimentStore):
     """`run_trial` bound to the shared inputs (via the object store) and sized for the plan."""
     from ray import tune
@@ -127,12 +160,14 @@ def make_trainable(cfg: SearchConfig, plan: ResourcePlan, inputs: TrialInputs,
 
 
 def make_tuner(cfg: SearchConfig, plan: ResourcePlan, trainable, callbacks: list,
-               time_budget_s: float | None = None):
-    """A fresh Tuner: Optuna TPE proposes, ASHA stops weak trials, Tune runs them."""
+               cont: Continuation, store: ExperimentStore, time_budget_s: float | None = None):
+    """A Tuner over the trials still to run: Optuna TPE proposes (its study lives in the
+    experiment's optuna.db, so a continued search keeps the sampler's history), ASHA stops weak
+    trials, Tune runs them. A new search starts with the recommended configuration; a continued
+    one with the trials its interruption cut short."""
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search.optuna import OptunaSearch
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if cfg.search_algorithm == "random":  # Optuna's random sampler over the same space
@@ -146,16 +181,19 @@ def make_tuner(cfg: SearchConfig, plan: ResourcePlan, trainable, callbacks: list
     # When ASHA stops a trial, Optuna is told COMPLETE with the trial's best val accuracy so far.
     # That is deliberate: the partial score is lower than a full run's would be, which is what
     # the sampler should learn (ASHA stopped it for being behind at its rung).
-    first = [recommended_point(cfg.space)] if cfg.start_with_default else []
-    searcher = OptunaSearch(space=SpaceSampler(cfg.space), metric=metric(cfg), mode="max",
-                            sampler=sampler, points_to_evaluate=first or None)
+    first = cont.pending if cfg.resume or cfg.extend else \
+        [recommended_point(cfg.space)] if cfg.start_with_default else []
+    metrics, modes = objectives(cfg)
+    searcher = StudySearch(space=SpaceSampler(cfg.space), metric=metrics, mode=modes,
+                            sampler=sampler, points_to_evaluate=first or None,
+                            study_name=STUDY, storage=study_storage(store))
     scheduler = ASHAScheduler(**asha_settings(cfg))
     if cfg.early_stopping == "none":
         scheduler = FIFOScheduler()
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
-                                    num_samples=cfg.num_samples,
+                                    num_samples=max(1, cfg.num_samples - cont.count),
                                     max_concurrent_trials=plan.concurrency,
                                     time_budget_s=time_budget_s,
                                     # a warm trial process has torch and timm imported already:
@@ -183,13 +221,3 @@ def asha_settings(cfg: SearchConfig) -> dict[str, Any]:
     return {"time_attr": PROGRESS, "metric": metric(cfg), "mode": "max", "max_t": 1.0,
             "grace_period": grace, "reduction_factor": cfg.reduction_factor}
 
-
-def restore_tuner(store: ExperimentStore, trainable):
-    """The interrupted Tuner: finished trials stay finished, unfinished ones run again."""
-    from ray import tune
-
-    if not tune.Tuner.can_restore(str(store.dir)):
-        raise UserError(f"{store.dir} holds no resumable search (it never started or its "
-                        "state is missing); run without --resume to start it")
-    return tune.Tuner.restore(str(store.dir), trainable=trainable, resume_unfinished=True,
-                              resume_errored=False)

@@ -101,3 +101,11 @@ def test_gpu_search_is_planned_against_what_the_autoscaler_can_add(prepared):
         plan_resources(cfg, *head_only)
     plan = plan_resources(cfg, *head_only, capacity=capacity)
     assert plan.concurrency == 8 and plan.gpus_per_worker == 1
+
+
+def test_shared_storage_is_not_world_writable():
+    """Checkpoints on the shared storage are loaded by every search and build: only the image's
+    user may write there."""
+    text = (REPO / "cluster.yaml").read_text()
+    assert not re.search(r"chmod\s+(-R\s+)?(0?7[0-7]7|a\+w|o\+w)", text)
+    assert "chown 1000:100 /mnt/efs" in text and "chmod 0750 /mnt/efs" in text

@@ -37,7 +37,8 @@ def test_bad_budget_flag_is_refused_at_parse_time():
 def test_plan_fits_the_budget(budget, warm):
     cfg = parse_config(["--data", "x", "--time-budget", str(budget)])
     speed = Speed(trial=1 / 70, solo=1 / 110)
-    plan = plan_budget(cfg, remaining_s=budget - 20, speed=speed, plan=PLAN, warm=warm, **CLOTHES)
+    plan = plan_budget(cfg, remaining_s=budget - 20, speed=speed, plan=PLAN, warm=int(warm),
+                       **CLOTHES)
     assert plan.warm_s + plan.search_s + plan.refit_s <= budget - 20
     assert 1 <= plan.max_epochs <= 40 and plan.num_samples >= PLAN.concurrency
     assert (plan.warm_epochs is not None) == warm
@@ -51,8 +52,8 @@ def test_plan_fits_the_budget(budget, warm):
 def test_a_larger_budget_trains_longer_and_tries_more():
     cfg = parse_config(["--data", "x", "--time-budget", "1h"])
     speed = Speed(trial=1 / 70, solo=1 / 110)
-    small = plan_budget(cfg, remaining_s=900, speed=speed, plan=PLAN, warm=True, **CLOTHES)
-    large = plan_budget(cfg, remaining_s=4 * 3600, speed=speed, plan=PLAN, warm=True, **CLOTHES)
+    small = plan_budget(cfg, remaining_s=900, speed=speed, plan=PLAN, warm=1, **CLOTHES)
+    large = plan_budget(cfg, remaining_s=4 * 3600, speed=speed, plan=PLAN, warm=1, **CLOTHES)
     assert large.max_epochs > small.max_epochs and large.num_samples >= small.num_samples
 
 
@@ -60,7 +61,7 @@ def test_given_options_cap_the_plan():
     cfg = parse_config(["--data", "x", "--time-budget", "8h", "--max-epochs", "12",
                         "--num-samples", "5", "--space", "epochs={low: 4, high: 12}"])
     plan = plan_budget(cfg, remaining_s=8 * 3600, speed=Speed(1 / 70, 1 / 110), plan=PLAN,
-                       warm=True, **CLOTHES)
+                       warm=1, **CLOTHES)
     assert plan.max_epochs == 12 and plan.num_samples == 5
     assert apply(cfg, plan).space["epochs"] == {"low": 4, "high": 12}  # the user's range stays
 
@@ -68,5 +69,5 @@ def test_given_options_cap_the_plan():
 def test_a_budget_too_small_for_one_epoch_says_so():
     cfg = parse_config(["--data", "x", "--time-budget", "30s"])
     with pytest.raises(UserError, match="time-budget"):
-        plan_budget(cfg, remaining_s=10, speed=Speed(1 / 20, 1 / 30), plan=PLAN, warm=True,
+        plan_budget(cfg, remaining_s=10, speed=Speed(1 / 20, 1 / 30), plan=PLAN, warm=1,
                     **CLOTHES)

@@ -129,6 +129,12 @@ def test_invalid_yaml(tmp_path):
     assert path in str(info.value) and "YAML" in str(info.value)
 
 
+@pytest.mark.parametrize("text", ["space: [1, 2]\n", "space: 3\n", "train: [lr]\n"])
+def test_space_that_is_not_a_mapping(tmp_path, text):
+    with pytest.raises(UserError, match="must be a mapping"):
+        parse_config(["--config", _yaml(tmp_path, text)])
+
+
 def test_yaml_that_is_not_a_mapping(tmp_path):
     with pytest.raises(UserError, match="mapping"):
         parse_config(["--config", _yaml(tmp_path, "- a\n- b\n")])
@@ -208,6 +214,10 @@ def test_max_epochs_zero():
     (["--val-fraction", "0.6"], "val-fraction"),
     (["--image-size", "4"], "image-size"),
     (["--experiment", "a/b"], "experiment"),
+    (["--experiment", "..", "--overwrite"], "plain folder name"),
+    (["--experiment", ".", "--overwrite"], "plain folder name"),
+    (["--experiment", "_x"], "plain folder name"),
+    (["--experiment", ""], "plain folder name"),
     (["--accum-steps", "0"], "accum-steps"),
     (["--reduction-factor", "1"], "reduction-factor"),
 ])
@@ -350,3 +360,13 @@ def test_every_training_setting_reaches_the_trial():
     assert set(OPTIONS) == {n for n, f in SETTINGS.items() if f.metadata["flag"]}
     text = build_parser().format_help()
     assert all("--" + n.replace("_", "-") in text for n in OPTIONS)
+
+
+def test_pretrained_weights_get_a_smaller_default_learning_rate_range():
+    from search.space import PRETRAINED_LR
+
+    assert parse_config(["--pretrained"]).space["lr"] == PRETRAINED_LR
+    assert parse_config(["--init", "random"]).space["lr"] == DEFAULT_SPACE["lr"]
+    given = {"low": 1e-3, "high": 1e-2, "log": True}
+    assert parse_config(["--pretrained", "--space", "lr={low: 1e-3, high: 1e-2, log: true}"]
+                        ).space["lr"] == given  # the user's own range stays

@@ -145,7 +145,10 @@ def test_resolve_space_keeps_an_explicit_epochs_and_does_not_mutate():
 
 
 @pytest.mark.parametrize("space, needle", [
-    ({"model": ["resnet18"]}, "not a training setting"),
+    ({"threads": [1, 2]}, "not a training setting"),
+    ({"model": ["resnet10t"], "by_model": {"resnet18": {"lr": 0.1}}}, "does not offer"),
+    ({"model": ["resnet10t"], "by_model": {"resnet10t": {"lr": {"low": 1}}}}, "low: A, high: B"),
+    ({"model": ["resnet10t"], "by_model": [1]}, "must map model names"),
     ({"seed": [1, 2]}, "not a training setting"),
     ({"lr": {"low": 0.1}}, "low: A, high: B"),
     ({"lr": {"low": 0.1, "high": 0.2, "step": 1}}, "low: A, high: B"),
@@ -173,7 +176,7 @@ def test_resolve_space_rejects(space, needle):
 def test_every_searchable_name_is_a_train_setting():
     fields = set(TrainConfig.__dataclass_fields__)
     assert SEARCHABLE <= fields
-    assert {"model", "seed", "threads"}.isdisjoint(SEARCHABLE)
+    assert {"seed", "threads"}.isdisjoint(SEARCHABLE) and "model" in SEARCHABLE
 
 
 # ---------------------------------------------------------------- the recommended first trial
@@ -187,19 +190,64 @@ def test_recommended_point_in_the_default_space():
 def test_recommended_point_is_fitted_into_a_users_space():
     space = resolve_space({
         "lr": {"low": 1e-5, "high": 1e-3, "log": True},    # recommended 3e-3 is above: clipped
-        "batch_size": [16, 64],                             # 32 not offered: the first choice
+        "batch_size": [16, 128],                            # 64 not offered: the first choice
         "scheduler": ["cosine", "onecycle"],                # offered: kept
-        "label_smoothing": {"low": 0.05, "high": 0.2},      # default 0.0 below: clipped
+        "label_smoothing": {"low": 0.15, "high": 0.2},      # default 0.1 below: clipped
         "mixup": {"low": 0.0, "high": 0.4},                 # default 0.0 in range: kept
         "epochs": {"low": 3, "high": 6},
         "dropout": 0.2,                                     # fixed: not a searched param
     }, 6)
     point = recommended_point(space)
     assert point == {"lr": 1e-3, "batch_size": 16, "scheduler": "onecycle",
-                     "label_smoothing": 0.05, "mixup": 0.0, "epochs": 3}
+                     "label_smoothing": 0.15, "mixup": 0.0, "epochs": 3}
     # the point is a valid trial of the space: Optuna accepts it as an enqueued trial
     study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0))
     study.enqueue_trial(point)
     trial = study.ask()
     fixed = SpaceSampler(space)(trial)
     assert trial.params == point and fixed == {"dropout": 0.2}
+
+
+# ---------------------------------------------------------------- architectures, conditional space
+
+
+ARCHS = {
+    "model": ["resnet10t", "mobilenetv3_small_050"],
+    "lr": {"low": 1e-4, "high": 1e-1, "log": True},
+    "batch_size": [32, 64, 128],
+    "by_model": {"mobilenetv3_small_050": {"lr": {"low": 1e-3, "high": 2e-3, "log": True},
+                                           "batch_size": [16]}},
+}
+
+
+def test_a_conditional_space_samples_valid_configs_for_each_architecture():
+    from search.space import training_values
+
+    space = resolve_space(ARCHS, 10)
+    seen = set()
+    for trial, plain in _ask(space, n=40):
+        config = training_values({**trial.params, **plain})
+        seen.add(config["model"])
+        cfg = TrainConfig.from_dict(config)  # a whole, valid training config
+        if cfg.model == "mobilenetv3_small_050":
+            assert 1e-3 <= cfg.lr <= 2e-3 and cfg.batch_size == 16
+            assert "lr@mobilenetv3_small_050" in trial.params and "lr" not in trial.params
+        else:
+            assert 1e-4 <= cfg.lr <= 1e-1 and cfg.batch_size in (32, 64, 128)
+            assert "lr" in trial.params
+    assert seen == {"resnet10t", "mobilenetv3_small_050"}
+
+
+def test_recommended_point_of_a_conditional_space_is_a_valid_trial():
+    space = resolve_space(ARCHS, 10)
+    point = recommended_point(space)
+    assert point["model"] == "resnet10t" and point["lr"] == pytest.approx(4e-3)
+    study = optuna.create_study()
+    study.enqueue_trial(point)
+    trial = study.ask()
+    SpaceSampler(space)(trial)
+    assert trial.params == point
+    other = resolve_space({**ARCHS, "model": ["mobilenetv3_small_050", "resnet10t"]}, 10)
+    assert recommended_point(other) == {"model": "mobilenetv3_small_050",
+                                        "lr@mobilenetv3_small_050": 2e-3,
+                                        "batch_size@mobilenetv3_small_050": 16}
