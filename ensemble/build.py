@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -11,7 +12,16 @@ from pathlib import Path
 
 import numpy as np
 
-from ensemble.combiners import Combined, Pool, build_rows, choose, predict_members
+from ensemble.combiners import (
+    FOLD_COMBINERS,
+    Combined,
+    Pool,
+    build_rows,
+    choose,
+    predict_members,
+    student_rows,
+)
+from ensemble.folds import fit_folds, fold_report, plan_folds
 from ensemble.members import SearchState, open_search, retrain_seeds, top_members
 from ensemble.predict import check_tta, load, predictions_frame
 from ensemble.report import log_to_mlflow, table_lines, write_report
@@ -20,7 +30,7 @@ from trainables.data import read_unlabelled
 from trainables.errors import UserError
 from trainables.files import atomic_write
 from trainables.store import code_version
-from trainables.tracking import resolve_tracking_uri
+from trainables.tracking import check_model_name, resolve_tracking_uri
 
 log = logging.getLogger("ensemble")
 
@@ -36,6 +46,12 @@ class EnsembleConfig:
     seeds: int = opt(0, "Retrain each selected trial's config with this many new seeds (on Ray) "
                      "and add them as members.")
     rounds: int = opt(25, "Rounds of greedy ensemble selection that fit the vote weights.")
+    folds: int = opt(0, "Also retrain the --top configurations on K stratified folds of train + "
+                     "val (test stays out), one model per configuration and fold on Ray: adds "
+                     "each configuration's CV score and fold-ensemble rows whose vote weights "
+                     "are fit on out-of-fold predictions (0: off).")
+    group_col: str | None = opt(None, "With --folds: CSV column of groups that must stay in "
+                                "one fold (default: the search's --group-col).")
     tta: list = opt([], "Test-time augmentation view to average over (repeatable): hflip, vflip, "
                     "shift, crop. Only use views that keep labels.", cli_list=True,
                     metavar="VIEW")
@@ -45,9 +61,12 @@ class EnsembleConfig:
     output: str | None = opt(None, "Predictions CSV to write for --predict (default: "
                              "<experiment>/ensemble/predictions.csv).")
     tracking_uri: str | None = opt(None, "MLflow tracking URI (default: the search's).")
-    address: str | None = opt(None, "Ray cluster for --seeds retrains (default: RAY_ADDRESS, "
-                              "else a local Ray).")
-    num_cpus: int | None = opt(None, "CPUs of the local Ray started for --seeds.")
+    register: str | None = opt(None, "Log the chosen ensemble as an MLflow model (a pyfunc "
+                               "taking image file bytes) and register a new version under "
+                               "this name, ready for mlflow models serve.")
+    address: str | None = opt(None, "Ray cluster for --seeds and --folds retrains (default: "
+                              "RAY_ADDRESS, else a local Ray).")
+    num_cpus: int | None = opt(None, "CPUs of the local Ray started for --seeds or --folds.")
 
 
 def parse_args(argv: list[str] | None = None) -> EnsembleConfig:
@@ -60,8 +79,18 @@ def parse_args(argv: list[str] | None = None) -> EnsembleConfig:
     if "tta" in values:  # --tta hflip,shift works as well as --tta hflip --tta shift
         values["tta"] = [v for item in values["tta"] for v in item.split(",") if v]
     cfg = EnsembleConfig(**typed(EnsembleConfig, values))
+    if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", cfg.experiment) is None:
+        raise UserError(f"--experiment must be a plain folder name, not {cfg.experiment!r}")
     if cfg.seeds < 0 or cfg.rounds < 1:
         raise UserError("--seeds must not be negative and --rounds must be at least 1")
+    if cfg.register is not None:
+        check_model_name(cfg.register)
+    if cfg.folds < 0 or cfg.folds == 1:
+        raise UserError(f"--folds must be at least 2 (each fold's model is judged on the images "
+                        f"it did not train on), not {cfg.folds}; use --folds 5, or leave it out")
+    if cfg.group_col and not cfg.folds:
+        raise UserError("--group-col only shapes the folds of --folds K; add --folds or leave "
+                        "--group-col out")
     check_tta(cfg.tta)
     return cfg
 
@@ -73,20 +102,27 @@ def main(argv: list[str] | None = None) -> int:
 def build(cfg: EnsembleConfig) -> int:
     start = time.time()
     state = open_search(cfg.storage, cfg.experiment)
+    lock = state.store.lock()  # noqa: F841 - held while building: no search may write meanwhile
     members = top_members(state, cfg.top)
+    plan = plan_folds(state, cfg.folds, cfg.group_col) if cfg.folds else None  # fail early
     to_predict = None
     if cfg.predict:  # read first: a bad path must fail before any work is done
         to_predict = read_unlabelled(cfg.predict, image_size=int(state.data.images.shape[1]),
                                      image_col=cfg.image_col)
     out = state.store.ensemble_dir
     out.mkdir(exist_ok=True)
+    folds = None
+    if plan is not None:  # the top configurations, before seed retrains join the members
+        folds = fit_folds(state, plan, members, cfg.tta, address=cfg.address,
+                          num_cpus=cfg.num_cpus)
     if cfg.seeds:
         members += _retrain(cfg, state, members, out / "seeds")
     log.info("members: %s", ", ".join(f"{m.name} (val {m.val_acc:.4f})" for m in members))
     pool = Pool(state, predict_members(state, members, cfg.tta), cfg.tta, cfg.rounds,
-                state.store.metric)
-    rows = build_rows(pool)
-    chosen = choose(rows, pool.metric)
+                state.store.metric, folds=folds)
+    rows = build_rows(pool) + (build_rows(pool, FOLD_COMBINERS) if folds else []) + \
+        student_rows(pool)
+    chosen = choose(rows, pool.metric, len(pool.y_val))
     saved = out / "ensemble.pt"
     chosen.artifact.save(saved, cfg.tta)
     for r in rows:
@@ -97,15 +133,41 @@ def build(cfg: EnsembleConfig) -> int:
                       state.data.class_names, y_test).to_csv(out / "test_predictions.csv",
                                                              index=False)
     doc = _report_doc(cfg, state, members, rows, chosen)
+    if folds is not None:
+        doc |= fold_report(state, folds, pool.metric)
     write_report(out, doc, rows, chosen)
     uri, parent = _tracking(cfg, state)
     run_id = log_to_mlflow(uri, cfg.experiment, parent, doc, rows, out)
+    _explain_and_register(cfg, state, saved, chosen, uri, run_id)
     print("\n" + "\n".join(table_lines(rows, chosen)), flush=True)
     if to_predict is not None:
         _write_predictions(cfg, saved, to_predict, out)
     log.info("\nchosen on val: %s; saved %s; report %s; MLflow run %s; %.0f s", chosen.name,
              saved, out / "report.md", run_id, time.time() - start)
     return 0
+
+
+def _explain_and_register(cfg: EnsembleConfig, state: SearchState, saved: Path,
+                          chosen: Combined, uri: str, run_id: str) -> None:
+    """The chosen ensemble's model report, and with --register its registered version, both
+    in the experiment folder and the ensemble's MLflow run."""
+    from ensemble.explain import explain_ensemble
+    from trainables.tracking import client_for
+
+    start, out = time.time(), state.store.model_report_dir("ensemble")
+    explain_ensemble(load(saved), state.data, state.split.val, out, f"ensemble ({chosen.name})")
+    client_for(uri).log_artifacts(run_id, str(out), "model_report/ensemble")
+    log.info("model report: %s (%.1f s)", out / "report.md", time.time() - start)
+    if cfg.register:
+        from ensemble.pyfunc import describe, register
+
+        version = register(saved, name=cfg.register, uri=uri, run_id=run_id,
+                           examples=state.data.images[state.split.test[:2]],
+                           description=describe(f"ensemble ({chosen.name})", cfg.experiment,
+                                                state.data.class_names, chosen.test))
+        log.info("registered %r version %d; serve it with: MLFLOW_TRACKING_URI=%s mlflow models "
+                 "serve -m models:/%s/%d --env-manager local", cfg.register, version, uri,
+                 cfg.register, version)
 
 
 def _retrain(cfg: EnsembleConfig, state: SearchState, members, out: Path):

@@ -13,7 +13,7 @@ from trainables.checkpoint import load_checkpoint
 from trainables.data import ImageData
 from trainables.errors import UserError
 from trainables.split import Split
-from trainables.store import ExperimentStore
+from trainables.store import FINISHED, ExperimentStore, ranked
 
 log = logging.getLogger("ensemble")
 
@@ -67,15 +67,27 @@ def open_search(storage: str, experiment: str) -> SearchState:
         raise UserError(f"no finished search named {experiment!r} in {store.dir.parent} (found: "
                         f"{', '.join(store.siblings('results.csv')) or 'none'}); pass "
                         "--experiment NAME and --storage, or run python -m search.run first")
+    split = store.read_split()
+    summary = store.read_summary()
+    if summary and summary.get("split_hash") not in (None, split.hash):
+        raise UserError(f"{store.path('summary.json')} belongs to split {summary['split_hash']} "
+                        f"but split.json is split {split.hash}: two searches wrote this folder; "
+                        "rerun the search in a folder of its own (--experiment NAME)")
     return SearchState(store, store.read_config(), store.read_results(), store.read_data(),
-                       store.read_split())
+                       split)
 
 
 def top_members(state: SearchState, top: int) -> list[Member]:
     """The `top` finished trials by val accuracy (ties: lower val loss), as members."""
     if top < 1:
         raise UserError(f"--top must be at least 1, not {top}")
-    usable = state.store.usable_trials()
+    table = ranked(state.results, state.store.metric)
+    finished = table[table["status"].isin(FINISHED) & (table["checkpoint"] != "")]
+    for r in finished.itertuples():
+        if not Path(r.checkpoint).is_file():
+            log.warning("trial %s finished but its checkpoint %s is missing; building without "
+                        "it", r.trial_id, r.checkpoint)
+    usable = finished[[Path(c).is_file() for c in finished["checkpoint"]]]
     if usable.empty:
         raise UserError(f"experiment {state.experiment!r} has no finished trial with a "
                         "checkpoint; run or resume the search first")
@@ -84,23 +96,40 @@ def top_members(state: SearchState, top: int) -> list[Member]:
                     len(usable), state.experiment, top, len(usable))
     members = [Member(name=f"trial-{r.trial_id}", checkpoint=r.checkpoint, trial_id=r.trial_id,
                       seed=state.seed, val_acc=float(r.best_val_acc))
-               for r in usable.head(top).itertuples()]
-    return _described(members)
+               for r in usable.itertuples()]
+    members = _described(members, state.split.hash, limit=top)
+    if not members:
+        raise UserError(f"no checkpoint of experiment {state.experiment!r} can be read (see the "
+                        "warnings above); rerun the search")
+    return members
 
 
-def _described(members: list[Member]) -> list[Member]:
-    """Members with their start and snapshots filled in from their checkpoints (read once),
-    after checking that they all know the same classes."""
-    out, first = [], None
+def _described(members: list[Member], split_hash: str, limit: int | None = None
+               ) -> list[Member]:
+    """Up to `limit` members, in order, with their start and snapshots filled in from their
+    checkpoints (each read once), after checking that they know the same classes and were
+    trained on this split. A checkpoint that cannot be read is named and left out."""
+    out: list[Member] = []
+    first: tuple[Member, list[str]] | None = None
     for m in members:
-        ckpt = load_checkpoint(m.checkpoint)
-        names = ckpt["class_names"]
+        if limit is not None and len(out) == limit:
+            break
+        try:
+            ckpt = load_checkpoint(m.checkpoint)
+        except Exception as exc:  # truncated or foreign files: torch raises many kinds
+            log.warning("%s: checkpoint %s cannot be read (%s); building without it", m.name,
+                        m.checkpoint, type(exc).__name__)
+            continue
+        if ckpt.get("split_hash") not in (None, "", split_hash):
+            raise UserError(f"{m.name} ({m.checkpoint}) was trained on split "
+                            f"{ckpt['split_hash']}, not on this experiment's split {split_hash}; "
+                            "rebuild from a folder written by one search")
         if first is None:
-            first = (m, names)
-        elif names != first[1]:
+            first = (m, ckpt["class_names"])
+        elif ckpt["class_names"] != first[1]:
             raise UserError(f"members {first[0].name} and {m.name} were trained on different "
-                            f"class lists ({len(first[1])} vs {len(names)} classes); an ensemble "
-                            "can only combine models of the same classes")
+                            f"class lists ({len(first[1])} vs {len(ckpt['class_names'])} "
+                            "classes); an ensemble can only combine models of the same classes")
         folder = Path(m.checkpoint).parent
         snaps = sorted(folder.glob("epoch_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
         out.append(dataclasses.replace(m, init_id=ckpt.get("init_id", ""),
@@ -122,10 +151,18 @@ def retrain_seeds(state: SearchState, members: list[Member], seeds: int, *,
     from trainables.models import state_id
     from trainables.train import TrainConfig, TrialInputs
 
-    init = state.store.read_init()
-    inputs = TrialInputs(data=ray.put(state.data), init_state=ray.put(init["model"]),
-                         train_idx=state.split.train, val_idx=state.split.val,
-                         mean=init["mean"], std=init["std"], init_id=state_id(init["model"]))
+    data = ray.put(state.data)
+    inputs: dict[str, TrialInputs] = {}
+
+    def inputs_of(model: str) -> TrialInputs:  # the member's architecture's own start
+        if model not in inputs:
+            init = state.store.read_init(model)
+            inputs[model] = TrialInputs(
+                data=data, init_state=ray.put(init["model"]), train_idx=state.split.train,
+                val_idx=state.split.val, mean=init["mean"], std=init["std"],
+                init_id=state_id(init["model"]), split_hash=state.split.hash)
+        return inputs[model]
+
     cpus = state.config.get("cpus_per_worker") or 1.0
     task = ray.remote(_train_one).options(num_cpus=cpus,
                                           num_gpus=state.config.get("gpus_per_worker") or 0)
@@ -136,8 +173,8 @@ def retrain_seeds(state: SearchState, members: list[Member], seeds: int, *,
             seed = cfg.seed + 1000 * s
             path = out_dir / f"{m.trial_id}-seed{seed}" / "best.pt"
             run_cfg = dataclasses.replace(cfg, seed=seed, threads=max(1, int(round(cpus))))
-            if not path.is_file():
-                jobs.append(task.remote(run_cfg, inputs, str(path), state.plugins))
+            if not path.is_file() or path.with_name("resume.pt").is_file():  # unfinished
+                jobs.append(task.remote(run_cfg, inputs_of(cfg.model), str(path), state.plugins))
             new.append((m, seed, path))
     if jobs:
         log.info("retraining %d member config(s) x %d seed(s): %d run(s) on Ray", len(members),
@@ -146,7 +183,19 @@ def retrain_seeds(state: SearchState, members: list[Member], seeds: int, *,
     return _described([Member(name=f"trial-{m.trial_id}-seed{seed}", checkpoint=str(path),
                               trial_id=m.trial_id, seed=seed,
                               val_acc=float(load_checkpoint(path)["metrics"]["val_acc"]))
-                       for m, seed, path in new])
+                       for m, seed, path in new], state.split.hash)
+
+
+def ray_trainer(state: SearchState, fn=None):
+    """(Ray task training one model with the search's per-worker resources, its CPU threads):
+    `fn(cfg, inputs, checkpoint, plugins)`, by default `fit` alone. For fold models and students,
+    which train like the seed retrains."""
+    import ray
+
+    cpus = state.config.get("cpus_per_worker") or 1.0
+    task = ray.remote(fn or _train_one).options(
+        num_cpus=cpus, num_gpus=state.config.get("gpus_per_worker") or 0)
+    return task, max(1, int(round(cpus)))
 
 
 def _train_one(cfg, inputs, checkpoint: str, plugins: list[str]) -> dict:

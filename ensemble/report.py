@@ -16,8 +16,8 @@ COLUMNS = ("val acc", "test acc", "test F1", "test NLL", "test ECE", "members", 
            "ms/img")
 
 
-def table_lines(rows: list[Combined], chosen: Combined) -> list[str]:
-    """A Markdown table; the row chosen on val is marked."""
+def table_lines(rows: list[Combined], chosen: Combined | None) -> list[str]:
+    """A Markdown table; the row chosen on val (if any) is marked."""
     head = "| combiner | " + " | ".join(COLUMNS) + " |"
     lines = [head, "|" + "---|" * (len(COLUMNS) + 1)]
     for r in rows:
@@ -38,11 +38,33 @@ def write_report(out: Path, doc: dict[str, Any], rows: list[Combined], chosen: C
           (f"Split {doc['split_hash']}: val {doc['split_sizes']['val']} images (every choice "
            f"is made here), test {doc['split_sizes']['test']} images (reported only)."),
           f"TTA views: {', '.join(doc['tta']) or 'none'}.", "", *table_lines(rows, chosen), "",
-          (f"Chosen on val: **{chosen.name}** (highest val accuracy, then lowest val NLL, then "
-           "fewest parameters). Vote weights are fit on val, so the weighted vote's val score "
-           "is optimistic; its test score is not."), "", *notes]
+          (f"Chosen on val: **{chosen.name}** (of the rows within one standard error of the "
+           "highest val score, the lowest val NLL, then fewest parameters). Vote weights are "
+           "fit on val, so the weighted vote's val score is optimistic; its test score is not."),
+          "", *cv_lines(doc), *notes]
     atomic_write(out / "report.md", "\n".join(md) + "\n")
     comparison_figure(rows).savefig(out / "comparison.png", dpi=120)
+
+
+def cv_lines(doc: dict[str, Any]) -> list[str]:
+    """With --folds: each configuration's CV score (mean ± std over folds) beside its holdout
+    val score, and how the folds were drawn."""
+    if not doc.get("cv"):
+        return []
+    f = doc["folds"]
+    how = (f"grouped by {f['group_col']!r} and identical images" if f["group_col"]
+           else "identical images kept together" if f["grouped"] else "stratified")
+    lines = [f"## Cross-validation: {f['k']} folds of train + val ({f['images']} images, {how}; "
+             f"folds/{f['key']}/)", "",
+             f"| configuration | holdout val accuracy | CV {f['metric']} (mean ± std over "
+             f"folds) | OOF {f['metric']} | OOF NLL |", "|---|---|---|---|---|"]
+    for c in doc["cv"]:
+        lines.append(f"| {c['config']} | {c['holdout_val']:.4f} | {c['cv_mean']:.4f} ± "
+                     f"{c['cv_std']:.4f} | {c['oof'][f['metric']]:.4f} | {c['oof']['loss']:.4f} |")
+    lines += ["", "Rows named 'folds ...' average each configuration's fold models; their val "
+              "column is the out-of-fold score over all train + val images, and their vote "
+              "weights are fit on out-of-fold predictions.", ""]
+    return lines
 
 
 def comparison_figure(rows: list[Combined]):
@@ -95,6 +117,12 @@ def log_to_mlflow(uri: str, experiment: str, parent_run_id: str | None, doc: dic
                     client.log_metric(rid, f"{key}.{split}_{k}", float(v))
         if not math.isnan(r.ms_per_image):
             client.log_metric(rid, f"{key}.ms_per_image", float(r.ms_per_image))
+    if doc.get("folds"):
+        log_params(client, rid, {"folds": str(doc["folds"]["k"]),
+                                 "group_col": str(doc["folds"]["group_col"])})
+    for c in doc.get("cv", []):
+        client.log_metric(rid, f"cv.{c['config']}.mean", c["cv_mean"])
+        client.log_metric(rid, f"cv.{c['config']}.std", c["cv_std"])
     for name in ("report.json", "report.md", "comparison.png"):
         client.log_artifact(rid, str(out / name))
     client.set_terminated(rid, "FINISHED")
