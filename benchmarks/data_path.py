@@ -1,21 +1,25 @@
 """Data path: can the batch loader keep the model fed? Loader and model speeds, and the real loop.
 
     python -m benchmarks.data_path [--epochs 3] [--batch-size 64] [--image-size 64] [--repeats 3]
-                                   [--quick]
+                                   [--threads 1 2] [--loader-only] [--quick]
 
 On the sign-language photos (decoded once at --image-size, the search's split, seed 0), in this
 process without Ray, per repeat:
 
 - loader: `train_batches` over the shuffled train split with the 'light' transform (prefetching as
-  in training), no model, --epochs passes; images/s;
+  in training), no model, --epochs passes; images/s, once per loader thread count of --threads,
+  side by side, and their ratio to the first count (does the loader scale with the CPUs a worker
+  is given?); beside it OpenCV's warpAffine alone on as many threads, native code without the
+  GIL, whose ratio is what the machine's cores allow at all;
 - model step: forward + backward + AdamW step of resnet10t (1 thread, autocast as 'auto' picks)
   on one fixed normalised batch already in memory, as many steps as an epoch has batches;
   images/s;
 - real loop: `trainables.train.fit` (epochs=--epochs, 1 thread) with a report callback; the
   data_wait_share (share of training time blocked on the next batch) of epochs 2..E.
 
-The loader/step ratio should be >> 1 and the wait share <= 5 %. --quick: 2 epochs, 1 repeat,
-32 px, batch 32, the first 20 photos of each class.
+--loader-only skips the model step and the real loop (e.g. at --image-size 224, where a CPU
+trains slowly). The loader/step ratio should be >> 1 and the wait share <= 5 %. --quick: 2 epochs,
+1 repeat, 32 px, batch 32, the first 20 photos of each class.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -44,18 +49,40 @@ def load(source: Path, image_size: int, per_class: int | None):
     return data, split
 
 
-def loader_rate(data, train: np.ndarray, batch_size: int, passes: int, seed: int) -> float:
-    """Images/s of the training batch iterator alone."""
+def loader_rate(data, train: np.ndarray, batch_size: int, passes: int, seed: int,
+                threads: int = 1) -> float:
+    """Images/s of the training batch iterator alone, building batches on `threads` threads."""
     from trainables.augment import train_batches, train_transform
 
     transform = train_transform("light", data.images.shape[1], seed=seed)
     rng = np.random.default_rng(seed)
     seen, start = 0, time.perf_counter()
-    for _ in range(passes):
+    for p in range(passes):
         for x, _y in train_batches(data.images, data.labels, rng.permutation(train),
-                                   batch_size=batch_size, transform=transform):
+                                   batch_size=batch_size, transform=transform, threads=threads,
+                                   seed=seed * 1000 + p):
             seen += len(x)
     return seen / (time.perf_counter() - start)
+
+
+def native_rate(image_size: int, threads: int) -> float:
+    """Images/s of OpenCV's warpAffine alone on `threads` threads: native code that holds no GIL,
+    so its scaling is the most any thread count can get from this machine's cores."""
+    import cv2
+
+    cv2.setNumThreads(1)
+    img = np.zeros((image_size, image_size, 3), np.uint8)
+    m = np.float32([[0.98, 0.17, 2.0], [-0.17, 0.98, 3.0]])
+    per_thread = max(1, int(2e8 / image_size**2) // threads)
+
+    def work(n: int) -> None:
+        for _ in range(n):
+            cv2.warpAffine(img, m, (image_size, image_size))
+
+    with ThreadPoolExecutor(threads) as pool:
+        start = time.perf_counter()
+        list(pool.map(work, [per_thread] * threads))
+        return per_thread * threads / (time.perf_counter() - start)
 
 
 def step_rate(data, batch_size: int, steps: int, mean: list[float], std: list[float]) -> float:
@@ -103,11 +130,64 @@ def real_loop(data, split, args: argparse.Namespace, mean: list[float], std: lis
     return got
 
 
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, int | None]:
+    """The epoch benchmarks' options plus the loader thread sweep."""
+    extra = argparse.ArgumentParser(add_help=False)
+    extra.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    extra.add_argument("--loader-only", action="store_true")
+    more, rest = extra.parse_known_args(argv)
+    args, per_class = parse_epoch_args(__doc__, rest, epochs=3)
+    args.threads, args.loader_only = more.threads, more.loader_only
+    return args, per_class
+
+
+def one_repeat(data, split, args: argparse.Namespace, mean: list[float], std: list[float],
+               steps: int, rep: int) -> dict[str, float]:
+    """Loader images/s per thread count; unless --loader-only, model step and real loop too."""
+    row = {f"loader_{t}": loader_rate(data, split.train, args.batch_size, args.epochs, seed=rep,
+                                      threads=t) for t in args.threads}
+    row |= {f"native_{t}": native_rate(data.images.shape[1], t) for t in args.threads}
+    line = ", ".join(f"{t} thread(s) {row[f'loader_{t}']:.0f}" for t in args.threads)
+    line += "; warpAffine alone " + ", ".join(f"{t} thread(s) {row[f'native_{t}']:.0f}"
+                                              for t in args.threads)
+    if not args.loader_only:
+        step = step_rate(data, args.batch_size, steps, mean, std)
+        epochs = real_loop(data, split, args, mean, std, seed=rep)[1:]
+        row |= {"step": step, "ratio": row[f"loader_{args.threads[0]}"] / step,
+                "wait": float(np.mean([m["data_wait_share"] for m in epochs])),
+                "fit": float(np.mean([m["train_images_per_s"] for m in epochs]))}
+        line += (f"; model step {step:.0f} img/s, fit trains {row['fit']:.0f} img/s, data wait "
+                 + ", ".join(f"{m['data_wait_share']:.1%}" for m in epochs))
+    print(f"repeat {rep}: loader img/s {line}", flush=True)
+    return row
+
+
+def summarize(rows: list[dict[str, float]], args: argparse.Namespace) -> None:
+    """Mean ± std over repeats; thread ratios are taken within each repeat, side by side."""
+    first = args.threads[0]
+    for t in args.threads:
+        line = f"loader {t} thread(s) {mean_std([r[f'loader_{t}'] for r in rows])} img/s"
+        if t != first:
+            ratios = [r[f"loader_{t}"] / r[f"loader_{first}"] for r in rows]
+            native = [r[f"native_{t}"] / r[f"native_{first}"] for r in rows]
+            line += (f"; ratio loader {t}/{first} threads {mean_std(ratios)}; warpAffine alone "
+                     f"{t}/{first} threads {mean_std(native)} (what the cores allow)")
+        print(line, flush=True)
+    if args.loader_only:
+        return
+    print(f"model step {mean_std([r['step'] for r in rows])} img/s; fit training "
+          f"{mean_std([r['fit'] for r in rows])} img/s")
+    print(f"ratio loader/step {mean_std([r['ratio'] for r in rows])} (should be >> 1); "
+          f"data_wait_share epochs 2..{args.epochs} {mean_std([r['wait'] for r in rows])} "
+          "(goal <= 0.05)", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
-    args, per_class = parse_epoch_args(__doc__, argv, epochs=3)
-    print(header("data path (sign-language photos, 'light' augmentation, resnet10t 1 thread)",
+    args, per_class = parse_args(argv)
+    what = "loader" if args.loader_only else "resnet10t 1 thread"
+    print(header(f"data path (sign-language photos, 'light' augmentation, {what})",
                  args.repeats, f"{args.epochs} epochs, batch {args.batch_size}, "
-                 f"{args.image_size} px, autocast {autocast()}"
+                 f"{args.image_size} px, loader threads {args.threads}, autocast {autocast()}"
                  + (f", first {per_class} photos/class" if per_class else "")), flush=True)
     from trainables.models import create_model, normalization
 
@@ -115,25 +195,10 @@ def main(argv: list[str] | None = None) -> None:
                        per_class)
     mean, std = normalization(create_model("resnet10t", data.num_classes))
     steps = max(3, len(split.train) // args.batch_size)
-    print(f"{len(split.train)} training images; {steps} model steps per repeat", flush=True)
-    rows: list[dict[str, float]] = []
-    for rep in range(args.repeats):
-        loader = loader_rate(data, split.train, args.batch_size, args.epochs, seed=rep)
-        step = step_rate(data, args.batch_size, steps, mean, std)
-        epochs = real_loop(data, split, args, mean, std, seed=rep)[1:]
-        rows.append({"loader": loader, "step": step, "ratio": loader / step,
-                     "wait": float(np.mean([m["data_wait_share"] for m in epochs])),
-                     "fit": float(np.mean([m["train_images_per_s"] for m in epochs]))})
-        r = rows[-1]
-        print(f"repeat {rep}: loader {r['loader']:.0f} img/s, model step {r['step']:.0f} img/s, "
-              f"fit trains {r['fit']:.0f} img/s, data wait "
-              + ", ".join(f"{m['data_wait_share']:.1%}" for m in epochs), flush=True)
-    print(f"\nloader {mean_std([r['loader'] for r in rows])} img/s; model step "
-          f"{mean_std([r['step'] for r in rows])} img/s; fit training "
-          f"{mean_std([r['fit'] for r in rows])} img/s")
-    print(f"ratio loader/step {mean_std([r['ratio'] for r in rows])} (should be >> 1); "
-          f"data_wait_share epochs 2..{args.epochs} {mean_std([r['wait'] for r in rows])} "
-          "(goal <= 0.05)", flush=True)
+    print(f"{len(split.train)} training images"
+          + ("" if args.loader_only else f"; {steps} model steps per repeat"), flush=True)
+    rows = [one_repeat(data, split, args, mean, std, steps, rep) for rep in range(args.repeats)]
+    summarize(rows, args)
 
 
 if __name__ == "__main__":

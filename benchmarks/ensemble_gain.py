@@ -1,9 +1,13 @@
-"""Ensemble gain: test accuracy of best single, weighted vote and greedy soup over search seeds.
+"""Ensemble gain by shared start: every ensemble row against the best single model, per --init.
 
-    python -m benchmarks.ensemble_gain [--seeds 0 1 2] [--num-samples 8] [--retrain-seeds 1]
+    python -m benchmarks.ensemble_gain [--init warm random] [--seeds 0 1 2] [--num-samples 8]
+        [--budget 8m] [--top 5] [--retrain-seeds 0] [--keep-last 0]
 
-For each search seed: `search.run` on the sign-language photos, then `ensemble.build --top 5
---seeds 1`; prints every row of each report and mean ± std over the search seeds.
+For each search seed and each --init mode, in one run: `search.run` on the sign-language photos
+(or --data) with the same --time-budget for every mode (so a warm start's time is paid out of the
+same wall time as the random start's extra trial time), then `ensemble.build --top K`. Prints
+every row of each report, the warm start's seconds, how many ingredients the greedy soup took,
+and mean +- std over the search seeds per mode.
 """
 
 from __future__ import annotations
@@ -23,51 +27,87 @@ ROWS = ("best single", "hard vote", "soft vote", "weighted vote", "uniform soup"
         "last-epochs soup")
 
 
-def run_one(seed: int, work: Path, args: argparse.Namespace) -> dict:
+def run_one(seed: int, init: str, work: Path, args: argparse.Namespace) -> dict:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    common = ["--experiment", f"gain{seed}", "--storage", str(work / "runs")]
-    subprocess.run([sys.executable, "-m", "search.run", "--data", str(args.data), "--seed",
-                    str(seed), "--num-samples", str(args.num_samples), "--image-size",
-                    str(args.image_size), "--tracking-uri", f"sqlite:///{work / 'mlflow.db'}",
-                    *common], cwd=work, env=env, check=True, stdout=subprocess.DEVNULL)
-    subprocess.run([sys.executable, "-m", "ensemble.build", "--top", str(args.top), "--seeds",
-                    str(args.retrain_seeds), *common], cwd=work, env=env, check=True,
-                   stdout=subprocess.DEVNULL)
-    report = json.loads((work / "runs" / f"gain{seed}" / "ensemble" / "report.json").read_text())
-    return {r["name"]: r for r in report["rows"]} | {"_chosen": report["chosen"]}
+    name = f"gain-{init}-{seed}"
+    common = ["--experiment", name, "--storage", str(work / "runs")]
+    search = subprocess.run(
+        [sys.executable, "-m", "search.run", "--data", str(args.data), "--seed", str(seed),
+         "--num-samples", str(args.num_samples), "--max-epochs", str(args.max_epochs),
+         "--image-size", str(args.image_size), "--init", init, "--time-budget", args.budget,
+         "--keep-last", str(args.keep_last), "--no-refit",
+         "--tracking-uri", f"sqlite:///{work / 'mlflow.db'}", *common],
+        cwd=work, env=env, capture_output=True, text=True, check=False)
+    if search.returncode:
+        raise SystemExit(f"search.run failed:\n{search.stderr[-3000:]}")
+    build = subprocess.run([sys.executable, "-m", "ensemble.build", "--top", str(args.top),
+                            "--seeds", str(args.retrain_seeds), *common], cwd=work, env=env,
+                           capture_output=True, text=True, check=False)
+    if build.returncode:
+        raise SystemExit(f"ensemble.build failed:\n{build.stderr[-3000:]}")
+    exp = work / "runs" / name
+    report = json.loads((exp / "ensemble" / "report.json").read_text())
+    summary = json.loads((exp / "summary.json").read_text())
+    return {r["name"]: r for r in report["rows"]} | {
+        "_chosen": report["chosen"], "_start": summary.get("start", {}),
+        "_trials": sum(summary["trials"].values()), "_wall": summary["wall_s"]}
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_search_args(p)
+    p.add_argument("--init", nargs="+", default=["warm", "random"],
+                   choices=("warm", "random", "pretrained"))
     p.add_argument("--num-samples", type=int, default=8)
+    p.add_argument("--max-epochs", type=int, default=6)
+    p.add_argument("--budget", default="8m", help="--time-budget of every search")
     p.add_argument("--top", type=int, default=5)
-    p.add_argument("--retrain-seeds", type=int, default=1)
+    p.add_argument("--retrain-seeds", type=int, default=0)
+    p.add_argument("--keep-last", type=int, default=0)
     args = p.parse_args(argv)
     print(header(f"ensemble gain ({resolve_data(args)})", len(args.seeds),
-                 f"{args.num_samples} trials/search, top {args.top}, {args.retrain_seeds} "
-                 f"seed retrain(s), {args.image_size} px"), flush=True)
-    results = []
+                 f"init {'/'.join(args.init)}, {args.num_samples} trials/search, budget "
+                 f"{args.budget}, top {args.top}, {args.retrain_seeds} seed retrain(s), "
+                 f"{args.image_size} px"), flush=True)
+    results: dict[str, list[dict]] = {init: [] for init in args.init}
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
-            rows = run_one(seed, Path(tmp), args)
-            results.append(rows)
-            print(f"search seed {seed}: " + ", ".join(
-                f"{n} {rows[n]['test']['accuracy']:.4f}" for n in ROWS) +
-                f" | chosen on val: {rows['_chosen']}", flush=True)
-    print("\n| combiner | val acc | test acc | test NLL | test ECE | params x members | ms/img |")
-    print("|---|---|---|---|---|---|---|")
+            for init in args.init:
+                rows = run_one(seed, init, Path(tmp), args)
+                results[init].append(rows)
+                start = rows["_start"]
+                print(f"seed {seed}, init {init}: " + ", ".join(
+                    f"{n} {rows[n]['test']['accuracy']:.4f}" for n in ROWS
+                    if not math.isnan(rows[n]["test"]["accuracy"]))
+                    + f" | greedy soup took {len(rows['greedy soup']['members'])} "
+                    f"({rows['greedy soup']['note']}) | chosen on val: {rows['_chosen']} | "
+                    f"{rows['_trials']} trials, {rows['_wall']:.0f} s"
+                    + (f", warm start {start.get('seconds')} s (val "
+                       f"{start.get('val_acc', float('nan')):.4f})" if init == "warm" else ""),
+                    flush=True)
+    for init, got_all in results.items():
+        _table(init, got_all)
+
+
+def _table(init: str, results: list[dict]) -> None:
+    print(f"\n### init {init}\n")
+    print("| combiner | val acc | test acc | test - best single | test NLL | test ECE | "
+          "members | ms/img |")
+    print("|---|---|---|---|---|---|---|---|")
     for n in ROWS:
-        got = [r[n] for r in results if not math.isnan(r[n]["test"]["accuracy"])]
+        got = [(r[n], r["best single"]) for r in results
+               if not math.isnan(r[n]["test"]["accuracy"])]
         if not got:
-            print(f"| {n} | skipped | | | | | |")
+            print(f"| {n} | skipped | | | | | | |")
             continue
-        print(f"| {n} | {mean_std([g['val']['accuracy'] for g in got])} | "
-              f"{mean_std([g['test']['accuracy'] for g in got])} | "
-              f"{mean_std([g['test']['loss'] for g in got])} | "
-              f"{mean_std([g['test']['ece'] for g in got])} | "
-              f"{got[0]['params_x_members'] / 1e6:.1f}M | "
-              f"{mean_std([g['ms_per_image'] for g in got])} |")
+        rows = [g for g, _ in got]
+        print(f"| {n} | {mean_std([g['val']['accuracy'] for g in rows])} | "
+              f"{mean_std([g['test']['accuracy'] for g in rows])} | "
+              f"{mean_std([g['test']['accuracy'] - b['test']['accuracy'] for g, b in got])} | "
+              f"{mean_std([g['test']['loss'] for g in rows])} | "
+              f"{mean_std([g['test']['ece'] for g in rows])} | "
+              f"{mean_std([len(g['members']) for g in rows])} | "
+              f"{mean_std([g['ms_per_image'] for g in rows])} |")
 
 
 if __name__ == "__main__":

@@ -102,15 +102,17 @@ def tiny_data():
 
 
 def tiny_inputs(data, init, norm):
-    """`tiny_data` in the object store, as trial inputs."""
+    """`tiny_data` in the object store, as trial inputs (keyed by architecture, as a search
+    passes them)."""
     import numpy as np
     import ray
 
     from trainables.train import TrialInputs
 
     n = TRAIN + VAL
-    return TrialInputs(data=ray.put(data), init_state=ray.put(init), train_idx=np.arange(TRAIN),
-                       val_idx=np.arange(TRAIN, n), mean=norm[0], std=norm[1])
+    return {"resnet10t": TrialInputs(data=ray.put(data), init_state=ray.put(init),
+                                     train_idx=np.arange(TRAIN), val_idx=np.arange(TRAIN, n),
+                                     mean=norm[0], std=norm[1])}
 
 
 def search_config(workers: int, storage: Path):

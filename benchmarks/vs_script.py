@@ -119,9 +119,10 @@ def _table(res: list) -> None:
     for name, key, secs in (("search (refit final model)", "final", "search_s"),
                             ("search (val-selected trial)", "trial", "search_s"),
                             ("search + ensemble.build", "ensemble", "total_s")):
-        print(f"| {name} | {col(lambda r: r[1][key]['accuracy'])} | "
-              f"{col(lambda r: r[1][key]['f1'])} | {col(lambda r: r[1][secs])} | "
-              f"{col(lambda r: r[1][key]['accuracy'] - r[0]['acc'])} |")
+        acc = [r[1][key]["accuracy"] for r in res]
+        print(f"| {name} | {mean_std(acc)} | {mean_std([r[1][key]['f1'] for r in res])} | "
+              f"{mean_std([r[1][secs] for r in res])} | "
+              f"{mean_std([a - r[0]['acc'] for a, r in zip(acc, res)])} |")
     print(f"\nbudget K x T: {col(lambda r: r[2])} s; product total / budget: "
           f"{col(lambda r: r[1]['total_s'] / r[2])}")
 
