@@ -22,6 +22,10 @@ from trainables.errors import UserError
 log = logging.getLogger("search")
 
 TRIALS_PER_SLOT = 2.0  # full-length trials each concurrency slot should fit (ASHA makes more)
+# Trials shorter than this lose more than a wider search wins: on clothing photos, 8-epoch trials
+# ended at 0.74 test accuracy where 12-epoch trials reached 0.80 and a plain 15-epoch script 0.76.
+# A budget that cannot give two trials per slot this long gives one longer trial per slot instead.
+GOOD_EPOCHS = 12
 MAX_EPOCHS = 40  # the longest trial a plan gives, however large the budget
 WARM_SHARE = 0.3  # warm-start epochs as a share of the longest trial
 EVAL_COST = 0.35  # predicting an image costs about this share of training on it
@@ -63,6 +67,7 @@ class BudgetPlan:
     refit_s: float  # expected refit time (kept free after the search)
     warm_s: float
     trial_s: float
+    per_slot: float = TRIALS_PER_SLOT  # full-length trials each concurrency slot has room for
 
     def describe(self) -> str:
         warm = f"warm start {self.warm_epochs} epoch(s) ~{self.warm_s:.0f} s, " \
@@ -77,19 +82,26 @@ def plan_budget(cfg: SearchConfig, *, remaining_s: float, speed: Speed, n_train:
     """The plan that fits `remaining_s` (the budget minus what the run has used already).
 
     With E the longest trial's epochs: each of the `warm` warm starts (one per architecture)
-    takes WARM_SHARE * E epochs alone, the search TRIALS_PER_SLOT full trials per slot, the
-    refit E epochs of train + val alone; E is the largest that fits (at most MAX_EPOCHS, or the
-    user's --max-epochs).
+    takes WARM_SHARE * E epochs alone, the search TRIALS_PER_SLOT full trials per slot (one
+    when two would leave E under GOOD_EPOCHS), the refit E epochs of train + val alone; E is the
+    largest that fits (at most MAX_EPOCHS, or the user's --max-epochs).
     """
     epoch_trial = (n_train + EVAL_COST * n_val) * speed.trial  # one epoch of one trial
     epoch_solo = (n_train + EVAL_COST * n_val) * speed.solo
     refit_epoch = (n_train + n_val) * speed.solo if cfg.refit else 0.0
     usable = remaining_s * SLACK - FINISH_S - EVAL_COST * n_test * speed.solo
-    per_epoch = WARM_SHARE * epoch_solo * warm + refit_epoch \
-        + TRIALS_PER_SLOT * epoch_trial
     cap = cfg.max_epochs if "max_epochs" in cfg.given else MAX_EPOCHS
-    epochs = int(min(cap, usable / per_epoch)) if usable > 0 else 0
+
+    def longest(per_slot: float) -> int:
+        per_epoch = WARM_SHARE * epoch_solo * warm + refit_epoch + per_slot * epoch_trial
+        return int(min(cap, usable / per_epoch)) if usable > 0 else 0
+
+    per_slot = TRIALS_PER_SLOT
+    epochs = longest(per_slot)
+    if epochs < min(GOOD_EPOCHS, cap):
+        per_slot, epochs = 1.0, longest(1.0)
     if epochs < 1:
+        per_epoch = WARM_SHARE * epoch_solo * warm + refit_epoch + epoch_trial
         need = (per_epoch + FINISH_S) / SLACK
         raise UserError(f"--time-budget leaves {max(remaining_s, 0):.0f} s after reading the "
                         f"data, and one epoch of this search needs about {need:.0f} s here; "
@@ -103,7 +115,7 @@ def plan_budget(cfg: SearchConfig, *, remaining_s: float, speed: Speed, n_train:
     if "num_samples" in cfg.given:
         trials = min(trials, cfg.num_samples)
     return BudgetPlan(epochs, trials, warm_epochs, search_s, refit_s, warm_s,
-                      epochs * epoch_trial)
+                      epochs * epoch_trial, per_slot)
 
 
 def apply(cfg: SearchConfig, plan: BudgetPlan) -> SearchConfig:

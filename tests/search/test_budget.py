@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from search.budget import Speed, apply, parse_duration, plan_budget
+from search.budget import GOOD_EPOCHS, Speed, apply, parse_duration, plan_budget
 from search.config import parse_config
 from search.resources import ResourcePlan
 from trainables.errors import UserError
@@ -42,8 +42,9 @@ def test_plan_fits_the_budget(budget, warm):
     assert plan.warm_s + plan.search_s + plan.refit_s <= budget - 20
     assert 1 <= plan.max_epochs <= 40 and plan.num_samples >= PLAN.concurrency
     assert (plan.warm_epochs is not None) == warm
-    # the search gets room for about two full-length trials per slot
-    assert plan.search_s >= 2 * plan.trial_s * 0.99
+    # the search gets room for about two full-length trials per slot, or one longer one where
+    # two would be shorter than GOOD_EPOCHS
+    assert plan.search_s >= plan.per_slot * plan.trial_s * 0.99
     applied = apply(cfg, plan)
     assert applied.max_epochs == plan.max_epochs and applied.num_samples == plan.num_samples
     assert applied.space["epochs"]["high"] == plan.max_epochs  # the default range follows
@@ -55,6 +56,16 @@ def test_a_larger_budget_trains_longer_and_tries_more():
     small = plan_budget(cfg, remaining_s=900, speed=speed, plan=PLAN, warm=1, **CLOTHES)
     large = plan_budget(cfg, remaining_s=4 * 3600, speed=speed, plan=PLAN, warm=1, **CLOTHES)
     assert large.max_epochs > small.max_epochs and large.num_samples >= small.num_samples
+
+
+def test_a_small_budget_gives_fewer_longer_trials():
+    """Two trials per slot would be 8 epochs long here; one per slot trains at least 12."""
+    cfg = parse_config(["--data", "x", "--time-budget", "800"])
+    speed = Speed(trial=1 / 112, solo=1 / 220)
+    plan = plan_budget(cfg, remaining_s=760, speed=speed, plan=PLAN, warm=1, **CLOTHES)
+    assert plan.max_epochs >= GOOD_EPOCHS and plan.per_slot == 1
+    assert plan.search_s >= plan.trial_s * 0.99 and plan.num_samples >= PLAN.concurrency
+    assert plan.warm_s + plan.search_s + plan.refit_s <= 760
 
 
 def test_given_options_cap_the_plan():

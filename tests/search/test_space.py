@@ -184,7 +184,7 @@ def test_every_searchable_name_is_a_train_setting():
 
 def test_recommended_point_in_the_default_space():
     point = recommended_point(resolve_space(DEFAULT_SPACE, 10))
-    assert point == {k: v for k, v in RECOMMENDED.items() if k != "epochs"} | {"epochs": 5}
+    assert point == {k: v for k, v in RECOMMENDED.items() if k != "epochs"} | {"epochs": 10}
 
 
 def test_recommended_point_is_fitted_into_a_users_space():
@@ -199,7 +199,7 @@ def test_recommended_point_is_fitted_into_a_users_space():
     }, 6)
     point = recommended_point(space)
     assert point == {"lr": 1e-3, "batch_size": 16, "scheduler": "onecycle",
-                     "label_smoothing": 0.15, "mixup": 0.0, "epochs": 3}
+                     "label_smoothing": 0.15, "mixup": 0.0, "epochs": 6}
     # the point is a valid trial of the space: Optuna accepts it as an enqueued trial
     study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0))
     study.enqueue_trial(point)
