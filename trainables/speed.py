@@ -10,10 +10,12 @@ from trainables.config import TrainConfig
 
 
 def seconds_per_image(cfg: TrainConfig, num_classes: int, image_size: int, *, threads: int,
-                      batch_size: int = 32, steps: int = 3) -> float:
+                      batch_size: int = 32, steps: int = 3, repeats: int = 3) -> float:
     """Training seconds per image of `cfg.model` at `image_size` with `threads` CPU threads (or
     on the GPU when there is one): forward, backward and an AdamW step under the run's autocast,
-    timed after one warm-up step. A few seconds; the caller's thread count is restored."""
+    the fastest of `repeats` timings of `steps` steps after two warm-up steps (one timing after
+    one warm-up step varied 1.6x between two runs on one machine, and the plan then left 40 %
+    of the budget unused). A few seconds; the caller's thread count is restored."""
     from trainables.models import create_model
     from trainables.train import _device, amp_dtype
 
@@ -34,14 +36,18 @@ def seconds_per_image(cfg: TrainConfig, num_classes: int, image_size: int, *, th
             opt.step()
             opt.zero_grad(set_to_none=True)
 
+        def timed() -> float:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            tick = time.perf_counter()
+            for _ in range(steps):
+                step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            return time.perf_counter() - tick
+
         step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        tick = time.perf_counter()
-        for _ in range(steps):
-            step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return (time.perf_counter() - tick) / (steps * batch_size)
+        step()
+        return min(timed() for _ in range(repeats)) / (steps * batch_size)
     finally:
         torch.set_num_threads(before)
