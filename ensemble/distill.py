@@ -21,7 +21,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import re
 import sys
 import time
 from dataclasses import dataclass
@@ -42,7 +41,7 @@ from trainables.config import TrainConfig
 from trainables.data import ImageData, read_unlabelled
 from trainables.errors import UserError
 from trainables.files import atomic_write, read_json, write_json
-from trainables.store import code_version
+from trainables.store import code_version, plain_name
 from trainables.tracking import resolve_tracking_uri
 from trainables.train import Teacher
 
@@ -88,7 +87,7 @@ def parse_args(argv: list[str] | None = None) -> DistillConfig:
     add_options(parser, DistillConfig)
     values = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     cfg = DistillConfig(**typed(DistillConfig, values))
-    if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", cfg.experiment) is None:
+    if not plain_name(cfg.experiment):
         raise UserError(f"--experiment must be a plain folder name, not {cfg.experiment!r}")
     if cfg.temperature <= 0 or not 0 <= cfg.alpha <= 1:
         raise UserError(f"--temperature must be above 0 and --alpha within 0..1, not "

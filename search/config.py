@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from search.space import BUILTIN_SPACE, DEFAULT_SPACE, PRETRAINED_LR, resolve_sp
 from trainables.cli import add_options, default_storage, opt, read_yaml, typed
 from trainables.config import OPTIONS, SETTINGS, TrainConfig, check_value
 from trainables.errors import UserError
+from trainables.store import plain_name
 
 
 @dataclass(frozen=True)
@@ -304,8 +304,7 @@ def validate(cfg: SearchConfig) -> SearchConfig:
          "--image-size must be between 8 and 1024"),
         (0 < cfg.val_fraction < 0.5 and 0 < cfg.test_fraction < 0.5,
          "--val-fraction and --test-fraction must be between 0 and 0.5"),
-        (re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", cfg.experiment or "") is not None
-         and cfg.experiment not in (".", ".."),
+        (plain_name(cfg.experiment),
          f"--experiment must be a plain folder name (letters, digits, '.', '_', '-'), not "
          f"{cfg.experiment!r}"),
         (cfg.extend >= 0, "--extend must not be negative"),

@@ -16,6 +16,7 @@ ensembles (and anything else that reads a finished search) read through it.
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,12 @@ CHECKPOINT = "best.pt"
 def outcome(epochs_run: int, planned: int) -> str:
     """How a trial that ended normally ended: all its epochs, or fewer (stopped by ASHA)."""
     return "completed" if epochs_run >= planned else "stopped_early"
+
+
+def plain_name(name: str | None) -> bool:
+    """Whether an experiment name is one plain folder inside the storage folder (letters, digits,
+    '.', '_', '-'; not '.' or '..'), so that nothing outside it is ever written or deleted."""
+    return re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name or "") is not None
 
 
 def rank_key(score: float, val_loss: float) -> tuple[float, float]:
