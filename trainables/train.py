@@ -86,11 +86,7 @@ def fit(cfg: TrainConfig, inputs: TrialInputs, checkpoint_path: str | None = Non
     """
     torch.set_num_threads(max(1, cfg.threads))
     data: ImageData = _resolve(inputs.data)
-    device = _device()
-    if world_size > 1:  # each DDP worker owns its own GPU of the node, not cuda:0
-        from ray.train.torch import get_device
-
-        device = get_device()
+    device = worker_device(world_size)
     torch.manual_seed(cfg.seed * 1000 + rank)  # dropout's draws in the model's construction
     model = create_model(cfg.model, data.num_classes, drop_rate=cfg.dropout)
     model.load_state_dict(_resolve(inputs.init_state))
@@ -552,6 +548,17 @@ def _memory_format(cfg: TrainConfig, device: torch.device) -> torch.memory_forma
 
 def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def worker_device(world_size: int) -> torch.device:
+    """The device this training process trains on. A DDP worker (world_size > 1) takes the one
+    Ray Train assigned to it (cuda:<its GPU's index in CUDA_VISIBLE_DEVICES>, so two workers on
+    one node never both train on cuda:0); a DDP worker given no GPU trains on the CPU."""
+    if world_size > 1:
+        from ray.train.torch import get_device
+
+        return get_device()
+    return _device()
 
 
 def _resolve(obj: Any) -> Any:

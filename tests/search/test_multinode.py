@@ -74,3 +74,41 @@ def test_fractional_gpus_place_trials_on_gpu_nodes_only(cluster, tmp_path):
     assert len(table) == 4
     assert set(table["node_id"]) <= {n.node_id for n in gpu_nodes}
     assert table["gpu_ids"].notna().all()  # each trial was given a (logical) GPU by Ray
+
+
+def test_ddp_workers_each_get_their_own_device_from_ray_train(tmp_path):
+    """Two DDP workers on a node with two (logical) GPUs: Ray Train gives each its own GPU, and
+    `worker_device` (what every DDP trial trains on) maps each to its own cuda index."""
+    import json
+
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    out = tmp_path / "devices"
+    out.mkdir()
+
+    def loop(_config):
+        import ray.train
+
+        from trainables.train import worker_device
+
+        ctx = ray.train.get_context()
+        (out / f"rank{ctx.get_world_rank()}.json").write_text(json.dumps({
+            "device": str(worker_device(ctx.get_world_size())),
+            "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+            "visible": os.environ.get("CUDA_VISIBLE_DEVICES", "")}))
+
+    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        TorchTrainer(loop, scaling_config=ScalingConfig(num_workers=2, use_gpu=True),
+                     torch_config=TorchConfig(backend="gloo"),  # no CUDA here for NCCL
+                     run_config=RunConfig(name="devices", storage_path=str(tmp_path))).fit()
+    finally:
+        ray.shutdown()
+    got = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert sorted(g["device"] for g in got) == ["cuda:0", "cuda:1"]
+    assert sorted(g for w in got for g in w["gpu_ids"]) == ["0", "1"]  # one GPU each
+    for w in got:  # the device is the worker's own GPU's place among the visible ones
+        (gpu,) = w["gpu_ids"]
+        assert w["device"] == f"cuda:{w['visible'].split(',').index(gpu)}"
