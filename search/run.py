@@ -148,10 +148,10 @@ def search(r: Run) -> int:
 
 
 def _search_deadline(r: Run) -> float | None:
-    from search.budget import FINISH_S, SLACK
-
     """Seconds Tune may run trials: what the budget plan gives the search, counted from now
     (the warm start has used its share), keeping the refit's time free."""
+    from search.budget import FINISH_S, SLACK
+
     if r.budget is None:
         return None
     left = r.seconds_left() - r.budget.refit_s / SLACK - FINISH_S

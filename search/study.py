@@ -5,6 +5,7 @@ the Pareto front) drawn with Optuna's matplotlib visualisation, no browser neede
 from __future__ import annotations
 
 import logging
+import time
 import warnings
 from pathlib import Path
 
@@ -94,11 +95,14 @@ def draw(cfg: SearchConfig, store: ExperimentStore) -> list[Path]:
         pictures["pareto_front"] = lambda: vis.plot_pareto_front(study, target_names=names)
     out = store.path("plots")
     out.mkdir(exist_ok=True)
-    written = []
+    written, tick = [], time.perf_counter()
     for name, plot in pictures.items():
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ExperimentalWarning)
+                # a parameter with one value so far gives matplotlib a zero-height axis: it
+                # widens it and warns, which is noise to the user
+                warnings.simplefilter("ignore", UserWarning)
                 ax = plot()
         except (ValueError, RuntimeError, ZeroDivisionError) as exc:
             log.info("plot %s left out: %s", name, str(exc).splitlines()[0][:120])
@@ -109,4 +113,6 @@ def draw(cfg: SearchConfig, store: ExperimentStore) -> list[Path]:
         fig.savefig(out / f"{name}.png", dpi=110)
         plt.close(fig)
         written.append(out / f"{name}.png")
+    if written:
+        log.info("pictures of the search: %s (%.1f s)", out, time.perf_counter() - tick)
     return written
