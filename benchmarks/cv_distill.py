@@ -141,7 +141,7 @@ def run_pseudo(seed: int, run: Runner, args: argparse.Namespace) -> dict:
                                 str(args.pseudo_threshold))
     import pandas as pd
 
-    taken = pd.read_csv(folder / "pseudo_labels.csv")
+    taken = pd.read_csv(folder / "pseudo_labels.csv", dtype=str)  # class names stay strings
     right = float(np.mean([truth[i] == p for i, p in zip(taken["image"], taken["prediction"])])
                   ) if len(taken) else float("nan")
     out = {"without": _row(without, "student"), "with": _row(with_, "student"),

@@ -8,7 +8,9 @@ Every measured thing runs in a fresh process, one after the other, on the sign-l
 the search's shared initial state, 1 thread per worker, albumentations 'light', same
 normalisation and the same autocast dtype ('auto'):
 
-- ours inline: `python -m search.run` with one trial, fixed hyperparameters, --num-cpus 1;
+- ours inline: `python -m search.run` with one trial, fixed hyperparameters, --num-cpus 1,
+  from the same random initial state as the bare loop (--init random) and without the refit
+  (neither is part of a trial's epochs);
 - ours DDP: the same with --workers-per-trial 2 --num-cpus 2 (Ray Train, 2 workers);
 - bare: a plain loop (AdamW, constant lr) over shuffled batches built by the same prefetching
   batch iterator as ours (`train_batches`), then an evaluation of the val split each epoch;
@@ -82,7 +84,7 @@ def run_ours(args: argparse.Namespace, data_dir: Path, work: Path, name: str,
            "--space", f"epochs={args.epochs}", "--space", f"batch_size={args.batch_size}",
            *[a for k, v in FIXED.items() for a in ("--space", f"{k}={v}")],
            "--image-size", str(args.image_size), "--num-cpus", str(max(1, workers)),
-           "--experiment", name, "--storage", str(work / "runs"),
+           "--init", "random", "--no-refit", "--experiment", name, "--storage", str(work / "runs"),
            "--tracking-uri", f"sqlite:///{work / 'mlflow.db'}"]
     if workers > 1:
         cmd += ["--workers-per-trial", str(workers)]

@@ -4,8 +4,9 @@
 
 Both clusters are real multi-raylet Ray clusters on this machine (ray.cluster_utils.Cluster), run
 one after the other in this process; the search is the same (digits, fixed epochs, no early
-stopping, so both do identical work). Throughput is measured over the search loop (first trial
-start to last trial end, from results.csv) and also end to end (the whole command).
+stopping, random initial state, no warm start and no refit, so both do identical trial work).
+Throughput is measured over the search loop (first trial start to last trial end, from
+results.csv) and also end to end (the whole command).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def one_search(nodes: int, node_cpus: int, args: argparse.Namespace, work: Path)
         subprocess.run([sys.executable, "-m", "search.run", "--num-samples",
                         str(args.num_samples), "--max-epochs", str(args.epochs), "--space",
                         f"epochs={args.epochs}", "--grace-period", str(args.epochs),
+                        "--init", "random", "--no-refit",  # trial throughput only
                         "--experiment", name, "--storage", str(work / "runs"),
                         "--tracking-uri", f"sqlite:///{work / 'mlflow.db'}"], cwd=work,
                        env=env, check=True, capture_output=True)
