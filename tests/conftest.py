@@ -11,6 +11,12 @@ from PIL import Image
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # with `pytest -n 2` each worker's Ray clusters live in their own temp dir: a plain
+    # ray.init() (every search run) joins the cluster named in <temp>/ray/ray_current_cluster,
+    # which a multi-node test's Cluster writes, so a shared dir would mix the workers' clusters
+    os.environ.setdefault("RAY_TMPDIR", f"/tmp/ray-{os.environ['PYTEST_XDIST_WORKER']}")
+    os.makedirs(os.environ["RAY_TMPDIR"], exist_ok=True)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data" / "sign-language-digits" / "images"
@@ -63,3 +69,8 @@ def make_csv(tmp_path: Path):
         return path
 
     return make
+
+
+def has_header(out: str, name: str) -> bool:
+    """Whether a benchmark's output starts with its header (name, commit, repeats 1)."""
+    return f"# {name}" in out and "commit" in out and "repeats 1" in out
