@@ -15,7 +15,13 @@ from typing import Any
 
 import yaml
 
-from search.space import BUILTIN_SPACE, DEFAULT_SPACE, PRETRAINED_LR, resolve_space
+from search.space import (
+    BUILTIN_MAX_EPOCHS,
+    BUILTIN_SPACE,
+    DEFAULT_SPACE,
+    PRETRAINED_LR,
+    resolve_space,
+)
 from trainables.cli import add_options, default_storage, opt, read_yaml, typed
 from trainables.config import OPTIONS, SETTINGS, TrainConfig, check_value
 from trainables.errors import UserError
@@ -77,7 +83,7 @@ class SearchConfig:
                               "its epochs (none).", choices=("asha", "none"))
     num_samples: int = opt(10, "Number of trials.")
     max_epochs: int = opt(10, "Most epochs a trial may train (the top of the epochs range and "
-                           "ASHA's budget).")
+                           "ASHA's budget; 6 for the built-in digits).")
     grace_period: int | None = opt(None, "ASHA's first rung, in epochs of a --max-epochs-long "
                                    "trial (default: half of --max-epochs). Rungs compare trials "
                                    "at the same share of their own schedule, so a shorter trial "
@@ -203,6 +209,8 @@ def parse_config(argv: list[str] | None = None) -> SearchConfig:
         if source == "the config file":
             doc.update(values)
     doc.update(flags)
+    if not data:
+        doc.setdefault("max_epochs", BUILTIN_MAX_EPOCHS)
     if isinstance(doc.get("time_budget"), (int, float)) and not isinstance(doc["time_budget"],
                                                                           bool):
         doc["time_budget"] = str(doc["time_budget"])  # YAML reads 900 as a number

@@ -36,11 +36,12 @@ def _cli(*args: str, cwd: Path, timeout: float = 180) -> subprocess.CompletedPro
 
 def test_defaults():
     cfg = parse_config([])
-    assert cfg.train.model == "resnet10t" and cfg.num_samples == 10 and cfg.max_epochs == 10
+    assert cfg.train.model == "resnet10t" and cfg.num_samples == 10
+    assert cfg.max_epochs == 6 and parse_config(["--data", "x"]).max_epochs == 10  # digits: 6
     assert cfg.data is None and cfg.resolved_image_size == 32
     assert cfg.train.hflip is False
     # the epochs range is filled from --max-epochs
-    assert cfg.space["epochs"] == {"low": 5, "high": 10}
+    assert cfg.space["epochs"] == {"low": 3, "high": 6}
     assert cfg.space["lr"] == DEFAULT_SPACE["lr"]
     assert DEFAULT_SPACE["epochs"] is None  # the shared default is not mutated
 
