@@ -28,7 +28,7 @@ from trainables.cli import add_options, default_storage, opt, run_main, start_ra
 from trainables.data import read_unlabelled
 from trainables.errors import UserError
 from trainables.files import atomic_write
-from trainables.store import code_version, plain_name
+from trainables.store import check_experiment_name, code_version
 from trainables.tracking import check_model_name, resolve_tracking_uri
 
 log = logging.getLogger("ensemble")
@@ -78,8 +78,7 @@ def parse_args(argv: list[str] | None = None) -> EnsembleConfig:
     if "tta" in values:  # --tta hflip,shift works as well as --tta hflip --tta shift
         values["tta"] = [v for item in values["tta"] for v in item.split(",") if v]
     cfg = EnsembleConfig(**typed(EnsembleConfig, values))
-    if not plain_name(cfg.experiment):
-        raise UserError(f"--experiment must be a plain folder name, not {cfg.experiment!r}")
+    check_experiment_name(cfg.experiment)
     if cfg.seeds < 0 or cfg.rounds < 1:
         raise UserError("--seeds must not be negative and --rounds must be at least 1")
     if cfg.register is not None:

@@ -41,7 +41,7 @@ from trainables.config import TrainConfig
 from trainables.data import ImageData, read_unlabelled
 from trainables.errors import UserError
 from trainables.files import atomic_write, read_json, write_json
-from trainables.store import code_version, plain_name
+from trainables.store import check_experiment_name, code_version
 from trainables.tracking import resolve_tracking_uri
 from trainables.train import Teacher
 
@@ -87,8 +87,7 @@ def parse_args(argv: list[str] | None = None) -> DistillConfig:
     add_options(parser, DistillConfig)
     values = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     cfg = DistillConfig(**typed(DistillConfig, values))
-    if not plain_name(cfg.experiment):
-        raise UserError(f"--experiment must be a plain folder name, not {cfg.experiment!r}")
+    check_experiment_name(cfg.experiment)
     if cfg.temperature <= 0 or not 0 <= cfg.alpha <= 1:
         raise UserError(f"--temperature must be above 0 and --alpha within 0..1, not "
                         f"{cfg.temperature} and {cfg.alpha}")

@@ -25,7 +25,7 @@ from search.space import (
 from trainables.cli import add_options, default_storage, opt, read_yaml, typed
 from trainables.config import OPTIONS, SETTINGS, TrainConfig, check_value
 from trainables.errors import UserError
-from trainables.store import plain_name
+from trainables.store import check_experiment_name
 
 
 @dataclass(frozen=True)
@@ -312,14 +312,12 @@ def validate(cfg: SearchConfig) -> SearchConfig:
          "--image-size must be between 8 and 1024"),
         (0 < cfg.val_fraction < 0.5 and 0 < cfg.test_fraction < 0.5,
          "--val-fraction and --test-fraction must be between 0 and 0.5"),
-        (plain_name(cfg.experiment),
-         f"--experiment must be a plain folder name (letters, digits, '.', '_', '-'), not "
-         f"{cfg.experiment!r}"),
         (cfg.extend >= 0, "--extend must not be negative"),
     ]
     for ok, message in checks:
         if not ok:
             raise UserError(message)
+    check_experiment_name(cfg.experiment)
     if cfg.time_budget is not None:
         from search.budget import parse_duration
 

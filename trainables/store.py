@@ -40,10 +40,13 @@ def outcome(epochs_run: int, planned: int) -> str:
     return "completed" if epochs_run >= planned else "stopped_early"
 
 
-def plain_name(name: str | None) -> bool:
-    """Whether an experiment name is one plain folder inside the storage folder (letters, digits,
-    '.', '_', '-'; not '.' or '..'), so that nothing outside it is ever written or deleted."""
-    return re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name or "") is not None
+def check_experiment_name(name: str | None) -> None:
+    """Refuses an experiment name that is not one plain folder inside the storage folder
+    (letters, digits, '.', '_', '-', starting with a letter or digit; so never '.' or '..'), so
+    that nothing outside it is ever written or deleted."""
+    if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name or "") is None:
+        raise UserError(f"--experiment must be a plain folder name (letters, digits, '.', '_', "
+                        f"'-'), not {name!r}")
 
 
 def rank_key(score: float, val_loss: float) -> tuple[float, float]:
