@@ -49,7 +49,7 @@ def add_search_args(p: argparse.ArgumentParser) -> None:
 
 def resolve_data(args: argparse.Namespace) -> str:
     """Sets args.data (default: the sign photos); returns its name for the header."""
-    args.data = Path(args.data) if args.data else require_signs()
+    args.data = Path(args.data).resolve() if args.data else require_signs()
     return "sign-language digits" if args.data == SIGNS else args.data.name
 
 

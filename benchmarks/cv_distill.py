@@ -58,7 +58,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.folds, args.pseudo_threshold = 2, 0.4
         args.search = ["--num-samples", "2", "--max-epochs", "2", "--grace-period", "2",
                        "--init", "random", "--space", "batch_size=[8]"]
-    args.data = Path(args.data) if args.data else require_signs()
+    args.data = Path(args.data).resolve() if args.data else require_signs()
     return args
 
 

@@ -1,7 +1,7 @@
 """Ensemble gain by shared start: every ensemble row against the best single model, per --init.
 
     python -m benchmarks.ensemble_gain [--init warm random] [--seeds 0 1 2] [--num-samples 8]
-        [--budget 8m] [--top 5] [--retrain-seeds 0] [--keep-last 0]
+        [--budget 8m] [--top 5] [--retrain-seeds 0] [--keep-last 0] [--warm-epochs N]
 
 For each search seed and each --init mode, in one run: `search.run` on the sign-language photos
 (or --data) with the same --time-budget for every mode (so a warm start's time is paid out of the
@@ -36,6 +36,8 @@ def run_one(seed: int, init: str, work: Path, args: argparse.Namespace) -> dict:
          "--num-samples", str(args.num_samples), "--max-epochs", str(args.max_epochs),
          "--image-size", str(args.image_size), "--init", init, "--time-budget", args.budget,
          "--keep-last", str(args.keep_last), "--no-refit",
+         *(["--warm-epochs", str(args.warm_epochs)] if args.warm_epochs and init == "warm"
+           else []),
          "--tracking-uri", f"sqlite:///{work / 'mlflow.db'}", *common],
         cwd=work, env=env, capture_output=True, text=True, check=False)
     if search.returncode:
@@ -64,10 +66,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--top", type=int, default=5)
     p.add_argument("--retrain-seeds", type=int, default=0)
     p.add_argument("--keep-last", type=int, default=0)
+    p.add_argument("--warm-epochs", type=int, default=None,
+                   help="epochs of the warm start (default: the product's, a share of the trials')")
     args = p.parse_args(argv)
     print(header(f"ensemble gain ({resolve_data(args)})", len(args.seeds),
                  f"init {'/'.join(args.init)}, {args.num_samples} trials/search, budget "
                  f"{args.budget}, top {args.top}, {args.retrain_seeds} seed retrain(s), "
+                 f"warm epochs {args.warm_epochs or 'default'}, keep last {args.keep_last}, "
                  f"{args.image_size} px"), flush=True)
     results: dict[str, list[dict]] = {init: [] for init in args.init}
     with tempfile.TemporaryDirectory() as tmp:
