@@ -26,6 +26,7 @@ def test_search_efficiency_quick(make_folder, capsys) -> None:
         assert f"seed 0 {method}: best val" in out and f"| {method} |" in out
     assert "never (0/1)" in out  # nothing reaches val accuracy 1.01
     assert "time to 0.5, ours / random:" in out
+    assert "seed 0: both reached val" in out and "highest val both reached, ours / random" in out
 
 
 def test_ensemble_gain_quick(make_folder, capsys) -> None:
