@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import REPO, SIGNS, header, mean_std, require_signs
+from benchmarks.common import REPO, header, mean_std, resolve_data
 
 PARTS = ("cv", "distill", "pseudo")
 
@@ -58,7 +58,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.folds, args.pseudo_threshold = 2, 0.4
         args.search = ["--num-samples", "2", "--max-epochs", "2", "--grace-period", "2",
                        "--init", "random", "--space", "batch_size=[8]"]
-    args.data = Path(args.data).resolve() if args.data else require_signs()
+    args.data_name = resolve_data(args)
     return args
 
 
@@ -284,8 +284,7 @@ def _pseudo_table(results: list[dict], args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    data = "sign-language digits" if args.data == SIGNS else args.data.name
-    print(header(f"cv, distillation and pseudo-labels ({data})", len(args.seeds),
+    print(header(f"cv, distillation and pseudo-labels ({args.data_name})", len(args.seeds),
                  f"parts {'/'.join(args.parts)}, budget {args.budget} per search, CV top "
                  f"{args.top} x {args.folds} folds vs holdout top {args.holdout_top}, "
                  f"{args.image_size} px"), flush=True)
