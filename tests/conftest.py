@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -74,3 +77,13 @@ def make_csv(tmp_path: Path):
 def has_header(out: str, name: str) -> bool:
     """Whether a benchmark's output starts with its header (name, commit, repeats 1)."""
     return f"# {name}" in out and "commit" in out and "repeats 1" in out
+
+
+def start_search(args: list[str], cwd: Path) -> subprocess.Popen:
+    """Starts `python -m search.run` as a terminal would, so a SIGINT sent to it is a Ctrl+C:
+    a suite run as a background job (`... &`, nohup) ignores SIGINT and its children inherit
+    that, so the child's SIGINT is set back to its default first."""
+    return subprocess.Popen([sys.executable, "-m", "search.run", *args], cwd=cwd,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import REPO, write_image
+from conftest import REPO, start_search, write_image
 
 pytestmark = pytest.mark.slow
 TINY = ["--image-size", "32", "--space", "batch_size=[8]", "--num-cpus", "2", "--init", "random",
@@ -183,9 +183,7 @@ def test_a_start_that_never_reached_a_trial_does_not_block_a_rerun(tmp_path):
             "--storage", str(tmp_path / "runs"), "--tracking-uri",
             f"sqlite:///{tmp_path / 'mlflow.db'}", "--image-size", "32", "--num-cpus", "2",
             "--warm-epochs", "30", "--no-refit"]
-    proc = subprocess.Popen([sys.executable, "-m", "search.run", *args], cwd=tmp_path,
-                            env={**os.environ, "PYTHONPATH": str(REPO)}, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = start_search(args, tmp_path)
     deadline = time.time() + 300
     while not (tmp_path / "runs" / "s" / "warm").exists():  # interrupted in its warm start
         assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:]
@@ -277,9 +275,7 @@ def test_a_killed_trial_worker_resumes_from_its_last_epoch(tmp_path):
     args = ["--data", str(data), "--num-samples", "1", "--max-epochs", "6", "--space",
             "epochs=6", "--max-failures", "2", "--experiment", "k", "--storage",
             str(tmp_path / "runs"), "--tracking-uri", uri, *TINY, "--image-size", "64"]
-    proc = subprocess.Popen([sys.executable, "-m", "search.run", *args], cwd=tmp_path,
-                            env={**os.environ, "PYTHONPATH": str(REPO)}, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = start_search(args, tmp_path)
     lines = []
     deadline = time.time() + 400
     while not any("epoch 1/6" in ln for ln in lines):

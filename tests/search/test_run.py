@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import REPO, write_image
+from conftest import REPO, start_search, write_image
 
 pytestmark = pytest.mark.slow
 SIX = {"lr", "weight_decay", "batch_size", "dropout", "epochs", "scheduler"}
@@ -219,9 +219,7 @@ def test_resume_after_interrupt_keeps_finished_trials(tmp_path):
     args = ["--data", str(data), "--num-samples", "3", "--max-concurrent", "1",
             "--experiment", "res", "--storage", str(tmp_path / "runs"), "--tracking-uri",
             f"sqlite:///{tmp_path / 'mlflow.db'}", "--no-refit", *TINY]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "search.run", *args], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = start_search(args, tmp_path)
     results = tmp_path / "runs" / "res" / "results.csv"
     deadline = time.time() + 300
     while not (results.is_file() and len(pd.read_csv(results)) >= 1):
