@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import subprocess
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +48,24 @@ def add_search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--data", default=None, help="class folders (default: the sign photos)")
+    add_keep_arg(p)
+
+
+def add_keep_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--keep", type=Path, default=None, metavar="DIR",
+                   help="run the searches in DIR and keep it (experiments, MLflow store, logs); "
+                        "default: a temporary folder, deleted at the end")
+
+
+@contextlib.contextmanager
+def work_dir(args: argparse.Namespace) -> Iterator[str]:
+    """The folder the searches run in: --keep DIR (made if needed, kept), else a temporary one."""
+    if getattr(args, "keep", None) is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            yield tmp
+        return
+    args.keep.mkdir(parents=True, exist_ok=True)
+    yield str(args.keep.resolve())
 
 
 def resolve_data(args: argparse.Namespace) -> str:

@@ -26,12 +26,11 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import REPO, header, mean_std, resolve_data
+from benchmarks.common import REPO, add_keep_arg, header, mean_std, resolve_data, work_dir
 
 PARTS = ("cv", "distill", "pseudo")
 
@@ -50,6 +49,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--pseudo-threshold", type=float, default=0.9)
     p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     p.add_argument("--quick", action="store_true", help="tiny settings for a smoke test")
+    add_keep_arg(p)
     args = p.parse_args(argv)
     args.search = ["--num-samples", str(args.num_samples), "--max-epochs", str(args.max_epochs)]
     if args.quick:
@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> None:
     print("(every command below also gets --storage WORK/runs --tracking-uri "
           "sqlite:///WORK/mlflow.db, WORK a temporary folder)", flush=True)
     results = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with work_dir(args) as tmp:
         run = Runner(Path(tmp))
         for seed in args.seeds:
             results.append(run_seed(seed, run, args))

@@ -2,12 +2,13 @@
 
     python -m benchmarks.ensemble_gain [--init warm random] [--seeds 0 1 2] [--num-samples 8]
         [--budget 8m] [--top 5] [--retrain-seeds 0] [--keep-last 0] [--warm-epochs N]
+        [--keep DIR]
 
 For each search seed and each --init mode, in one run: `search.run` on the sign-language photos
 (or --data) with the same --time-budget for every mode (so a warm start's time is paid out of the
 same wall time as the random start's extra trial time), then `ensemble.build --top K`. Prints
-every row of each report, the warm start's seconds, how many ingredients the greedy soup took,
-and mean +- std over the search seeds per mode.
+every row of each report, the warm start's seconds, how many ingredients the greedy soup took
+(trials and last-epoch snapshots apart), and mean +- std over the search seeds per mode.
 """
 
 from __future__ import annotations
@@ -18,10 +19,9 @@ import math
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-from benchmarks.common import REPO, add_search_args, header, mean_std, resolve_data
+from benchmarks.common import REPO, add_search_args, header, mean_std, resolve_data, work_dir
 
 ROWS = ("best single", "hard vote", "soft vote", "weighted vote", "uniform soup", "greedy soup",
         "last-epochs soup")
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
                  f"warm epochs {args.warm_epochs or 'default'}, keep last {args.keep_last}, "
                  f"{args.image_size} px"), flush=True)
     results: dict[str, list[dict]] = {init: [] for init in args.init}
-    with tempfile.TemporaryDirectory() as tmp:
+    with work_dir(args) as tmp:
         for seed in args.seeds:
             for init in args.init:
                 rows = run_one(seed, init, Path(tmp), args)
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"seed {seed}, init {init}: " + ", ".join(
                     f"{n} {rows[n]['test']['accuracy']:.4f}" for n in ROWS
                     if not math.isnan(rows[n]["test"]["accuracy"]))
-                    + f" | greedy soup took {len(rows['greedy soup']['members'])} "
+                    + f" | greedy soup took {_ingredients(rows['greedy soup']['members'])} "
                     f"({rows['greedy soup']['note']}) | chosen on val: {rows['_chosen']} | "
                     f"{rows['_trials']} trials, {rows['_wall']:.0f} s"
                     + (f", warm start {start.get('seconds')} s (val "
@@ -92,6 +92,13 @@ def main(argv: list[str] | None = None) -> None:
                     flush=True)
     for init, got_all in results.items():
         _table(init, got_all)
+
+
+def _ingredients(members: list[str]) -> str:
+    """How many ingredients, and how many of them are trials rather than a trial's last-epoch
+    snapshots (named `<trial>-epoch_<n>`, from --keep-last)."""
+    snapshots = sum("-epoch_" in m for m in members)
+    return f"{len(members)} ({len(members) - snapshots} trial(s), {snapshots} snapshot(s))"
 
 
 def _table(init: str, results: list[dict]) -> None:

@@ -29,13 +29,12 @@ import math
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pandas as pd
 
-from benchmarks.common import REPO, add_search_args, header, mean_std, resolve_data
+from benchmarks.common import REPO, add_search_args, header, mean_std, resolve_data, work_dir
 
 METHODS = ("ours", "ours_no_default", "random")
 WIDE_SPACE = {  # bad regions included: a sampler that learns should leave them
@@ -125,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
                  f"budget {args.budget_s:g} s per search, target val acc {args.targets}, "
                  f"{args.image_size} px, {args.space_kind} space"), flush=True)
     got: dict[str, list[dict]] = {m: [] for m in args.methods}
-    with tempfile.TemporaryDirectory() as tmp:
+    with work_dir(args) as tmp:
         for seed in args.seeds:
             for method in args.methods:
                 r = run_tune(method, seed, args, Path(tmp))

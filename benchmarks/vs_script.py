@@ -18,11 +18,10 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import REPO, header, mean_std
+from benchmarks.common import REPO, add_keep_arg, header, mean_std, work_dir
 
 
 def run_script(data: Path, seed: int, image_size: int) -> dict:
@@ -77,6 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--k", type=float, default=4.0, help="the product's budget in script times")
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--top", type=int, default=5)
+    add_keep_arg(p)
     p.add_argument("--ensemble-reserve", type=float, default=0.06,
                    help="share of K x T kept for ensemble.build (the rest is --time-budget)")
     p.add_argument("--search-args", nargs=argparse.REMAINDER, default=[],
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     print(header(f"product vs fixed script ({args.data.name})", len(args.seeds),
                  f"K = {args.k:g}, {args.image_size} px, top {args.top}"), flush=True)
     res = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with work_dir(args) as tmp:
         for seed in args.seeds:
             script = run_script(args.data, seed, args.image_size)
             budget = args.k * script["s"]

@@ -29,11 +29,12 @@ def test_search_efficiency_quick(make_folder, capsys) -> None:
     assert "seed 0: both reached val" in out and "highest val both reached, ours / random" in out
 
 
-def test_ensemble_gain_quick(make_folder, capsys) -> None:
+def test_ensemble_gain_quick(make_folder, capsys, tmp_path) -> None:
     data = make_folder(classes=3, per_class=14)
     ensemble_gain.main(["--data", str(data), "--seeds", "0", "--num-samples", "2", "--top", "2",
                         "--image-size", "32", "--max-epochs", "2", "--budget", "90",
-                        "--keep-last", "2", "--init", "warm", "random"])
+                        "--keep-last", "2", "--init", "warm", "random",
+                        "--keep", str(tmp_path / "kept")])
     out = capsys.readouterr().out
     assert has_header(out, "ensemble gain")
     for init in ("warm", "random"):
@@ -41,6 +42,11 @@ def test_ensemble_gain_quick(make_folder, capsys) -> None:
     assert "warm start" in out and "chosen on val:" in out and "greedy soup took" in out
     for row in ensemble_gain.ROWS:
         assert f"| {row} |" in out
+    assert " trial(s), " in out and " snapshot(s))" in out
+    kept = tmp_path / "kept"  # --keep: the searches and their ensembles are still there
+    for init in ("warm", "random"):
+        assert (kept / "runs" / f"gain-{init}-0" / "ensemble" / "report.json").is_file()
+    assert (kept / "mlflow.db").is_file()
 
 
 def test_cv_distill_quick(make_folder, capsys) -> None:
