@@ -87,8 +87,9 @@ class TrainConfig:
     ema: float = setting(0.0, "Decay of an exponential moving average of the weights, "
                          "evaluated and saved instead of the raw weights (e.g. 0.998; 0 turns "
                          "it off).", limit=UNIT)
-    keep_last: int = setting(0, "Also keep each of the last N epochs' weights as a checkpoint "
-                             "(epoch_<n>.pt) for snapshot ensembles and SWA-style soups.",
+    keep_last: int = setting(2, "Also keep each of the last N epochs' weights as a checkpoint "
+                             "(epoch_<n>.pt) for snapshot ensembles and SWA-style soups "
+                             "(ensemble.build's last-epochs soup; 0 keeps none).",
                              limit=NON_NEGATIVE, searchable=False)
     metric: str = setting("accuracy", "What picks a trial's best epoch and the search's best "
                           "trial: val accuracy, or val macro-F1 (f1) for imbalanced classes.",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -149,14 +150,16 @@ class _Keeper:
                 self._save(self.path, loop, {"epoch": epoch}, val_probs)
             return
         score = (metrics[self.key], -metrics["val_loss"])
-        if not self.best or score > (self.best[self.key], -self.best["val_loss"]):
+        is_best = not self.best or score > (self.best[self.key], -self.best["val_loss"])
+        if is_best:
             self.best = {k: metrics[k] for k in ("val_acc", "val_loss", "val_f1")} | {
                 "epoch": epoch}
             self._save(self.path, loop, self.best, val_probs)
         if self.cfg.keep_last and epoch > self.cfg.epochs - self.cfg.keep_last and self.path:
-            epoch_metrics = {k: metrics[k] for k in ("val_acc", "val_loss", "val_f1")}
-            self._save(self.path.with_name(f"epoch_{epoch}.pt"), loop,
-                       epoch_metrics | {"epoch": epoch}, val_probs)
+            snapshot = self.path.with_name(f"epoch_{epoch}.pt")
+            if not (is_best and self._link(self.path, snapshot)):
+                epoch_metrics = {k: metrics[k] for k in ("val_acc", "val_loss", "val_f1")}
+                self._save(snapshot, loop, epoch_metrics | {"epoch": epoch}, val_probs)
 
     def best_metrics(self) -> dict[str, float]:
         if not self.has_val:
@@ -172,6 +175,22 @@ class _Keeper:
     def finish(self) -> None:
         if self.rank == 0 and self.resume_path is not None:
             self.resume_path.unlink(missing_ok=True)
+
+    def _link(self, best: Path, snapshot: Path) -> bool:
+        """Gives the best checkpoint just written a second name, the epoch's snapshot: the same
+        file, so keeping the last epochs costs no disk for an epoch that is also the best (a later
+        best replaces best.pt by a new file and leaves the snapshot as it is). False where the
+        file system has no hard links; the caller then writes a copy."""
+        if self.rank != 0:
+            return True
+        tmp = snapshot.with_name(f".{snapshot.name}.link")
+        try:
+            tmp.unlink(missing_ok=True)
+            os.link(best, tmp)
+            os.replace(tmp, snapshot)
+        except OSError:
+            return False
+        return True
 
     def _save(self, path: Path | None, loop: _Loop, metrics: dict, val_probs: np.ndarray) -> None:
         if self.rank == 0 and path is not None:

@@ -24,7 +24,7 @@ from trainables.train import (
     predict_proba,
 )
 
-BASE = TrainConfig(model="resnet10t", epochs=2, batch_size=16, threads=1, amp="off")
+BASE = TrainConfig(model="resnet10t", epochs=2, batch_size=16, threads=1, amp="off", keep_last=0)
 REPORT_KEYS = {"epoch", "train_loss", "val_loss", "val_acc", "val_f1", "lr",
                "best_val_acc", "best_val_loss", "best_val_f1", "best_epoch", "progress"}
 
@@ -302,6 +302,11 @@ def test_ema_and_last_epochs_load_as_normal_checkpoints(tiny, tmp_path):
     fit(cfg, inputs, str(tmp_path / "t" / "best.pt"))
     names = sorted(p.name for p in (tmp_path / "t").iterdir())
     assert names == ["best.pt", "epoch_2.pt", "epoch_3.pt"]  # no resume state left behind
+    best_epoch = load_checkpoint(tmp_path / "t" / "best.pt")["epoch"]
+    for n in (2, 3):  # a last epoch that is also the best is the same file, not a copy
+        same = (tmp_path / "t" / f"epoch_{n}.pt").samefile(tmp_path / "t" / "best.pt")
+        assert same == (n == best_epoch), (n, best_epoch)
+        assert load_checkpoint(tmp_path / "t" / f"epoch_{n}.pt")["epoch"] == n
     mean, std = _mean_std(inputs)
     for name in names:
         model, ckpt = load_trained(str(tmp_path / "t" / name), torch.device("cpu"))
