@@ -20,6 +20,7 @@ from search.space import (
     BUILTIN_SPACE,
     DEFAULT_SPACE,
     PRETRAINED_LR,
+    WARM_LR,
     resolve_space,
 )
 from trainables.cli import add_options, default_storage, opt, read_yaml, typed
@@ -192,8 +193,8 @@ def parse_config(argv: list[str] | None = None) -> SearchConfig:
         {"space"} if args.space else set())
     data = flags.get("data", doc.get("data"))
     space = dict(DEFAULT_SPACE) | ({} if data else BUILTIN_SPACE)
-    if _pretrained(flags, doc):
-        space["lr"] = PRETRAINED_LR
+    space["lr"] = {"pretrained": PRETRAINED_LR, "warm": WARM_LR}.get(_start_kind(flags, doc),
+                                                                    space["lr"])
     train = dict(doc.pop("train", None) or {})  # a saved config.yaml's fallback values
     for source, values, entries in (("the config file", doc, doc.pop("space", None) or {}),
                                     ("the flags", flags, _space_flags(args.space))):
@@ -224,13 +225,14 @@ def parse_config(argv: list[str] | None = None) -> SearchConfig:
     return validate(SearchConfig(**search_opts, train=TrainConfig(**train), space=space))
 
 
-def _pretrained(flags: dict[str, Any], doc: dict[str, Any]) -> bool:
-    """Whether the trials fine-tune pretrained weights (--init pretrained, or auto with
-    weights given), which sets the default learning-rate range."""
+def _start_kind(flags: dict[str, Any], doc: dict[str, Any]) -> str:
+    """What the trials fine-tune from (pretrained, warm or random: --init, with auto resolved as
+    `search.start.resolved_init` does), which sets the default learning-rate range."""
     get = lambda k: flags.get(k, doc.get(k))  # noqa: E731 - flags beat the file
     init = get("init") or "auto"
-    return init == "pretrained" or (init == "auto" and bool(get("pretrained")
-                                                          or get("pretrained_file")))
+    if init != "auto":
+        return init
+    return "pretrained" if get("pretrained") or get("pretrained_file") else "warm"
 
 
 def _space_flags(items: list[str] | None) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from search.config import SearchConfig, build_parser, parse_config
-from search.space import DEFAULT_SPACE
+from search.space import DEFAULT_SPACE, WARM_LR
 from trainables.config import OPTIONS
 from trainables.errors import UserError
 
@@ -42,7 +42,7 @@ def test_defaults():
     assert cfg.train.hflip is False
     # the epochs range is filled from --max-epochs
     assert cfg.space["epochs"] == {"low": 3, "high": 6}
-    assert cfg.space["lr"] == DEFAULT_SPACE["lr"]
+    assert cfg.space["lr"] == WARM_LR  # a warm start's children (--init auto, no weights)
     assert DEFAULT_SPACE["epochs"] is None  # the shared default is not mutated
 
 
@@ -66,7 +66,7 @@ space:
     assert cfg.train.model == "resnet10t" and cfg.start_with_default
     assert cfg.space["dropout"] == 0.1     # YAML space entry
     assert cfg.space["batch_size"] == [32]  # --space beats YAML space
-    assert cfg.space["lr"] == DEFAULT_SPACE["lr"]  # untouched default entry
+    assert cfg.space["lr"] == WARM_LR  # untouched default entry (a warm start's children)
     assert cfg.space["epochs"] == {"low": 2, "high": 4}  # from YAML's max_epochs
 
 
@@ -363,11 +363,14 @@ def test_every_training_setting_reaches_the_trial():
     assert all("--" + n.replace("_", "-") in text for n in OPTIONS)
 
 
-def test_pretrained_weights_get_a_smaller_default_learning_rate_range():
-    from search.space import PRETRAINED_LR
+def test_the_default_learning_rate_range_follows_what_the_trials_fine_tune_from():
+    from search.space import PRETRAINED_LR, RECOMMENDED
 
     assert parse_config(["--pretrained"]).space["lr"] == PRETRAINED_LR
     assert parse_config(["--init", "random"]).space["lr"] == DEFAULT_SPACE["lr"]
+    # a warm start's children (auto without weights) step no bigger than the warm start did
+    assert parse_config([]).space["lr"] == parse_config(["--init", "warm"]).space["lr"] == WARM_LR
+    assert WARM_LR["high"] == RECOMMENDED["lr"] < DEFAULT_SPACE["lr"]["high"]
     given = {"low": 1e-3, "high": 1e-2, "log": True}
     assert parse_config(["--pretrained", "--space", "lr={low: 1e-3, high: 1e-2, log: true}"]
                         ).space["lr"] == given  # the user's own range stays
