@@ -1,7 +1,7 @@
 """Ensemble gain by shared start: every ensemble row against the best single model, per --init.
 
     python -m benchmarks.ensemble_gain [--init warm random] [--seeds 0 1 2] [--num-samples 8]
-        [--budget 8m] [--top 5] [--retrain-seeds 0] [--keep-last 0] [--warm-epochs N]
+        [--budget 8m] [--top 5] [--retrain-seeds 0] [--keep-last K] [--warm-epochs N]
         [--keep DIR]
 
 For each search seed and each --init mode, in one run: `search.run` on the sign-language photos
@@ -35,7 +35,8 @@ def run_one(seed: int, init: str, work: Path, args: argparse.Namespace) -> dict:
         [sys.executable, "-m", "search.run", "--data", str(args.data), "--seed", str(seed),
          "--num-samples", str(args.num_samples), "--max-epochs", str(args.max_epochs),
          "--image-size", str(args.image_size), "--init", init, "--time-budget", args.budget,
-         "--keep-last", str(args.keep_last), "--no-refit",
+         *(["--keep-last", str(args.keep_last)] if args.keep_last is not None else []),
+         "--no-refit",
          *(["--warm-epochs", str(args.warm_epochs)] if args.warm_epochs and init == "warm"
            else []),
          "--tracking-uri", f"sqlite:///{work / 'mlflow.db'}", *common],
@@ -65,14 +66,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--budget", default="8m", help="--time-budget of every search")
     p.add_argument("--top", type=int, default=5)
     p.add_argument("--retrain-seeds", type=int, default=0)
-    p.add_argument("--keep-last", type=int, default=0)
+    p.add_argument("--keep-last", type=int, default=None,
+                   help="epochs each trial keeps for soups (default: the product's)")
     p.add_argument("--warm-epochs", type=int, default=None,
                    help="epochs of the warm start (default: the product's, a share of the trials')")
     args = p.parse_args(argv)
     print(header(f"ensemble gain ({resolve_data(args)})", len(args.seeds),
                  f"init {'/'.join(args.init)}, {args.num_samples} trials/search, budget "
                  f"{args.budget}, top {args.top}, {args.retrain_seeds} seed retrain(s), "
-                 f"warm epochs {args.warm_epochs or 'default'}, keep last {args.keep_last}, "
+                 f"warm epochs {args.warm_epochs or 'default'}, keep last "
+                 f"{'default' if args.keep_last is None else args.keep_last}, "
                  f"{args.image_size} px"), flush=True)
     results: dict[str, list[dict]] = {init: [] for init in args.init}
     with work_dir(args) as tmp:
