@@ -35,11 +35,6 @@ DEFAULT_SPACE: dict[str, Any] = {
 }
 # pretrained ImageNet weights want smaller steps than a warm start does
 PRETRAINED_LR: dict[str, Any] = {"low": 1e-4, "high": 3e-3, "log": True}
-# Children of a warm start (--init auto/warm) step no bigger than the warm start did (RECOMMENDED's
-# 4e-3), so they stay near it and their weights can be averaged: on the sign photos the uniform
-# soup of the top 5 went from -4.3 to -2.4 points of the best single model (benchmarks/RESULTS.md
-# §5); --init random keeps DEFAULT_SPACE's wider range.
-WARM_LR: dict[str, Any] = {"low": 1.5e-3, "high": 4e-3, "log": True}
 # The built-in digits are not photos: a mirrored 2 is no 2, and light augmentation suffices.
 BUILTIN_SPACE: dict[str, Any] = {"augment": "light", "hflip": False}
 # ... and 8x8 digits need no long runs: every trial is at 0.99 val by epoch 4-6, so the built-in
@@ -63,6 +58,12 @@ RECOMMENDED: dict[str, Any] = {
     # ended several points below the same recipe at full length)
     "epochs": "high",
 }
+
+# Children of a warm start (--init auto/warm) step no bigger than the warm start did (its recipe is
+# RECOMMENDED), so they stay near it and their weights can be averaged: on the sign photos the
+# uniform soup of the top 5 went from -4.3 to -2.4 points of the best single model
+# (benchmarks/RESULTS.md §5); --init random keeps DEFAULT_SPACE's wider range.
+WARM_LR: dict[str, Any] = DEFAULT_SPACE["lr"] | {"high": RECOMMENDED["lr"]}
 
 
 BY_MODEL = "by_model"  # per-model entries: {model name: {knob: spec}}
