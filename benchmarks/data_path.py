@@ -117,8 +117,9 @@ def step_rate(data, batch_size: int, steps: int, mean: list[float], std: list[fl
 def real_loop(data, split, args: argparse.Namespace, mean: list[float], std: list[float],
               seed: int) -> list[dict]:
     """`fit` as a trial runs it, without Ray; the metrics of every epoch."""
+    from trainables.inputs import TrialInputs
     from trainables.models import initial_state
-    from trainables.train import TrainConfig, TrialInputs, fit
+    from trainables.train import TrainConfig, fit
 
     cfg = TrainConfig(model="resnet10t", lr=0.003, batch_size=args.batch_size,
                       epochs=args.epochs, augment="light", seed=seed, threads=1)

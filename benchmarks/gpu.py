@@ -89,7 +89,7 @@ def load_inputs(folder: Path):
     import torch
 
     from trainables.data import ImageData
-    from trainables.train import TrialInputs
+    from trainables.inputs import TrialInputs
 
     rest = np.load(folder / "rest.npz")
     labels = rest["labels"]

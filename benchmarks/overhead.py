@@ -92,7 +92,7 @@ def run_ours(args: argparse.Namespace, data_dir: Path, work: Path, name: str,
                           capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"search {name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
-    (result,) = (work / "runs" / name).glob("trial_*/result.json")
+    (result,) = (work / "runs" / name / "ray").glob("trial_*/result.json")
     rows = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
     later = [r for r in rows if r["training_iteration"] >= 2]
     images = trained_per_epoch(n_train, args.batch_size, workers)

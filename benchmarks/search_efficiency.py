@@ -89,7 +89,7 @@ def run_tune(method: str, seed: int, args: argparse.Namespace, work: Path) -> di
     table = pd.read_csv(exp / "results.csv", dtype={"trial_id": str})
     curve = []
     for tid in table["trial_id"]:
-        results = exp / f"trial_{tid}" / "result.json"
+        results = exp / "ray" / f"trial_{tid}" / "result.json"
         if not results.is_file():  # started as the budget ran out: never reported
             continue
         for line in results.read_text().splitlines():

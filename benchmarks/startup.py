@@ -107,7 +107,7 @@ def tiny_inputs(data, init, norm):
     import numpy as np
     import ray
 
-    from trainables.train import TrialInputs
+    from trainables.inputs import TrialInputs
 
     n = TRAIN + VAL
     return {"resnet10t": TrialInputs(data=ray.put(data), init_state=ray.put(init),

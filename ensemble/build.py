@@ -22,25 +22,22 @@ from ensemble.combiners import (
 )
 from ensemble.folds import fit_folds, fold_report, plan_folds
 from ensemble.members import SearchState, open_search, retrain_seeds, top_members
-from ensemble.predict import check_tta, load, predictions_frame
 from ensemble.report import log_to_mlflow, table_lines, write_report
-from trainables.cli import add_options, default_storage, opt, run_main, start_ray, typed
+from models.predict import check_tta, load, predictions_frame
+from trainables.cli import CommonOptions, add_options, opt, run_main, start_ray, typed
 from trainables.data import read_unlabelled
 from trainables.errors import UserError
 from trainables.files import atomic_write
-from trainables.store import check_experiment_name, code_version
-from trainables.tracking import check_model_name, resolve_tracking_uri
+from trainables.store import code_version
+from trainables.tracking import resolve_tracking_uri
 
 log = logging.getLogger("ensemble")
 
 
 @dataclass(frozen=True)
-class EnsembleConfig:
+class EnsembleConfig(CommonOptions):
     """Every option of `python -m ensemble.build`; the field help is the `--help` text."""
 
-    experiment: str = opt("default", "Search to build from (the --experiment of search.run).")
-    storage: str = opt(default_storage(), "Folder holding experiment folders (the --storage of "
-                       "search.run; default: IMGSEARCH_STORAGE, else ./runs).")
     top: int = opt(5, "Number of best finished trials to combine.")
     seeds: int = opt(0, "Retrain each selected trial's config with this many new seeds (on Ray) "
                      "and add them as members.")
@@ -56,16 +53,8 @@ class EnsembleConfig:
                     metavar="VIEW")
     predict: str | None = opt(None, "Unlabelled images to predict with the chosen ensemble: a "
                               "folder or a CSV with an image column.")
-    image_col: str = opt("image_path", "Image column of a --predict CSV.")
     output: str | None = opt(None, "Predictions CSV to write for --predict (default: "
                              "<experiment>/ensemble/predictions.csv).")
-    tracking_uri: str | None = opt(None, "MLflow tracking URI (default: the search's).")
-    register: str | None = opt(None, "Log the chosen ensemble as an MLflow model (a pyfunc "
-                               "taking image file bytes) and register a new version under "
-                               "this name, ready for mlflow models serve.")
-    address: str | None = opt(None, "Ray cluster for --seeds and --folds retrains (default: "
-                              "RAY_ADDRESS, else a local Ray).")
-    num_cpus: int | None = opt(None, "CPUs of the local Ray started for --seeds or --folds.")
 
 
 def parse_args(argv: list[str] | None = None) -> EnsembleConfig:
@@ -78,11 +67,9 @@ def parse_args(argv: list[str] | None = None) -> EnsembleConfig:
     if "tta" in values:  # --tta hflip,shift works as well as --tta hflip --tta shift
         values["tta"] = [v for item in values["tta"] for v in item.split(",") if v]
     cfg = EnsembleConfig(**typed(EnsembleConfig, values))
-    check_experiment_name(cfg.experiment)
+    cfg.check_common()
     if cfg.seeds < 0 or cfg.rounds < 1:
         raise UserError("--seeds must not be negative and --rounds must be at least 1")
-    if cfg.register is not None:
-        check_model_name(cfg.register)
     if cfg.folds < 0 or cfg.folds == 1:
         raise UserError(f"--folds must be at least 2 (each fold's model is judged on the images "
                         f"it did not train on), not {cfg.folds}; use --folds 5, or leave it out")
@@ -114,7 +101,7 @@ def build(cfg: EnsembleConfig) -> int:
         folds = fit_folds(state, plan, members, cfg.tta, address=cfg.address,
                           num_cpus=cfg.num_cpus)
     if cfg.seeds:
-        members += _retrain(cfg, state, members, out / "seeds")
+        members += _retrain(cfg, state, members)
     log.info("members: %s", ", ".join(f"{m.name} (val {m.val_acc:.4f})" for m in members))
     pool = Pool(state, predict_members(state, members, cfg.tta), cfg.tta, cfg.rounds,
                 state.store.metric, folds=folds)
@@ -122,10 +109,10 @@ def build(cfg: EnsembleConfig) -> int:
         student_rows(pool)
     chosen = choose(rows, pool.metric, len(pool.y_val))
     saved = out / "ensemble.pt"
-    chosen.artifact.save(saved, cfg.tta)
+    chosen.artifact.save(saved)
     for r in rows:
         if r.artifact is not None and r.name.endswith("soup"):
-            r.artifact.save(out / f"{r.name.replace(' ', '_')}.pt", cfg.tta)
+            r.artifact.save(out / f"{r.name.replace(' ', '_')}.pt")
     y_test = state.data.labels[state.split.test]
     predictions_frame([state.data.ids[i] for i in state.split.test], chosen.test_probs,
                       state.data.class_names, y_test).to_csv(out / "test_predictions.csv",
@@ -149,7 +136,7 @@ def _explain_and_register(cfg: EnsembleConfig, state: SearchState, saved: Path,
                           chosen: Combined, uri: str, run_id: str) -> None:
     """The chosen ensemble's model report, and with --register its registered version, both
     in the experiment folder and the ensemble's MLflow run."""
-    from ensemble.explain import explain_ensemble
+    from models.explain import explain_ensemble
     from trainables.tracking import client_for
 
     start, out = time.time(), state.store.model_report_dir("ensemble")
@@ -157,7 +144,7 @@ def _explain_and_register(cfg: EnsembleConfig, state: SearchState, saved: Path,
     client_for(uri).log_artifacts(run_id, str(out), "model_report/ensemble")
     log.info("model report: %s (%.1f s)", out / "report.md", time.time() - start)
     if cfg.register:
-        from ensemble.pyfunc import describe, register
+        from models.pyfunc import describe, register
 
         version = register(saved, name=cfg.register, uri=uri, run_id=run_id,
                            examples=state.data.images[state.split.test[:2]],
@@ -168,12 +155,12 @@ def _explain_and_register(cfg: EnsembleConfig, state: SearchState, saved: Path,
                  cfg.register, version)
 
 
-def _retrain(cfg: EnsembleConfig, state: SearchState, members, out: Path):
+def _retrain(cfg: EnsembleConfig, state: SearchState, members):
     import ray
 
     owns = start_ray(cfg.address, cfg.num_cpus)
     try:
-        return retrain_seeds(state, members, cfg.seeds, out_dir=out)
+        return retrain_seeds(state, members, cfg.seeds)
     finally:
         if owns:
             ray.shutdown()

@@ -10,9 +10,9 @@ A new kind of ensemble is a new combiner here, nothing else.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
-import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -22,45 +22,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from ensemble.combine import ensemble_metrics, fit_vote_weights, hard_vote, soft_vote
+from ensemble.combine import ensemble_metrics, fit_vote_weights
 from ensemble.folds import FoldPool
 from ensemble.members import Member, SearchState
-from ensemble.predict import timed_predict
 from ensemble.soup import greedy_soup, has_batchnorm, recalibrate_bn, uniform_soup
-from trainables.checkpoint import load_checkpoint, save_checkpoint
+from models.artifact import Vote, load_model
+from models.predict import timed_predict
+from models.vote import hard_vote, soft_vote
+from trainables.checkpoint import Checkpoint
 from trainables.store import rank_key
-from trainables.train import TrainConfig, load_trained
 
 log = logging.getLogger("ensemble")
 BN_IMAGES = 2048  # training images used to recompute BatchNorm statistics of a soup
 
 
 # ---------------------------------------------------------------------- what a combiner builds
-
-
-@dataclass
-class VoteArtifact:
-    """A (weighted) soft or hard vote over member checkpoints."""
-
-    members: list[str]  # checkpoint paths
-    weights: list[float]
-    hard: bool = False
-
-    def save(self, path: Path, tta: list[str]) -> None:
-        """Member paths are stored relative to the file's folder, so the experiment can move."""
-        rel = [os.path.relpath(Path(m).resolve(), path.parent.resolve()) for m in self.members]
-        save_checkpoint({"kind": "vote", "members": rel, "weights": self.weights,
-                         "hard": self.hard, "tta": tta}, path)
-
-
-@dataclass
-class NetworkArtifact:
-    """One network: a normal training checkpoint holding the combined weights."""
-
-    checkpoint: dict
-
-    def save(self, path: Path, tta: list[str]) -> None:
-        save_checkpoint({**self.checkpoint, "tta": tta}, path)
 
 
 @dataclass
@@ -119,7 +95,7 @@ class Pool:
             for snap in p.member.snapshots:
                 if Path(snap).stem == f"epoch_{p.member.epoch}":
                     continue  # the member's own weights, already a candidate
-                model, ckpt = load_trained(snap, torch.device("cpu"))
+                model, ckpt = load_model(snap, torch.device("cpu"))
                 probs, _ = timed_predict(model, self.state.data.images[self.state.split.val],
                                          ckpt, self.tta)
                 scored.append((f"{p.member.name}-{Path(snap).stem}", snap,
@@ -129,7 +105,7 @@ class Pool:
 
     @cached_property
     def soup_cooker(self) -> _SoupCooker:
-        base_model, base = load_trained(self.preds[self.ranking[0]].member.checkpoint,
+        base_model, base = load_model(self.preds[self.ranking[0]].member.checkpoint,
                                         torch.device("cpu"))
         return _SoupCooker(self.state, base_model, base, self.tta)
 
@@ -146,7 +122,7 @@ class Combined:
     params: int
     ms_per_image: float
     test_probs: np.ndarray | None = field(repr=False, default=None)
-    artifact: VoteArtifact | NetworkArtifact | None = field(repr=False, default=None)
+    artifact: Vote | Checkpoint | None = field(repr=False, default=None)  # what is saved
     note: str = ""
 
     def record(self) -> dict[str, Any]:
@@ -189,7 +165,7 @@ class _Vote(Combiner):
         vote = hard_vote if self.hard else soft_vote
         val = vote([p.val for p in preds], weights)
         test = vote([p.test for p in preds], weights)
-        artifact = VoteArtifact([p.member.checkpoint for p in preds], weights, self.hard)
+        artifact = Vote([p.member.checkpoint for p in preds], weights, self.hard, pool.tta)
         return Combined(self.name, [p.member.name for p in preds], weights,
                         ensemble_metrics(val, pool.y_val), ensemble_metrics(test, pool.y_test),
                         sum(p.params for p in preds), sum(p.ms_per_image for p in preds),
@@ -247,7 +223,7 @@ class _Soup(Combiner):
             return skipped(self.name, f"fewer than {self.minimum} ingredients share the best "
                            "member's architecture and start")
         cooker = pool.soup_cooker
-        states = [load_checkpoint(path)["model"] for _, path in ingredients]
+        states = [Checkpoint.load(path).model for _, path in ingredients]
         soup, chosen = self.cook(states, cooker)
         model, recal = cooker.best_variant(soup)
         images, split = pool.state.data.images, pool.state.split
@@ -255,19 +231,17 @@ class _Soup(Combiner):
         test, ms = timed_predict(model, images[split.test], cooker.base, pool.tta)
         picked = [ingredients[i] for i in chosen]
         val_metrics = ensemble_metrics(val, pool.y_val)
-        checkpoint = dict(cooker.base)  # a soup is a normal training checkpoint
-        checkpoint.update(model={k: v.clone() for k, v in model.state_dict().items()},
-                          kind="soup", combiner=self.name, bn_recalibrated=recal,
-                          ingredients=[path for _, path in picked],
-                          metrics={f"val_{k}": float(v) for k, v in val_metrics.items()})
-        checkpoint.pop("val_probs", None)
-        checkpoint.pop("val_indices", None)
+        checkpoint = dataclasses.replace(  # a soup is a normal training checkpoint
+            cooker.base.slim(), model={k: v.clone() for k, v in model.state_dict().items()},
+            metrics={f"val_{k}": float(v) for k, v in val_metrics.items()}, tta=pool.tta,
+            soup={"combiner": self.name, "bn_recalibrated": recal,
+                  "ingredients": [path for _, path in picked]})
         note = (f"{len(picked)} of {len(ingredients)} ingredients; BN statistics "
                 + ("recomputed" if recal else "averaged"))
         return Combined(self.name, [name for name, _ in picked],
                         [1.0 / len(picked)] * len(picked), val_metrics,
                         ensemble_metrics(test, pool.y_test), pool.preds[pool.ranking[0]].params,
-                        ms, test_probs=test, artifact=NetworkArtifact(checkpoint), note=note)
+                        ms, test_probs=test, artifact=checkpoint, note=note)
 
 
 class UniformSoup(_Soup):
@@ -333,7 +307,7 @@ class _FoldVote(Combiner):
         return Combined(self.name, names, weights, ensemble_metrics(oof, folds.labels),
                         ensemble_metrics(test, pool.y_test),
                         sum(c.params * k for c, _ in used), sum(c.ms_per_image for c, _ in used),
-                        test_probs=test, artifact=VoteArtifact(paths, weights),
+                        test_probs=test, artifact=Vote(paths, weights, tta=pool.tta),
                         note=f"val: out-of-fold over {len(folds.labels)} train + val images; "
                              f"{len(used)} configuration(s) x {k} folds")
 
@@ -375,14 +349,14 @@ class Student(Combiner):
         self.name = name or f"student {Path(checkpoint).parent.name}"
 
     def fit(self, pool: Pool) -> Combined:
-        model, ckpt = load_trained(self.checkpoint, torch.device("cpu"))
+        model, ckpt = load_model(self.checkpoint, torch.device("cpu"))
         images, split = pool.state.data.images, pool.state.split
         val, _ = timed_predict(model, images[split.val], ckpt, pool.tta)
         test, ms = timed_predict(model, images[split.test], ckpt, pool.tta)
         return Combined(self.name, [self.name], [1.0], ensemble_metrics(val, pool.y_val),
                         ensemble_metrics(test, pool.y_test),
                         sum(p.numel() for p in model.parameters()), ms, test_probs=test,
-                        artifact=VoteArtifact([self.checkpoint], [1.0]),
+                        artifact=Vote([self.checkpoint], [1.0], tta=pool.tta),
                         note="distilled from an ensemble: "
                              f"{pool.state.store.relative(Path(self.checkpoint).parent)}/report.md")
 
@@ -395,7 +369,7 @@ FOLD_COMBINERS: tuple[type[Combiner], ...] = (FoldBestConfig, FoldSoftVote, Fold
 class _SoupCooker:
     """Evaluates a soup state both raw and with BatchNorm statistics recomputed on train images."""
 
-    def __init__(self, state: SearchState, model: torch.nn.Module, base: dict,
+    def __init__(self, state: SearchState, model: torch.nn.Module, base: Checkpoint,
                  tta: list[str]) -> None:
         self.state, self.model, self.base, self.tta = state, model, base, tta
         idx = state.split.train
@@ -415,8 +389,8 @@ class _SoupCooker:
         raw.load_state_dict(soup)
         if not has_batchnorm(raw):
             return raw.eval(), False
-        recal = recalibrate_bn(copy.deepcopy(raw), self.bn_images, mean=self.base["mean"],
-                               std=self.base["std"])
+        recal = recalibrate_bn(copy.deepcopy(raw), self.bn_images, mean=self.base.mean,
+                               std=self.base.std)
         if self._score(recal) > self._score(raw):
             return recal, True
         return raw.eval(), False
@@ -436,11 +410,11 @@ def predict_members(state: SearchState, members: list[Member], tta: list[str]
     val_x = state.data.images[state.split.val]
     test_x = state.data.images[state.split.test]
     for m in members:
-        model, ckpt = load_trained(m.checkpoint, torch.device("cpu"))
+        model, ckpt = load_model(m.checkpoint, torch.device("cpu"))
         val, _ = timed_predict(model, val_x, ckpt, tta)
         test, ms = timed_predict(model, test_x, ckpt, tta)
         out.append(MemberPreds(m, val, test, ms, sum(p.numel() for p in model.parameters()),
-                               TrainConfig.from_dict(ckpt["config"]).model))
+                               ckpt.arch))
     return out
 
 
@@ -453,7 +427,7 @@ def student_rows(pool: Pool) -> list[Combined]:
     """A row per finished student of this experiment's split (ensemble.distill)."""
     rows = []
     for path in pool.state.store.student_checkpoints():
-        if load_checkpoint(path).get("split_hash") == pool.state.split.hash:
+        if Checkpoint.load(path).split_hash == pool.state.split.hash:
             rows.append(Student(path).fit(pool))
     return rows
 

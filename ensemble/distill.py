@@ -32,30 +32,28 @@ import torch
 from ensemble.combine import ensemble_metrics
 from ensemble.combiners import BestSingle, Combined, Pool, Student, predict_members
 from ensemble.folds import data_source
-from ensemble.members import Member, SearchState, open_search, ray_trainer, top_members
-from ensemble.predict import EnsembleModel, load, predictions_frame
+from ensemble.members import Member, SearchState, open_search, top_members
 from ensemble.report import table_lines
-from trainables.checkpoint import load_checkpoint
-from trainables.cli import add_options, default_storage, opt, run_main, start_ray, typed
+from models.artifact import Vote, read
+from models.predict import EnsembleModel, load, predictions_frame
+from trainables.checkpoint import Checkpoint
+from trainables.cli import CommonOptions, add_options, opt, run_main, start_ray, typed
 from trainables.config import TrainConfig
 from trainables.data import ImageData, read_unlabelled
 from trainables.errors import UserError
 from trainables.files import atomic_write, read_json, write_json
-from trainables.store import check_experiment_name, code_version
+from trainables.inputs import Teacher
+from trainables.start import Start
+from trainables.store import code_version
 from trainables.tracking import resolve_tracking_uri
-from trainables.train import Teacher
 
 log = logging.getLogger("ensemble")
 
 
 @dataclass(frozen=True)
-class DistillConfig:
+class DistillConfig(CommonOptions):
     """Every option of `python -m ensemble.distill`; the field help is the `--help` text."""
 
-    experiment: str = opt("default", "Search whose ensemble teaches (the --experiment of "
-                          "search.run).")
-    storage: str = opt(default_storage(), "Folder holding experiment folders (default: "
-                       "IMGSEARCH_STORAGE, else ./runs).")
     teacher: str | None = opt(None, "Ensemble file to learn from (default: the one "
                               "ensemble.build chose, <experiment>/ensemble/ensemble.pt).")
     student: str | None = opt(None, "timm model of the student (default: the best single "
@@ -72,11 +70,6 @@ class DistillConfig:
                                    "column) that the teacher labels for the student.")
     pseudo_threshold: float = opt(0.9, "Lowest teacher probability of a pseudo-label that joins "
                                   "the student's training images.")
-    image_col: str = opt("image_path", "Image column of a --pseudo-label CSV.")
-    tracking_uri: str | None = opt(None, "MLflow tracking URI (default: the search's).")
-    address: str | None = opt(None, "Ray cluster to train on (default: RAY_ADDRESS, else a "
-                              "local Ray).")
-    num_cpus: int | None = opt(None, "CPUs of the local Ray.")
 
 
 def parse_args(argv: list[str] | None = None) -> DistillConfig:
@@ -87,7 +80,7 @@ def parse_args(argv: list[str] | None = None) -> DistillConfig:
     add_options(parser, DistillConfig)
     values = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     cfg = DistillConfig(**typed(DistillConfig, values))
-    check_experiment_name(cfg.experiment)
+    cfg.check_common()
     if cfg.temperature <= 0 or not 0 <= cfg.alpha <= 1:
         raise UserError(f"--temperature must be above 0 and --alpha within 0..1, not "
                         f"{cfg.temperature} and {cfg.alpha}")
@@ -126,6 +119,8 @@ def distill(cfg: DistillConfig) -> int:
         atomic_write(path.with_name("pseudo_labels.csv"), predictions_frame(
             pseudo.ids, pseudo.probs, state.data.class_names).to_csv(index=False))
     run_id = _log_to_mlflow(cfg, state, doc, reports, path.parent)
+    if cfg.register:
+        _register(cfg, state, path, doc, run_id)
     print("\n" + "\n".join(table_lines(rows, None)), flush=True)
     log.info("\n%s; student %s; report %s; MLflow run %s; %.0f s", _gap_sentence(doc), path,
              path.parent / "report.md", run_id, time.time() - start)
@@ -166,25 +161,26 @@ def open_teacher(state: SearchState, given: str | None) -> tuple[Path, EnsembleM
 def student_config(cfg: DistillConfig, best: Member) -> TrainConfig:
     """The best single member's training settings, with the student's model and the
     distillation settings; mixup is off (the teacher's targets replace mixed labels)."""
-    base = TrainConfig.from_dict(load_checkpoint(best.checkpoint)["config"])
+    base = Checkpoint.load(best.checkpoint).train_config
     return dataclasses.replace(base, model=cfg.student or base.model,
                                epochs=cfg.epochs or base.epochs, mixup=0.0, cutmix=0.0,
                                keep_last=0)
 
 
 def student_start(state: SearchState, model: str, pretrained_file: str | None = None
-                  ) -> tuple[dict, list[float], list[float], str]:
-    """(weights, mean, std, where from) of the student: the search's shared start of its
-    architecture, else a seeded random start (or --pretrained-file) normalised like the search."""
+                  ) -> tuple[Start, str]:
+    """(start, where from) of the student: the search's shared start of its architecture, else
+    a seeded random start (or --pretrained-file) normalised like the search."""
     from trainables.models import create_model
 
     init = state.store.read_init(model)
-    if init.get("model_name") == model and not pretrained_file:
-        return init["model"], init["mean"], init["std"], f"shared start ({init.get('kind')})"
+    if init.model == model and not pretrained_file:
+        return init, f"shared start ({init.kind})"
     torch.manual_seed(state.seed)
     net = create_model(model, state.data.num_classes, pretrained_file=pretrained_file)
     where = f"pretrained file {pretrained_file}" if pretrained_file else "random weights"
-    return net.state_dict(), init["mean"], init["std"], where
+    kind = "pretrained" if pretrained_file else "random"
+    return Start(net.state_dict(), init.mean, init.std, kind, model=model), where
 
 
 def student_name(cfg: TrainConfig, teacher_path: Path, pseudo: PseudoLabels | None,
@@ -192,8 +188,7 @@ def student_name(cfg: TrainConfig, teacher_path: Path, pseudo: PseudoLabels | No
     """<model>-<hash> of everything the student learns from: its settings (threads aside), the
     teacher's files, the pseudo-labelled images and `extra` (temperature, alpha, start); a
     finished one is not trained again."""
-    h = hashlib.sha256(json.dumps(dataclasses.asdict(dataclasses.replace(cfg, threads=1)),
-                                  sort_keys=True).encode())
+    h = hashlib.sha256(json.dumps(cfg.recipe(), sort_keys=True, default=list).encode())
     h.update(extra.encode())
     h.update(_files_digest(teacher_path).encode())
     if pseudo is not None:
@@ -204,9 +199,9 @@ def student_name(cfg: TrainConfig, teacher_path: Path, pseudo: PseudoLabels | No
 def _files_digest(path: Path) -> str:
     """A digest of an ensemble file and, for a vote, of its members' files."""
     h = hashlib.blake2b(path.read_bytes(), digest_size=16)
-    saved = load_checkpoint(path)
-    for rel in saved.get("members", []) if saved.get("kind") == "vote" else []:
-        h.update((path.parent / rel).read_bytes())
+    saved = read(path)
+    for member in saved.members if isinstance(saved, Vote) else []:
+        h.update(Path(member).read_bytes())
     return h.hexdigest()
 
 
@@ -330,47 +325,31 @@ def student_data(state: SearchState, teacher: EnsembleModel, pseudo: PseudoLabel
 
 def _train(cfg: DistillConfig, state: SearchState, student_cfg: TrainConfig,
            teacher: EnsembleModel, pseudo: PseudoLabels | None, path: Path) -> list[dict]:
-    """Trains the student as one Ray task (an interrupted one continues from its last epoch);
-    a finished one is reused. Returns its per-epoch reports."""
-    epochs = path.with_name("epochs.json")
-    if path.is_file() and not path.with_name("resume.pt").exists():
+    """Trains the student through the training service (an interrupted one continues from its
+    last epoch); a finished one is reused. Returns its per-epoch reports."""
+    from trainables.jobs import TrainJob, reports_of, train
+    from trainables.store import finished
+
+    if finished(path):
         log.info("student %s already trained: reusing it", path.parent.name)
-        return read_json(epochs) if epochs.is_file() else []
+        return reports_of(path)
     import ray
 
-    from trainables.models import state_id
-    from trainables.train import TrialInputs
-
     data, soft, train_idx = student_data(state, teacher, pseudo)
-    weights, mean, std, where = student_start(state, student_cfg.model, cfg.pretrained_file)
+    start, where = student_start(state, student_cfg.model, cfg.pretrained_file)
     log.info("student %s: %s from %s on %d training images (%d train + %d pseudo-labelled), "
              "T=%g, alpha=%g", path.parent.name, student_cfg.model, where, len(train_idx),
              len(state.split.train), len(train_idx) - len(state.split.train), cfg.temperature,
              cfg.alpha)
     owns = start_ray(cfg.address, cfg.num_cpus)
     try:
-        task, threads = ray_trainer(state, _fit_task)
-        inputs = TrialInputs(data=ray.put(data), init_state=ray.put(weights),
-                             train_idx=train_idx, val_idx=state.split.val, mean=mean, std=std,
-                             init_id=state_id(weights), split_hash=state.split.hash,
-                             teacher=Teacher(ray.put(soft), cfg.temperature, cfg.alpha))
-        run_cfg = dataclasses.replace(student_cfg, threads=threads)
-        reports = ray.get(task.remote(run_cfg, inputs, str(path), state.plugins))
+        inputs = start.inputs(data, train_idx, state.split.val, split_hash=state.split.hash,
+                              teacher=Teacher(soft, cfg.temperature, cfg.alpha))
+        return train([TrainJob(student_cfg, inputs, path, name="student")],
+                     ray_dir=state.store.ray_dir)[0].reports
     finally:
         if owns:
             ray.shutdown()
-    write_json(epochs, reports)
-    return reports
-
-
-def _fit_task(cfg: TrainConfig, inputs, checkpoint: str, plugins: list[str]) -> list[dict]:
-    from trainables.models import import_plugins
-    from trainables.train import fit
-
-    import_plugins(plugins)
-    reports: list[dict] = []
-    fit(cfg, inputs, checkpoint, report=reports.append)
-    return reports
 
 
 # ---------------------------------------------------------------------- report
@@ -391,8 +370,9 @@ def _teacher_row(pool: Pool, path: Path, teacher: EnsembleModel) -> Combined:
     tick = time.perf_counter()
     test = teacher.predict_proba(images[split.test])
     ms = 1000 * (time.perf_counter() - tick) / max(len(split.test), 1)
-    saved = load_checkpoint(path)
-    members = saved.get("members") if saved.get("kind") == "vote" else [path.name]
+    saved = read(path)
+    members = [pool.state.store.relative(m) for m in saved.members] \
+        if isinstance(saved, Vote) else [path.name]
     name = _chosen_name(pool.state, path)
     return Combined(f"teacher ({name})", list(members), list(teacher.weights),
                     ensemble_metrics(val, pool.y_val), ensemble_metrics(test, pool.y_test),
@@ -452,6 +432,13 @@ def _write_report(out: Path, doc: dict, rows: list[Combined]) -> None:
     atomic_write(out / "report.md", "\n".join(md) + "\n")
 
 
+def _tracking_uri(cfg: DistillConfig, state: SearchState) -> str:
+    """--tracking-uri, else the search's, else MLflow's default here."""
+    tracking = state.store.read_tracking() or {}
+    return resolve_tracking_uri(cfg.tracking_uri) if cfg.tracking_uri else \
+        tracking.get("tracking_uri") or resolve_tracking_uri(None)
+
+
 def _log_to_mlflow(cfg: DistillConfig, state: SearchState, doc: dict, reports: list[dict],
                    out: Path) -> str:
     """An MLflow run beside the search's: the student's settings, its per-epoch curves, and
@@ -461,9 +448,7 @@ def _log_to_mlflow(cfg: DistillConfig, state: SearchState, doc: dict, reports: l
     from trainables.tracking import client_for, experiment_id, flat_params, log_params
 
     tracking = state.store.read_tracking() or {}
-    uri = resolve_tracking_uri(cfg.tracking_uri) if cfg.tracking_uri else \
-        tracking.get("tracking_uri") or resolve_tracking_uri(None)
-    client = client_for(uri)
+    client = client_for(_tracking_uri(cfg, state))
     tags = {"kind": "student", **code_version()}
     if tracking.get("parent_run_id"):
         tags["search_run_id"] = tracking["parent_run_id"]
@@ -490,6 +475,23 @@ def _log_to_mlflow(cfg: DistillConfig, state: SearchState, doc: dict, reports: l
         client.log_artifact(rid, str(out / name))
     client.set_terminated(rid, "FINISHED")
     return rid
+
+
+def _register(cfg: DistillConfig, state: SearchState, path: Path, doc: dict,
+              run_id: str) -> None:
+    """With --register, the student as a new version of a registered MLflow model."""
+    from models.pyfunc import describe, register
+
+    uri = _tracking_uri(cfg, state)
+    student = doc["rows"][-1]
+    version = register(path, name=cfg.register, uri=uri, run_id=run_id,
+                       examples=state.data.images[state.split.test[:2]],
+                       description=describe(f"student ({doc['config']['model']})",
+                                            state.experiment, state.data.class_names,
+                                            student["test"]))
+    log.info("registered %r version %d; serve it with: MLFLOW_TRACKING_URI=%s mlflow models "
+             "serve -m models:/%s/%d --env-manager local", cfg.register, version, uri,
+             cfg.register, version)
 
 
 if __name__ == "__main__":

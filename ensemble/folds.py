@@ -25,13 +25,12 @@ import pandas as pd
 import torch
 
 from ensemble.combine import ensemble_metrics
-from ensemble.members import Member, SearchState, ray_trainer
-from ensemble.predict import predictions_frame, timed_predict
-from trainables.checkpoint import load_checkpoint
-from trainables.config import TrainConfig
+from ensemble.members import Member, SearchState
+from models.artifact import load_model
+from models.predict import predictions_frame, timed_predict
+from trainables.checkpoint import Checkpoint
 from trainables.errors import UserError
 from trainables.files import atomic_write, write_json
-from trainables.train import load_trained
 
 log = logging.getLogger("ensemble")
 
@@ -69,7 +68,7 @@ def plan_folds(state: SearchState, k: int, group_col: str | None = None) -> Fold
     images always share a fold."""
     pool = np.sort(np.concatenate([state.split.train, state.split.val]))
     groups = fold_groups(state, group_col)
-    col = group_col or state.config.get("group_col")
+    col = group_col or state.config.group_col
     fold_of = draw_folds(state.data.labels, pool, k, seed=state.seed, groups=groups,
                          class_names=state.data.class_names, group_col=col)
     return FoldPlan(k, state.seed, pool, fold_of, col, groups is not None)
@@ -127,7 +126,7 @@ def fold_groups(state: SearchState, group_col: str | None = None) -> np.ndarray 
     since a copy in another fold would give the held-out answer away."""
     images = state.data.images
     keys = [[hashlib.blake2b(im.tobytes(), digest_size=16).hexdigest()] for im in images]
-    col = group_col or state.config.get("group_col")
+    col = group_col or state.config.group_col
     if col:
         keys = [k + [f"group:{g}" for g in named] for k, named in
                 zip(keys, _csv_groups(state, col))]
@@ -138,7 +137,7 @@ def fold_groups(state: SearchState, group_col: str | None = None) -> np.ndarray 
 def _csv_groups(state: SearchState, col: str) -> list[set[str]]:
     """The named groups of each image, read again from the search's CSV (decoded data does not
     keep them)."""
-    source = state.config.get("data")
+    source = state.config.data
     path = data_source(state)
     if source and path is None:
         raise UserError(f"the search's data {source} is not found from {Path.cwd()} nor beside "
@@ -151,7 +150,7 @@ def _csv_groups(state: SearchState, col: str) -> list[set[str]]:
     if col not in table.columns:
         raise UserError(f"CSV {path} has no group column {col!r} (it has "
                         f"{', '.join(map(repr, table.columns))}); pass an existing --group-col")
-    image_col = state.config.get("image_col") or "image_path"
+    image_col = state.config.image_col
     by_id: dict[str, set[str]] = {}
     for p, g in zip(table[image_col], table[col].astype(str)):  # as the search read them
         if isinstance(p, str):
@@ -162,7 +161,7 @@ def _csv_groups(state: SearchState, col: str) -> list[set[str]]:
 def data_source(state: SearchState) -> Path | None:
     """The search's --data (a folder or CSV) as found from here or from the folder the search
     ran in (the one holding its storage); None for the built-in digits or when it is gone."""
-    source = state.config.get("data")
+    source = state.config.data
     if not source:
         return None
     given = Path(source).expanduser()
@@ -206,59 +205,37 @@ def fit_folds(state: SearchState, plan: FoldPlan, members: list[Member], tta: li
 def train_fold_models(state: SearchState, plan: FoldPlan, members: list[Member], *,
                       address: str | None = None, num_cpus: int | None = None
                       ) -> list[list[Path]]:
-    """One model per (member's configuration, fold), trained in parallel on Ray like the seed
-    retrains; a fold model already finished (same configuration, no resume state left) is
-    reused, an interrupted one continues from its last epoch. Returns paths [member][fold]."""
-    paths, todo = [], []
+    """One model per (member's configuration, fold), through the training service like the
+    seed retrains; a fold model already finished (same configuration) is reused, an
+    interrupted one continues from its last epoch. Returns paths [member][fold]."""
+    from trainables.cli import start_ray
+    from trainables.jobs import TrainJob, train
+    from trainables.store import finished
+
+    paths, jobs, starts = [], [], {}
     for m in members:
         cfg = dataclasses.replace(  # the trial's settings; its last epochs are not kept
-            TrainConfig.from_dict(load_checkpoint(m.checkpoint)["config"]), keep_last=0)
+            Checkpoint.load(m.checkpoint).train_config, keep_last=0)
+        if cfg.model not in starts:  # fold models start from the search's shared start
+            starts[cfg.model] = state.store.read_init(cfg.model)
         row = [state.store.fold_checkpoint(plan.key, m.trial_id, f) for f in range(plan.k)]
-        todo += [(cfg, f, p) for f, p in enumerate(row) if not _finished(p, cfg)]
+        jobs += [TrainJob(cfg, starts[cfg.model].inputs(
+            state.data, plan.training(f), plan.held_out(f), split_hash=state.split.hash), p,
+            name=f"{m.trial_id}-fold{f}") for f, p in enumerate(row)]
         paths.append(row)
-    total = len(members) * plan.k
+    done = sum(finished(j.checkpoint, j.config) for j in jobs)
     log.info("folds: %d configuration(s) x %d folds; %d of %d fold model(s) already trained, "
-             "reused", len(members), plan.k, total - len(todo), total)
-    if todo:
-        _train_on_ray(state, plan, todo, address, num_cpus)
+             "reused", len(members), plan.k, done, len(jobs))
+    if done < len(jobs):
+        import ray
+
+        owns = start_ray(address, num_cpus)
+        try:
+            train(jobs, ray_dir=state.store.ray_dir)
+        finally:
+            if owns:
+                ray.shutdown()
     return paths
-
-
-def _finished(path: Path, cfg: TrainConfig) -> bool:
-    if not path.is_file() or path.with_name("resume.pt").exists():
-        return False
-    saved = TrainConfig.from_dict(load_checkpoint(path)["config"])
-    return dataclasses.replace(saved, threads=1) == dataclasses.replace(cfg, threads=1)
-
-
-def _train_on_ray(state: SearchState, plan: FoldPlan, todo: list, address: str | None,
-                  num_cpus: int | None) -> None:
-    import ray
-
-    from trainables.cli import start_ray
-    from trainables.models import state_id
-    from trainables.train import TrialInputs
-
-    owns = start_ray(address, num_cpus)
-    try:
-        data = ray.put(state.data)
-        task, threads = ray_trainer(state)
-        starts: dict[str, tuple] = {}
-        jobs = []
-        for cfg, fold, path in todo:
-            if cfg.model not in starts:
-                init = state.store.read_init(cfg.model)
-                starts[cfg.model] = (ray.put(init["model"]), init, state_id(init["model"]))
-            ref, init, init_id = starts[cfg.model]
-            inputs = TrialInputs(data=data, init_state=ref, train_idx=plan.training(fold),
-                                 val_idx=plan.held_out(fold), mean=init["mean"],
-                                 std=init["std"], init_id=init_id, split_hash=state.split.hash)
-            jobs.append(task.remote(dataclasses.replace(cfg, threads=threads), inputs,
-                                    str(path), state.plugins))
-        ray.get(jobs)
-    finally:
-        if owns:
-            ray.shutdown()
 
 
 @dataclass
@@ -293,7 +270,7 @@ def predict_folds(state: SearchState, plan: FoldPlan, members: list[Member],
         oof = np.zeros((len(plan.pool), state.data.num_classes))
         tests, scores, ms, params = [], [], 0.0, 0
         for fold, path in enumerate(row):
-            model, ckpt = load_trained(str(path), torch.device("cpu"))
+            model, ckpt = load_model(path, torch.device("cpu"))
             held = plan.fold_of == fold
             oof[held], _ = timed_predict(model, images[plan.pool[held]], ckpt, tta)
             scores.append(ensemble_metrics(oof[held], state.data.labels[plan.pool[held]]))

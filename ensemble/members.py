@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
-from trainables.checkpoint import load_checkpoint
+from search.config import SearchConfig
+from trainables.checkpoint import Checkpoint
 from trainables.data import ImageData
 from trainables.errors import UserError
 from trainables.split import Split
-from trainables.store import FINISHED, ExperimentStore, ranked
+from trainables.store import FINISHED, ExperimentStore, ranked, snapshots
 
 log = logging.getLogger("ensemble")
 
@@ -37,7 +39,7 @@ class SearchState:
     """What a finished search left in its experiment folder."""
 
     store: ExperimentStore
-    config: dict  # the search's resolved config.yaml
+    config: SearchConfig  # the search's resolved config.yaml
     results: pd.DataFrame
     data: ImageData
     split: Split
@@ -52,11 +54,7 @@ class SearchState:
 
     @property
     def seed(self) -> int:
-        return int(self.config.get("seed", 0))
-
-    @property
-    def plugins(self) -> list[str]:
-        return list(self.config.get("plugins") or [])
+        return self.config.seed
 
 
 def open_search(storage: str, experiment: str) -> SearchState:
@@ -73,8 +71,8 @@ def open_search(storage: str, experiment: str) -> SearchState:
         raise UserError(f"{store.path('summary.json')} belongs to split {summary['split_hash']} "
                         f"but split.json is split {split.hash}: two searches wrote this folder; "
                         "rerun the search in a folder of its own (--experiment NAME)")
-    return SearchState(store, store.read_config(), store.read_results(), store.read_data(),
-                       split)
+    return SearchState(store, SearchConfig.from_dict(store.read_config()), store.read_results(),
+                       store.read_data(), split)
 
 
 def top_members(state: SearchState, top: int) -> list[Member]:
@@ -115,92 +113,54 @@ def _described(members: list[Member], split_hash: str, limit: int | None = None
         if limit is not None and len(out) == limit:
             break
         try:
-            ckpt = load_checkpoint(m.checkpoint)
+            ckpt = Checkpoint.load(m.checkpoint)
         except Exception as exc:  # truncated or foreign files: torch raises many kinds
             log.warning("%s: checkpoint %s cannot be read (%s); building without it", m.name,
                         m.checkpoint, type(exc).__name__)
             continue
-        if ckpt.get("split_hash") not in (None, "", split_hash):
+        if ckpt.split_hash not in ("", split_hash):
             raise UserError(f"{m.name} ({m.checkpoint}) was trained on split "
-                            f"{ckpt['split_hash']}, not on this experiment's split {split_hash}; "
+                            f"{ckpt.split_hash}, not on this experiment's split {split_hash}; "
                             "rebuild from a folder written by one search")
         if first is None:
-            first = (m, ckpt["class_names"])
-        elif ckpt["class_names"] != first[1]:
+            first = (m, ckpt.class_names)
+        elif ckpt.class_names != first[1]:
             raise UserError(f"members {first[0].name} and {m.name} were trained on different "
-                            f"class lists ({len(first[1])} vs {len(ckpt['class_names'])} "
+                            f"class lists ({len(first[1])} vs {len(ckpt.class_names)} "
                             "classes); an ensemble can only combine models of the same classes")
-        folder = Path(m.checkpoint).parent
-        snaps = sorted(folder.glob("epoch_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
-        out.append(dataclasses.replace(m, init_id=ckpt.get("init_id", ""),
-                                       snapshots=tuple(str(p) for p in snaps),
-                                       epoch=int(ckpt.get("epoch", 0))))
+        out.append(dataclasses.replace(m, init_id=ckpt.init_id, epoch=ckpt.epoch,
+                                       snapshots=tuple(str(p) for p in snapshots(m.checkpoint)),
+                                       val_acc=ckpt.val_acc if math.isnan(m.val_acc)
+                                       else m.val_acc))
     return out
 
 
-def retrain_seeds(state: SearchState, members: list[Member], seeds: int, *,
-                  out_dir: Path) -> list[Member]:
-    """Retrains each member's config with `seeds` new seeds, in parallel on Ray.
+def retrain_seeds(state: SearchState, members: list[Member], seeds: int) -> list[Member]:
+    """Retrains each member's config with `seeds` new seeds through the training service.
 
-    Same training function, same split and the same shared initial weights (so soups stay
-    possible); the seed changes data order, augmentation and dropout. Retrains already on disk
-    from an earlier build are reused.
+    Same training function, same split and the same shared start of its architecture (so soups
+    stay possible); the seed changes data order, augmentation and dropout. Retrains finished by
+    an earlier build are reused, interrupted ones continue.
     """
-    import ray
+    from trainables.jobs import TrainJob, train
 
-    from trainables.models import state_id
-    from trainables.train import TrainConfig, TrialInputs
-
-    data = ray.put(state.data)
-    inputs: dict[str, TrialInputs] = {}
-
-    def inputs_of(model: str) -> TrialInputs:  # the member's architecture's own start
-        if model not in inputs:
-            init = state.store.read_init(model)
-            inputs[model] = TrialInputs(
-                data=data, init_state=ray.put(init["model"]), train_idx=state.split.train,
-                val_idx=state.split.val, mean=init["mean"], std=init["std"],
-                init_id=state_id(init["model"]), split_hash=state.split.hash)
-        return inputs[model]
-
-    cpus = state.config.get("cpus_per_worker") or 1.0
-    task = ray.remote(_train_one).options(num_cpus=cpus,
-                                          num_gpus=state.config.get("gpus_per_worker") or 0)
     jobs, new = [], []
+    starts = {}
     for m in members:
-        cfg = TrainConfig.from_dict(load_checkpoint(m.checkpoint)["config"])
+        cfg = Checkpoint.load(m.checkpoint).train_config
+        if cfg.model not in starts:  # the member's architecture's own start
+            starts[cfg.model] = state.store.read_init(cfg.model)
         for s in range(1, seeds + 1):
             seed = cfg.seed + 1000 * s
-            path = out_dir / f"{m.trial_id}-seed{seed}" / "best.pt"
-            run_cfg = dataclasses.replace(cfg, seed=seed, threads=max(1, int(round(cpus))))
-            if not path.is_file() or path.with_name("resume.pt").is_file():  # unfinished
-                jobs.append(task.remote(run_cfg, inputs_of(cfg.model), str(path), state.plugins))
+            path = state.store.seed_checkpoint(m.trial_id, seed)
+            inputs = starts[cfg.model].inputs(state.data, state.split.train, state.split.val,
+                                              split_hash=state.split.hash)
+            jobs.append(TrainJob(dataclasses.replace(cfg, seed=seed), inputs, path,
+                                 name=f"{m.trial_id}-seed{seed}"))
             new.append((m, seed, path))
-    if jobs:
-        log.info("retraining %d member config(s) x %d seed(s): %d run(s) on Ray", len(members),
-                 seeds, len(jobs))
-        ray.get(jobs)
+    log.info("retraining %d member config(s) x %d seed(s): %d run(s)", len(members), seeds,
+             len(jobs))
+    train(jobs, ray_dir=state.store.ray_dir)
     return _described([Member(name=f"trial-{m.trial_id}-seed{seed}", checkpoint=str(path),
-                              trial_id=m.trial_id, seed=seed,
-                              val_acc=float(load_checkpoint(path)["metrics"]["val_acc"]))
+                              trial_id=m.trial_id, seed=seed, val_acc=math.nan)
                        for m, seed, path in new], state.split.hash)
-
-
-def ray_trainer(state: SearchState, fn=None):
-    """(Ray task training one model with the search's per-worker resources, its CPU threads):
-    `fn(cfg, inputs, checkpoint, plugins)`, by default `fit` alone. For fold models and students,
-    which train like the seed retrains."""
-    import ray
-
-    cpus = state.config.get("cpus_per_worker") or 1.0
-    task = ray.remote(fn or _train_one).options(
-        num_cpus=cpus, num_gpus=state.config.get("gpus_per_worker") or 0)
-    return task, max(1, int(round(cpus)))
-
-
-def _train_one(cfg, inputs, checkpoint: str, plugins: list[str]) -> dict:
-    from trainables.models import import_plugins
-    from trainables.train import fit
-
-    import_plugins(plugins)
-    return fit(cfg, inputs, checkpoint)

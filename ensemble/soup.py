@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ensemble.combine import normalized_weights
+from models.vote import normalized_weights
 from trainables.augment import normalize
 
 State = dict[str, torch.Tensor]

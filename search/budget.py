@@ -11,43 +11,24 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 from dataclasses import dataclass
 
 from search.config import SearchConfig, validate
 from search.resources import ResourcePlan
 from search.space import default_epochs
+from trainables.defaults import (
+    EVAL_COST,
+    FINISH_S,
+    GOOD_EPOCHS,
+    MAX_EPOCHS,
+    SLACK,
+    TRIALS_PER_SLOT,
+    WARM_SHARE,
+    warm_epochs,
+)
 from trainables.errors import UserError
 
 log = logging.getLogger("search")
-
-TRIALS_PER_SLOT = 2.0  # full-length trials each concurrency slot should fit (ASHA makes more)
-# Trials shorter than this lose more than a wider search wins: on clothing photos, 8-epoch trials
-# ended at 0.74 test accuracy where 12-epoch trials reached 0.80 and a plain 15-epoch script 0.76.
-# A budget that cannot give two trials per slot this long gives one longer trial per slot instead.
-GOOD_EPOCHS = 12
-MAX_EPOCHS = 40  # the longest trial a plan gives, however large the budget
-WARM_SHARE = 0.3  # warm-start epochs as a share of the longest trial
-EVAL_COST = 0.35  # predicting an image costs about this share of training on it
-FINISH_S = 15.0  # the end: test predictions, MLflow records, summary
-SLACK = 0.92  # keep a margin for trial start-up and the unexpected
-
-
-def parse_duration(text: str | float | int) -> float:
-    """Seconds from '20m', '1h30m', '90s', '1.5h' or a plain number of seconds."""
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        seconds = float(text)
-    else:
-        s = str(text).strip().lower().replace(" ", "")
-        parts = re.findall(r"(\d+(?:\.\d+)?)([hms]?)", s)
-        if not s or "".join(n + u for n, u in parts) != s:
-            raise UserError(f"--time-budget {text!r} is not a duration; write e.g. 20m, 1h30m, "
-                            "90s or a number of seconds")
-        unit = {"h": 3600.0, "m": 60.0, "s": 1.0, "": 1.0}
-        seconds = sum(float(n) * unit[u] for n, u in parts)
-    if seconds <= 0:
-        raise UserError(f"--time-budget must be positive, not {text!r}")
-    return seconds
 
 
 @dataclass(frozen=True)
@@ -106,15 +87,15 @@ def plan_budget(cfg: SearchConfig, *, remaining_s: float, speed: Speed, n_train:
         raise UserError(f"--time-budget leaves {max(remaining_s, 0):.0f} s after reading the "
                         f"data, and one epoch of this search needs about {need:.0f} s here; "
                         "give a larger budget, a smaller --image-size or model, or fewer images")
-    warm_epochs = (cfg.warm_epochs or max(1, round(WARM_SHARE * epochs))) if warm else None
-    warm_s = (warm_epochs or 0) * epoch_solo * warm
+    warm_len = (cfg.warm_epochs or warm_epochs(epochs)) if warm else None
+    warm_s = (warm_len or 0) * epoch_solo * warm
     refit_s = epochs * refit_epoch
     search_s = max(usable - warm_s - refit_s, epoch_trial)
     # ASHA lets about 1 in 3 trials run their full length, the rest stop at half or less
     trials = max(plan.concurrency, int(search_s * plan.concurrency / (0.6 * epochs * epoch_trial)))
     if "num_samples" in cfg.given:
         trials = min(trials, cfg.num_samples)
-    return BudgetPlan(epochs, trials, warm_epochs, search_s, refit_s, warm_s,
+    return BudgetPlan(epochs, trials, warm_len, search_s, refit_s, warm_s,
                       epochs * epoch_trial, per_slot)
 
 

@@ -2,7 +2,8 @@
 
 Search options are fields here; training settings come from `trainables.config.TrainConfig` (the
 one list of them) and reach every trial through `SearchConfig.train`, unless the search space
-varies them.
+varies them. The options every entry point shares come from `trainables.cli.CommonOptions`, the
+defaults from `trainables.defaults`. A leaf module: it imports neither torch nor the planner.
 """
 
 from __future__ import annotations
@@ -15,29 +16,22 @@ from typing import Any
 
 import yaml
 
-from search.space import (
-    BUILTIN_MAX_EPOCHS,
-    BUILTIN_SPACE,
-    DEFAULT_SPACE,
-    PRETRAINED_LR,
-    WARM_LR,
-    resolve_space,
-)
-from trainables.cli import add_options, default_storage, opt, read_yaml, typed
+from search.space import resolve_space
+from trainables import defaults
+from trainables.cli import CommonOptions, add_options, opt, parse_duration, read_yaml, typed
 from trainables.config import OPTIONS, SETTINGS, TrainConfig, check_value
 from trainables.errors import UserError
-from trainables.store import check_experiment_name
 
+SEARCH = defaults.SEARCH
 
 @dataclass(frozen=True)
-class SearchConfig:
+class SearchConfig(CommonOptions):
     """Every option of `python -m search.run`; the field help is the `--help` text."""
 
     # data
     data: str | None = opt(None, "Labelled images: a folder of class folders, a folder with "
                             "train/ (val/, test/) class folders, or a CSV. Default: the built-in "
                             "scikit-learn digits.")
-    image_col: str = opt("image_path", "CSV column holding image paths (relative to the CSV).")
     label_col: str = opt("target", "CSV column holding class labels.")
     group_col: str | None = opt(None, "CSV column of groups (e.g. a patient id) whose images "
                                 "must stay in one split (train, val or test) together.")
@@ -46,13 +40,11 @@ class SearchConfig:
                              choices=("skip", "error"))
     image_size: int | None = opt(None, "Side in pixels images are decoded to once (default: 32 "
                                   "for the digits, 64 for --data).")
-    val_fraction: float = opt(0.15, "Share of the images held out for validation (model "
-                               "selection).")
-    test_fraction: float = opt(0.15, "Share of the images held out for the final test report "
-                                "(never seen by the search).")
+    val_fraction: float = opt(SEARCH["val_fraction"], "Share of the images held out for "
+                              "validation (model selection).")
+    test_fraction: float = opt(SEARCH["test_fraction"], "Share of the images held out for the "
+                               "final test report (never seen by the search).")
     # model and training
-    plugins: list = opt([], "Python module to import before models are built, e.g. one that "
-                         "registers a custom timm model (repeatable).", cli_list=True)
     pretrained: bool = opt(False, "Start from timm's pretrained weights (needs a network unless "
                             "--pretrained-file is given).")
     pretrained_file: str | None = opt(None, "Local pretrained weights file for --model "
@@ -68,7 +60,7 @@ class SearchConfig:
                       "as the final model, reported on test next to the val-selected trial.")
     train: TrainConfig = field(default_factory=TrainConfig)  # fixed settings: flags of their own
     given: list = field(default_factory=list)  # options the user set (a budget plan keeps them)
-    space: dict = opt(DEFAULT_SPACE, "Search space, from YAML or repeated --space "
+    space: dict = opt(defaults.SPACE, "Search space, from YAML or repeated --space "
                        "NAME=SPEC (e.g. --space 'lr={low: 1e-4, high: 1e-2, log: true}', "
                        "--space 'batch_size=[32,64]', --space dropout=0.1 to fix a knob).",
                        cli=False)
@@ -82,14 +74,15 @@ class SearchConfig:
                          choices=("accuracy", "accuracy,latency", "accuracy,params"))
     early_stopping: str = opt("asha", "Stop weak trials at rungs (asha) or run every trial to "
                               "its epochs (none).", choices=("asha", "none"))
-    num_samples: int = opt(10, "Number of trials.")
-    max_epochs: int = opt(10, "Most epochs a trial may train (the top of the epochs range and "
-                           "ASHA's budget; 6 for the built-in digits).")
+    num_samples: int = opt(SEARCH["num_samples"], "Number of trials.")
+    max_epochs: int = opt(SEARCH["max_epochs"], "Most epochs a trial may train (the top of the "
+                          "epochs range and ASHA's budget; 6 for the built-in digits).")
     grace_period: int | None = opt(None, "ASHA's first rung, in epochs of a --max-epochs-long "
                                    "trial (default: half of --max-epochs). Rungs compare trials "
                                    "at the same share of their own schedule, so a shorter trial "
                                    "is judged after proportionally fewer epochs.")
-    reduction_factor: int = opt(3, "ASHA keeps about 1 in this many trials at each rung.")
+    reduction_factor: int = opt(SEARCH["reduction_factor"], "ASHA keeps about 1 in this many "
+                                "trials at each rung.")
     start_with_default: bool = opt(True, "Run a recommended configuration (one-cycle AdamW, "
                                    "fitted into the space) as the first trial, so even a small "
                                    "budget has a strong baseline to beat.")
@@ -109,21 +102,7 @@ class SearchConfig:
     gpus_per_worker: float = opt(0.0, "GPUs per worker; fractions share a GPU between trials.")
     max_concurrent: int | None = opt(None, "Most trials at once (default: what the cluster's "
                                       "resources fit).")
-    address: str | None = opt(None, "Ray cluster to join (default: RAY_ADDRESS, else start a "
-                               "local Ray).")
-    num_cpus: int | None = opt(None, "CPUs of the local Ray started when no cluster is given "
-                                "(default: all).")
-    # outputs
-    experiment: str = opt("default", "Experiment name: the folder under --storage and the "
-                           "MLflow experiment.")
-    storage: str = opt(default_storage(), "Folder holding experiment folders (results, split, "
-                       "checkpoints); on a multi-node cluster a shared file system (default: "
-                       "IMGSEARCH_STORAGE, else ./runs).")
-    tracking_uri: str | None = opt(None, "MLflow tracking URI (default: MLFLOW_TRACKING_URI, "
-                                    "else sqlite:///mlflow.db here).")
-    register: str | None = opt(None, "Log the final model (the refit, else the best trial) as "
-                               "an MLflow model (a pyfunc taking image file bytes) and register "
-                               "a new version under this name, ready for mlflow models serve.")
+    # what this invocation does with the experiment
     resume: bool = opt(False, "Continue an interrupted search in the same experiment without "
                         "rerunning finished trials; interrupted trials continue after their last "
                         "finished epoch. Resources and --num-samples may change; other changed "
@@ -135,22 +114,21 @@ class SearchConfig:
 
     @property
     def resolved_image_size(self) -> int:
-        return self.image_size or (32 if self.data is None else 64)
+        return self.image_size or (defaults.BUILTIN_IMAGE_SIZE if self.data is None
+                                   else defaults.IMAGE_SIZE)
 
     @property
     def budget_s(self) -> float | None:
         """--time-budget in seconds."""
-        from search.budget import parse_duration
-
         return None if self.time_budget is None else parse_duration(self.time_budget)
 
     @property
     def resolved_warm_epochs(self) -> int:
-        return self.warm_epochs or max(1, round(self.max_epochs / 3))
+        return self.warm_epochs or defaults.warm_epochs(self.max_epochs)
 
     @property
     def resolved_grace_period(self) -> int:
-        return self.grace_period or max(1, self.max_epochs // 2)
+        return self.grace_period or defaults.grace_epochs(self.max_epochs)
 
     @property
     def experiment_dir(self) -> Path:
@@ -192,9 +170,9 @@ def parse_config(argv: list[str] | None = None) -> SearchConfig:
     given = set(doc.pop("given", None) or set(doc)) | set(flags) | (
         {"space"} if args.space else set())
     data = flags.get("data", doc.get("data"))
-    space = dict(DEFAULT_SPACE) | ({} if data else BUILTIN_SPACE)
-    space["lr"] = {"pretrained": PRETRAINED_LR, "warm": WARM_LR}.get(_start_kind(flags, doc),
-                                                                    space["lr"])
+    space = dict(defaults.SPACE) | ({} if data else defaults.BUILTIN_SPACE)
+    space["lr"] = {"pretrained": defaults.PRETRAINED_LR, "warm": defaults.WARM_LR}.get(
+        _start_kind(flags, doc), space["lr"])
     train = dict(doc.pop("train", None) or {})  # a saved config.yaml's fallback values
     for source, values, entries in (("the config file", doc, doc.pop("space", None) or {}),
                                     ("the flags", flags, _space_flags(args.space))):
@@ -211,7 +189,7 @@ def parse_config(argv: list[str] | None = None) -> SearchConfig:
             doc.update(values)
     doc.update(flags)
     if not data:
-        doc.setdefault("max_epochs", BUILTIN_MAX_EPOCHS)
+        doc.setdefault("max_epochs", defaults.BUILTIN_MAX_EPOCHS)
     if isinstance(doc.get("time_budget"), (int, float)) and not isinstance(doc["time_budget"],
                                                                           bool):
         doc["time_budget"] = str(doc["time_budget"])  # YAML reads 900 as a number
@@ -319,15 +297,9 @@ def validate(cfg: SearchConfig) -> SearchConfig:
     for ok, message in checks:
         if not ok:
             raise UserError(message)
-    check_experiment_name(cfg.experiment)
+    cfg.check_common()
     if cfg.time_budget is not None:
-        from search.budget import parse_duration
-
         parse_duration(cfg.time_budget)
-    if cfg.register is not None:
-        from trainables.tracking import check_model_name
-
-        check_model_name(cfg.register)
     for name in OPTIONS:
         check_value(name, getattr(cfg.train, name),
                     f"option {name} (--{name.replace('_', '-')})")
@@ -337,7 +309,7 @@ def validate(cfg: SearchConfig) -> SearchConfig:
                         f"{cfg.max_epochs}; raise --max-epochs or lower epochs")
     from trainables.models import check_model_name, import_plugins
 
-    import_plugins(cfg.plugins)
+    import_plugins(cfg.train.plugins)
     models = space.get("model", cfg.train.model)
     for name in models if isinstance(models, list) else [models]:
         check_model_name(name)

@@ -30,14 +30,17 @@ INVOCATION = ("resume", "extend", "overwrite", "experiment", "storage", "config"
 
 @dataclass
 class Experiment:
-    cfg: SearchConfig
+    """The experiment folder a search runs in, held under its lock for the whole run."""
+
     store: ExperimentStore
     resumed: bool
     lock: IO[Any] | None = field(default=None, repr=False)
 
     @classmethod
-    def open(cls, cfg: SearchConfig) -> Experiment:
+    def open(cls, cfg: SearchConfig) -> tuple[Experiment, SearchConfig]:
         """Starts a new experiment folder or reopens one to continue; never clobbers silently.
+        Returns the experiment and the config the search runs with (a continued search's saved
+        one, with what this invocation may change).
 
         A folder whose search never reached its first trial (a failed or killed start) holds
         nothing to keep: a plain rerun replaces it and --resume starts it again.
@@ -45,7 +48,7 @@ class Experiment:
         store = ExperimentStore(cfg.experiment_dir)
         lock = store.lock()
         if cfg.resume or cfg.extend:
-            return cls(_continued_config(cfg, store), store, True, lock)
+            return cls(store, True, lock), _continued_config(cfg, store)
         if store.started() and not cfg.overwrite:
             raise UserError(f"experiment folder {store.dir} already holds a search; pass --resume "
                             "to continue it, --extend N to add trials, --experiment NAME for a "
@@ -54,24 +57,23 @@ class Experiment:
             log.warning("%s holds a start that never reached its first trial: replacing it",
                         store.dir)
             cfg = dataclasses.replace(cfg, overwrite=True)
-        return cls(cfg, store, False, lock)
+        return cls(store, False, lock), cfg
 
-    def create(self, data: ImageData, split: Split) -> None:
+    def create(self, cfg: SearchConfig, data: ImageData, split: Split) -> None:
         """Writes the folder of a new experiment, once its inputs are known to be good and the
         search is sure to start (the shared start is written when it is known)."""
         if self.resumed:
             return
-        if self.store.dir.exists() and self.cfg.overwrite:
+        if self.store.dir.exists() and cfg.overwrite:
             shutil.rmtree(self.store.dir)
         self.store.dir.mkdir(parents=True, exist_ok=True)
         self.store.write_config(
-            dataclasses.replace(self.cfg, resume=False, overwrite=False, extend=0).to_dict())
+            dataclasses.replace(cfg, resume=False, overwrite=False, extend=0).to_dict())
         self.store.write_data(data)
         self.store.write_split(split, data.ids)
 
-    def data_and_split(self) -> tuple[ImageData, Split]:
+    def data_and_split(self, cfg: SearchConfig) -> tuple[ImageData, Split]:
         """Decodes the data once (a resumed search reads its data.npz) and draws the split."""
-        cfg = self.cfg
         if self.resumed and self.store.has_data():
             return self.store.read_data(), self.store.read_split()
         log.info("reading %s at %d px ...", cfg.data or "the built-in digits",

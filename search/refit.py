@@ -3,7 +3,8 @@
 Val has done its job once it has chosen the configuration; a user's own script trains on every
 labelled image, and so must the product (scikit-learn's search classes refit by default for the
 same reason). The refit starts from the same shared start, runs the chosen trial's epochs and
-schedule, keeps its last epoch, and is reported on test next to the val-selected trial.
+schedule, keeps its last epoch, and is reported on test next to the val-selected trial. It is a
+job of the training service: alone, on a whole node.
 """
 
 from __future__ import annotations
@@ -11,60 +12,46 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
-import torch
 
-from search.resources import ResourcePlan
-from search.start import Start
-from trainables.checkpoint import load_checkpoint
-from trainables.config import TrainConfig
-from trainables.data import ImageData
-from trainables.metrics import classification_metrics
+from trainables.checkpoint import Checkpoint
+from trainables.jobs import TrainJob, train
 from trainables.split import Split
+from trainables.start import Start
 from trainables.store import ExperimentStore
-from trainables.train import TrialInputs, load_trained, predict_proba
 
 log = logging.getLogger("search")
-REFIT = "refit/final.pt"
 
 
-def refit(store: ExperimentStore, data: ImageData, split: Split, starts: dict[str, Start],
-          selected_checkpoint: str, plan: ResourcePlan, plugins: list[str]
-          ) -> tuple[dict, np.ndarray, list[dict]]:
-    """Trains the selected trial's configuration on train + val; returns its record (test
-    metrics, checkpoint, seconds), its test probabilities and its per-epoch reports. A refit
-    already on disk for the same configuration (a resumed search) is not trained again."""
-    import ray
+@dataclass
+class Refit:
+    """The trained refit: its checkpoint, its record for summary.json and its per-epoch
+    reports (empty when a resumed search found it finished)."""
 
-    from search.tune import fit_on_ray
+    path: Path
+    record: dict
+    reports: list[dict]
 
-    train_cfg = TrainConfig.from_dict(load_checkpoint(selected_checkpoint)["config"])
-    start = starts[train_cfg.model]
-    path = store.path(REFIT)
-    reports: list[dict] = []
+
+def refit(store: ExperimentStore, data, split: Split, starts: dict[str, Start],
+          selected: Checkpoint) -> Refit:
+    """Trains the selected trial's configuration on train + val (`data` may be a Ray object
+    ref). A refit already on disk for the same configuration (a resumed search) is not trained
+    again."""
+    train_cfg = selected.train_config
+    pool = np.concatenate([split.train, split.val])
+    path = store.refit_checkpoint
+    log.info("refit: the selected configuration on train + val (%d images), %d epoch(s)",
+             len(pool), train_cfg.epochs)
     tick = time.time()
-    if not _done(path, train_cfg):
-        log.info("refit: the selected configuration on train + val (%d images), %d epoch(s)",
-                 len(split.train) + len(split.val), train_cfg.epochs)
-        inputs = TrialInputs(data=ray.put(data), init_state=ray.put(start.state),
-                             train_idx=np.concatenate([split.train, split.val]),
-                             val_idx=np.zeros(0, np.int64), mean=start.mean, std=start.std,
-                             init_id=start.id, split_hash=split.hash)
-        _, reports = fit_on_ray(train_cfg, inputs, path, plugins, plan)
-    model, ckpt = load_trained(str(path), torch.device("cpu"))
-    probs = predict_proba(model, data.images, split.test, mean=ckpt["mean"], std=ckpt["std"])
+    job = TrainJob(train_cfg, starts[train_cfg.model].inputs(
+        data, pool, np.zeros(0, np.int64), split_hash=split.hash), path, name="refit")
+    result = train([job], ray_dir=store.ray_dir)[0]
     record = {"checkpoint": store.relative(path), "epochs": train_cfg.epochs,
-              "train_images": len(split.train) + len(split.val),
-              "seconds": round(time.time() - tick, 1),
-              "config": dataclasses.asdict(train_cfg),
-              "test": classification_metrics(probs, data.labels[split.test])}
-    return record, probs, reports
-
-
-def _done(path, train_cfg: TrainConfig) -> bool:
-    """Whether a finished refit of this configuration is on disk (threads do not matter)."""
-    if not path.is_file():
-        return False
-    saved = TrainConfig.from_dict(load_checkpoint(path)["config"])
-    return dataclasses.replace(saved, threads=1) == dataclasses.replace(train_cfg, threads=1)
+              "train_images": len(pool), "seconds": round(time.time() - tick, 1),
+              "threads": result.resources.threads if result.resources else None,
+              "config": dataclasses.asdict(train_cfg)}
+    return Refit(path, record, result.reports)

@@ -1,10 +1,12 @@
-"""How trials map onto the cluster: workers, CPUs and GPUs per worker, trials at once."""
+"""How trials map onto the cluster: workers, CPUs and GPUs per worker, trials at once.
+
+Trials are Tune's to run; every other training job takes a whole node
+(`trainables.jobs.whole_node`)."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 from search.config import SearchConfig
 from trainables.errors import UserError
@@ -21,11 +23,6 @@ class ResourcePlan:
     gpus_per_worker: float
     trial_cpus: float  # the Tune trial's own reservation
     concurrency: int
-    solo_cpus: float = 1.0  # what one process may take when it runs alone (warm start, refit)
-
-    @property
-    def solo_threads(self) -> int:
-        return max(1, int(self.solo_cpus))
 
     @property
     def threads(self) -> int:
@@ -36,35 +33,6 @@ class ResourcePlan:
         gpu = f", {self.gpus_per_worker:g} GPU" if self.gpus_per_worker else ""
         return (f"{self.concurrency} trial(s) at once, each {mode}: "
                 f"{self.cpus_per_worker:g} CPU{gpu} per worker")
-
-
-def autoscaling_capacity(config: dict | str | Path | None = None
-                         ) -> tuple[dict[str, float], list[dict[str, float]]] | None:
-    """What an autoscaling cluster can grow to, from its launcher config.
-
-    On a `ray up` cluster the head holds it as ~/ray_bootstrap_config.yaml; searches run there
-    (ray job submit), so a GPU search can be planned before any GPU worker has started.
-    Returns (total resources, one resource dict per possible node), or None without a config.
-    """
-    import yaml
-
-    if config is None:
-        config = Path.home() / "ray_bootstrap_config.yaml"
-    if not isinstance(config, dict):
-        if not Path(config).is_file():
-            return None
-        config = yaml.safe_load(Path(config).read_text())
-    nodes = []
-    for name, node_type in (config.get("available_node_types") or {}).items():
-        count = 1 if name == config.get("head_node_type") else int(node_type.get("max_workers", 0))
-        nodes += [dict(node_type.get("resources") or {})] * count
-    if not nodes:
-        return None
-    total: dict[str, float] = {}
-    for n in nodes:
-        for k, v in n.items():
-            total[k] = total.get(k, 0) + float(v)
-    return total, nodes
 
 
 def plan_resources(cfg: SearchConfig, total: dict[str, float], nodes: list[dict[str, float]],
@@ -106,14 +74,14 @@ def _plan(cfg: SearchConfig, total: dict[str, float], nodes: list[dict[str, floa
     if need_gpu:
         fits = min(fits, math.floor(gpus / need_gpu + 1e-9))
     concurrency = max(1, min(cfg.max_concurrent or fits, cfg.num_samples))
-    # alone, one process may use what all concurrent trials would, within one node
-    solo = min(biggest_cpu, max(c, concurrency * (trial_cpus + w * c)))
-    return ResourcePlan(w, c, g, trial_cpus, concurrency, solo)
+    return ResourcePlan(w, c, g, trial_cpus, concurrency)
 
 
 def plan_for_cluster(cfg: SearchConfig) -> ResourcePlan:
     """The plan for the Ray cluster this process is connected to (and what it can grow to)."""
     import ray
+
+    from trainables.jobs import autoscaling_capacity
 
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     return plan_resources(cfg, ray.cluster_resources(), nodes, autoscaling_capacity())

@@ -10,6 +10,9 @@ from search.space import training_values
 from trainables.store import ExperimentStore, outcome, ranked
 
 SEARCHED = ("lr", "weight_decay", "batch_size", "dropout", "epochs", "scheduler")
+TABLE_COLUMNS = ["trial_id", "status", "epochs_run", "model", "lr", "weight_decay", "batch_size",
+                 "dropout", "epochs", "scheduler", "best_val_acc", "best_val_f1",
+                 "best_val_loss"]
 BEST = ("best_val_acc", "best_val_loss", "best_val_f1", "best_epoch")
 
 
@@ -130,3 +133,14 @@ class ProgressPrinter(Callback):
         self.ended += 1
         print(f"trial {trial.trial_id} failed (see {trial.local_path}/error.txt) "
               f"[{self.ended}/{self.num_samples} trials]", flush=True)
+
+
+def print_table(table: pd.DataFrame) -> None:
+    """The trials, best first, as the user sees them at the end of a search."""
+    cols = [c for c in TABLE_COLUMNS if c in table.columns]
+    shown = table[cols].copy()
+    for c in ("lr", "weight_decay"):
+        shown[c] = shown[c].map(lambda v: f"{v:.2e}" if pd.notna(v) else "")
+    for c in ("dropout", "best_val_acc", "best_val_f1", "best_val_loss"):
+        shown[c] = shown[c].map(lambda v: f"{v:.4f}" if pd.notna(v) else "")
+    print("\ntrials, best first:\n" + shown.to_string(index=False), flush=True)

@@ -96,10 +96,13 @@ def adopt_folder(store: ExperimentStore, trial_id: str, config: dict) -> None:
     state, its best checkpoint so far); move it under this trial's id so it continues there."""
     old = store.read_adoptions().get(config_key(config))
     target = store.checkpoint(trial_id).parent
+    moved = False
     if old and old != trial_id and not target.exists():
         source = store.checkpoint(old).parent
         if source.is_dir():
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(source, target)
+            moved = True
             log.info("trial %s continues interrupted trial %s", trial_id, old)
-    store.write_trial_record(trial_id, config)
+    # the folder's record names the trial that now owns it, so a second interruption finds it
+    store.write_trial_record(trial_id, config, replace=moved)

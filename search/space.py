@@ -4,7 +4,8 @@ A spec entry is one of
   {low: a, high: b, log: true|false}  a range (integers when both ends are integers),
   [v1, v2, ...]                       a categorical choice,
   a single value                      fixed, not searched (still logged as a param).
-Any training setting of `trainables.TrainConfig` may be searched this way.
+Any training setting of `trainables.TrainConfig` may be searched this way. The default space, the
+recommended first trial and their evidence are in `trainables.defaults`.
 """
 
 from __future__ import annotations
@@ -13,58 +14,8 @@ import dataclasses
 from typing import Any
 
 from trainables.config import SEARCHABLE, TrainConfig, check_value
+from trainables.defaults import RECOMMENDED
 from trainables.errors import UserError
-
-# What every search tunes unless told otherwise. Ranges suit AdamW on small images; the
-# augmentation strength and horizontal flips are searched too, because what helps photos (strong
-# augmentation, flips: +1 to +3 points on clothing photos) changes digits, letters and signs.
-DEFAULT_SPACE: dict[str, Any] = {
-    # training from scratch (--init random; a warm start's children use WARM_LR, pretrained
-    # weights PRETRAINED_LR): below ~1.5e-3 trials lag (clothing photos, warm-started children:
-    # 0.75 / 0.77 / 0.80 test at lr 1e-3 / 2e-3 / 4e-3)
-    "lr": {"low": 1.5e-3, "high": 1e-2, "log": True},
-    "weight_decay": {"low": 1e-5, "high": 0.1, "log": True},
-    "batch_size": [32, 64, 128],
-    "dropout": {"low": 0.0, "high": 0.3},
-    "epochs": None,  # None: from half of --max-epochs up to --max-epochs
-    # step and plateau schedules are searchable too; short one-cycle and cosine runs beat them,
-    # and a budget of a few trials cannot afford to find that out again
-    "scheduler": ["onecycle", "cosine"],
-    "augment": ["strong", "light"],
-    "hflip": [True, False],
-}
-# pretrained ImageNet weights want smaller steps than a warm start does
-PRETRAINED_LR: dict[str, Any] = {"low": 1e-4, "high": 3e-3, "log": True}
-# The built-in digits are not photos: a mirrored 2 is no 2, and light augmentation suffices.
-BUILTIN_SPACE: dict[str, Any] = {"augment": "light", "hflip": False}
-# ... and 8x8 digits need no long runs: every trial is at 0.99 val by epoch 4-6, so the built-in
-# demo caps trials at 6 epochs (unless --max-epochs says otherwise) and finishes in minutes
-BUILTIN_MAX_EPOCHS = 6
-# The first trial of a search, and the warm start's recipe (unless --no-start-with-default): a
-# one-cycle AdamW recipe that trains small CNNs well in few epochs on photos (clothing photos,
-# 15 epochs: 0.79 test against 0.76 for the same network trained without augmentation), so even a
-# handful of trials has a strong baseline that the search has to beat. Clipped into the user's
-# space; knobs without a value here take the space's first choice or the range's middle.
-RECOMMENDED: dict[str, Any] = {
-    "lr": 4e-3,
-    "weight_decay": 0.05,
-    "batch_size": 64,
-    "dropout": 0.1,
-    "scheduler": "onecycle",
-    "augment": "strong",
-    "hflip": True,
-    # the full length: the first trial is the plain recipe a user's own script would run, so the
-    # search starts from a result it can only improve on (a short first trial on clothing photos
-    # ended several points below the same recipe at full length)
-    "epochs": "high",
-}
-
-# Children of a warm start (--init auto/warm) step no bigger than the warm start did (its recipe is
-# RECOMMENDED), so they stay near it and their weights can be averaged: on the sign photos the
-# uniform soup of the top 5 went from -4.3 to -2.4 points of the best single model
-# (benchmarks/RESULTS.md §5); --init random keeps DEFAULT_SPACE's wider range.
-WARM_LR: dict[str, Any] = DEFAULT_SPACE["lr"] | {"high": RECOMMENDED["lr"]}
-
 
 BY_MODEL = "by_model"  # per-model entries: {model name: {knob: spec}}
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}

@@ -1,51 +1,26 @@
-"""The shared start every trial of a search fine-tunes from.
+"""The search's shared starts: one per architecture, made before its trials.
 
-Weight averaging (model soups) works between models fine-tuned from one *trained* start; a shared
-random initialisation is not enough, because trials with different learning rates leave it for
-different basins. So trials start from pretrained weights when the user has them, else from a
-warm start: the recommended recipe trained for a few epochs on the train split before the search,
-which every trial then fine-tunes (Frankle et al. 2020: networks spawned from one checkpoint after a
-little training stay linearly connected). `--init random` keeps one seeded random start.
+Every trial of a search fine-tunes from one start of its architecture (`trainables.start`):
+pretrained weights when the user gives some, else a warm start (the recommended recipe trained
+for --warm-epochs on the train split, as a job of the training service: alone, on a whole node),
+or one seeded random initialisation with `--init random`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import time
-from dataclasses import dataclass, field
 
 from search.config import SearchConfig
-from search.experiment import Experiment
-from search.resources import ResourcePlan
 from search.space import entries, recommended_value
-from trainables.checkpoint import load_checkpoint
+from trainables.checkpoint import Checkpoint
 from trainables.config import TrainConfig
-from trainables.data import ImageData
-from trainables.models import create_model, initial_state, normalization, state_id
+from trainables.models import create_model, initial_state, normalization
 from trainables.split import Split
-from trainables.train import TrialInputs
+from trainables.start import Start
+from trainables.store import ExperimentStore
 
 log = logging.getLogger("search")
-
-
-@dataclass
-class Start:
-    """The weights every trial loads, the normalisation they expect, and where they came from."""
-
-    state: dict
-    mean: list[float]
-    std: list[float]
-    kind: str  # "pretrained", "warm" or "random"
-    facts: dict = field(default_factory=dict)  # e.g. the warm start's epochs, val accuracy, time
-
-    @property
-    def id(self) -> str:
-        """A short content hash: checkpoints with equal ids started from the same weights."""
-        return state_id(self.state)
-
-    def record(self) -> dict:
-        return {"kind": self.kind, "id": self.id, **self.facts}
 
 
 def resolved_init(cfg: SearchConfig) -> str:
@@ -62,20 +37,19 @@ def architectures(cfg: SearchConfig) -> list[str]:
     return list(models) if isinstance(models, list) else [models]
 
 
-def base_starts(cfg: SearchConfig, exp: Experiment, num_classes: int) -> dict[str, Start]:
+def base_starts(cfg: SearchConfig, store: ExperimentStore, num_classes: int, *,
+                resumed: bool) -> dict[str, Start]:
     """Each architecture's start before any training: a resumed search's saved one, pretrained
     weights, or one seeded random initialisation (also what a warm start begins from). Cheap,
     and it fails early on unusable weights, before anything is written."""
-    return {m: _base_start(cfg, exp, num_classes, m, i == 0)
+    return {m: _base_start(cfg, store, num_classes, m, i == 0, resumed)
             for i, m in enumerate(architectures(cfg))}
 
 
-def _base_start(cfg: SearchConfig, exp: Experiment, num_classes: int, model: str,
-                primary: bool) -> Start:
-    if exp.resumed and exp.store.has_init(model, primary=primary):
-        saved = load_checkpoint(exp.store.init_path(model, primary=primary))
-        return Start(saved["model"], saved["mean"], saved["std"], saved.get("kind", "random"),
-                     saved.get("facts", {}))
+def _base_start(cfg: SearchConfig, store: ExperimentStore, num_classes: int, model: str,
+                primary: bool, resumed: bool) -> Start:
+    if resumed and store.has_init(model, primary=primary):
+        return Start.load(store.init_path(model, primary=primary))
     pretrained = resolved_init(cfg) == "pretrained"
     # --pretrained-file holds one architecture's weights: the others start from timm's
     file = cfg.pretrained_file if pretrained and model == cfg.train.model else None
@@ -83,7 +57,7 @@ def _base_start(cfg: SearchConfig, exp: Experiment, num_classes: int, model: str
                           pretrained=pretrained and (cfg.pretrained or file is None),
                           pretrained_file=file)
     mean, std = normalization(create_model(model, num_classes))
-    return Start(state, mean, std, "pretrained" if pretrained else "random")
+    return Start(state, mean, std, "pretrained" if pretrained else "random", model=model)
 
 
 def needs_warm_start(cfg: SearchConfig, starts: dict[str, Start]) -> bool:
@@ -99,53 +73,42 @@ def warm_config(cfg: SearchConfig, model: str) -> TrainConfig:
     return dataclasses.replace(cfg.train, **values, epochs=cfg.resolved_warm_epochs)
 
 
-def warm_starts(cfg: SearchConfig, exp: Experiment, data: ImageData, split: Split,
-                base: dict[str, Start], plan: ResourcePlan
-                ) -> tuple[dict[str, Start], dict[str, list[dict]]]:
-    """Each architecture's warm start (one after another, each with the whole machine), saved
-    as its init file; returns the starts and each one's per-epoch reports (for MLflow)."""
+def warm_starts(cfg: SearchConfig, store: ExperimentStore, data, split: Split,
+                base: dict[str, Start]) -> tuple[dict[str, Start], dict[str, list[dict]]]:
+    """Each architecture's warm start, trained on the train split (one job each, through the
+    training service, so each takes a whole node), saved as its init file; returns the starts
+    and each one's per-epoch reports (for MLflow). `data` may be a Ray object ref."""
+    from trainables.jobs import TrainJob, train
+
     starts, reports = dict(base), {}
-    for i, (model, start) in enumerate(base.items()):
-        if start.kind != "warm":
-            starts[model], reports[model] = _warm_start(cfg, exp, data, split, start, model,
-                                                        plan, primary=i == 0)
+    todo = [(i, m) for i, (m, s) in enumerate(base.items()) if s.kind != "warm"]
+    jobs = []
+    for i, model in todo:
+        train_cfg = warm_config(cfg, model)
+        log.info("warm start of %s: %s for %d epoch(s) on the train split, every trial of it "
+                 "fine-tunes from it", model, train_cfg.scheduler, train_cfg.epochs)
+        jobs.append(TrainJob(train_cfg, base[model].inputs(data, split.train, split.val,
+                                                           split_hash=split.hash),
+                             store.warm_checkpoint(model, primary=i == 0), name=f"warm-{model}"))
+    for (i, model), job, result in zip(todo, jobs, train(jobs, ray_dir=store.ray_dir)):
+        facts = {"model": model, "epochs": job.config.epochs,
+                 "val_acc": float(result.best["val_acc"]), "val_f1": float(result.best["val_f1"]),
+                 "seconds": round(result.seconds, 1), "best_epoch": int(result.best["epoch"]),
+                 "threads": result.resources.threads if result.resources else None}
+        log.info("warm start of %s: val accuracy %.4f after %d epoch(s), %.0f s", model,
+                 facts["val_acc"], job.config.epochs, facts["seconds"])
+        start = dataclasses.replace(base[model], state=Checkpoint.load(job.checkpoint).model,
+                                    kind="warm", facts=facts)
+        store.write_init(start, primary=i == 0)
+        starts[model], reports[model] = start, result.reports
     return starts, reports
 
 
-def _warm_start(cfg: SearchConfig, exp: Experiment, data: ImageData, split: Split, base: Start,
-                model: str, plan: ResourcePlan, primary: bool) -> tuple[Start, list[dict]]:
-    """Trains one warm start on the train split. Its checkpoint lies in <experiment>/warm/ (with
-    a resume state, so an interrupted warm start continues)."""
-    import ray
-
-    from search.tune import fit_on_ray
-
-    train_cfg = warm_config(cfg, model)
-    log.info("warm start of %s: %s for %d epoch(s) on the train split, every trial of it "
-             "fine-tunes from it", model, train_cfg.scheduler, train_cfg.epochs)
-    inputs = TrialInputs(data=ray.put(data), init_state=ray.put(base.state),
-                         train_idx=split.train, val_idx=split.val, mean=base.mean, std=base.std,
-                         init_id=base.id, split_hash=split.hash)
-    tick = time.time()
-    path = exp.store.path("warm/best.pt" if primary else f"warm/{model}/best.pt")
-    best, reports = fit_on_ray(train_cfg, inputs, path, cfg.plugins, plan)
-    facts = {"model": model, "epochs": train_cfg.epochs, "val_acc": float(best["val_acc"]),
-             "val_f1": float(best["val_f1"]), "seconds": round(time.time() - tick, 1),
-             "best_epoch": int(best["epoch"])}
-    log.info("warm start of %s: val accuracy %.4f after %d epoch(s), %.0f s", model,
-             facts["val_acc"], train_cfg.epochs, facts["seconds"])
-    start = Start(load_checkpoint(path)["model"], base.mean, base.std, "warm", facts)
-    exp.store.write_init(start.state, start.mean, start.std, model, kind="warm", facts=facts,
-                         primary=primary)
-    return start, reports
-
-
-def write_starts(cfg: SearchConfig, exp: Experiment, starts: dict[str, Start]) -> None:
+def write_starts(store: ExperimentStore, starts: dict[str, Start]) -> None:
     """Saves each start that is not on disk yet (pretrained or random ones)."""
     for i, (model, s) in enumerate(starts.items()):
-        if not exp.store.has_init(model, primary=i == 0):
-            exp.store.write_init(s.state, s.mean, s.std, model, kind=s.kind, facts=s.facts,
-                                 primary=i == 0)
+        if not store.has_init(model, primary=i == 0):
+            store.write_init(s, primary=i == 0)
 
 
 def starts_record(starts: dict[str, Start]) -> dict:

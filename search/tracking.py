@@ -139,6 +139,7 @@ class SearchRun:
         self.client = client_for(uri)
         self.exp_id = experiment_id(self.client, experiment, create=True)
         self.run_id = ""
+        self.created = False  # a new run (a continued search reopens its own)
 
     @classmethod
     def open(cls, tracking_uri: str | None, experiment: str, store: ExperimentStore,
@@ -156,7 +157,7 @@ class SearchRun:
         created = run.client.create_run(
             run.exp_id, run_name=f"search-{time.strftime('%Y%m%d-%H%M%S')}",
             tags={"kind": "search", **code_version(), "experiment_dir": str(store.dir)})
-        run.run_id = created.info.run_id
+        run.run_id, run.created = created.info.run_id, True
         log_params(run.client, run.run_id, params)
         run.client.log_artifact(run.run_id, str(store.path("config.yaml")))
         store.write_tracking({"tracking_uri": uri, "experiment_id": run.exp_id,
@@ -165,8 +166,8 @@ class SearchRun:
         return run
 
     def describe(self) -> None:
-        """What the UI shows beside the numbers: the dataset, a saved runs-table view of the
-        searched params and the val score, and the data report (before any training)."""
+        """What the UI shows beside the numbers: the dataset and a saved runs-table view of the
+        searched params and the val score."""
         log_dataset(self.client, self.run_id, self.dataset)
         doc = self.store.read_config()
         searched = [k for k, v in (doc.get("space") or {}).items() if isinstance(v, (dict, list))]
@@ -178,21 +179,6 @@ class SearchRun:
         log.info("MLflow: %s opens the runs in the model-training view, the searched params and "
                  "%s as columns and charts (view %r)", ui_address(self.uri, self.exp_id, view),
                  score, VIEW_NAME)
-        self.log_data_report(doc)
-
-    def log_data_report(self, doc: dict[str, Any]) -> None:
-        """Writes the data report into the experiment folder, logs it, warns about findings."""
-        from trainables.eda import data_report, findings, split_parts
-        from trainables.files import read_json
-
-        start, out = time.time(), self.store.data_report_dir
-        report = data_report(doc.get("data"), out, image_col=doc.get("image_col", "image_path"),
-                             label_col=doc.get("label_col", "target"),
-                             parts=split_parts(read_json(self.store.path("split.json"))))
-        self.client.log_artifacts(self.run_id, str(out), "data_report")
-        for line in findings(report):
-            log.warning("data report: %s", line)
-        log.info("data report: %s (%.1f s)", out / "report.md", time.time() - start)
 
     def trial_recorder(self, fixed_params: dict[str, Any], class_names: list[str],
                        val_labels: list[int]) -> TrialRecorder:

@@ -12,11 +12,12 @@ from search.config import SearchConfig
 from search.resources import ResourcePlan
 from search.resume import STUDY, Continuation, study_storage
 from search.space import SpaceSampler, recommended_point, training_values
-from trainables.data import ImageData
-from trainables.models import import_plugins
+from trainables.config import TrainConfig
+from trainables.inputs import TrialInputs
+from trainables.jobs import Resources, fit_with
 from trainables.split import Split
+from trainables.start import Start
 from trainables.store import ExperimentStore, score_column
-from trainables.train import TrainConfig, TrialInputs, fit, train_worker
 
 PROGRESS = "progress"  # share of its own epochs a trial has done: ASHA's clock
 
@@ -61,35 +62,20 @@ def run_trial(config: dict[str, Any], inputs: dict[str, TrialInputs] | None = No
 
     from search.resume import adopt_folder
 
-    import_plugins(setup["plugins"])
     trial_id = tune.get_context().get_trial_id()
     store: ExperimentStore = setup["store"]
     adopt_folder(store, trial_id, config)  # an interrupted trial of this config continues here
-    checkpoint = str(store.checkpoint(trial_id))
     train_cfg = dataclasses.replace(setup["train"], **training_values(config))
     inputs = inputs[train_cfg.model]  # each architecture fine-tunes from its own start
-    if setup["workers"] == 1:
-        fit(train_cfg, inputs, checkpoint, report=with_placement(tune.report))
-        return
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
+    res: Resources = setup["resources"]
+    callbacks = []
+    if res.workers > 1:  # rank 0's reports reach Tune through Ray Train
+        from ray.tune.integration.ray_train import TuneReportCallback
 
-    per_worker = {"CPU": setup["cpus_per_worker"]}
-    if setup["gpus_per_worker"]:
-        per_worker["GPU"] = setup["gpus_per_worker"]
-    trainer = TorchTrainer(
-        train_worker,
-        train_loop_config={"config": dataclasses.asdict(train_cfg), "inputs": inputs,
-                           "checkpoint_path": checkpoint, "plugins": setup["plugins"]},
-        scaling_config=ScalingConfig(num_workers=setup["workers"],
-                                     use_gpu=bool(setup["gpus_per_worker"]),
-                                     resources_per_worker=per_worker),
-        # a deterministic name lets a retried trial find its own Ray Train run again
-        run_config=RunConfig(name=f"ddp-{trial_id}", storage_path=str(store.path("ray_train")),
-                             callbacks=[TuneReportCallback()]),
-    )
-    trainer.fit()
+        callbacks.append(TuneReportCallback())
+    fit_with(train_cfg, inputs, store.checkpoint(trial_id), res,
+             report=with_placement(tune.report), ddp_name=f"ddp-{trial_id}",
+             ddp_storage=store.ray_dir, ddp_callbacks=callbacks)
 
 
 def with_placement(report):
@@ -101,37 +87,13 @@ def with_placement(report):
     return lambda metrics: report({**metrics, **where})
 
 
-def fit_on_ray(train_cfg: TrainConfig, inputs: TrialInputs, checkpoint, plugins: list[str],
-               plan: ResourcePlan) -> tuple[dict, list[dict]]:
-    """Runs `fit` alone as one Ray task with what all concurrent trials would use on one node
-    (the warm start and the refit run when no trial does); returns its best metrics and its
-    per-epoch reports."""
+def place_inputs(data_ref, split: Split, starts: dict[str, Start]) -> dict[str, TrialInputs]:
+    """Each architecture's trial inputs: the decoded data (already in Ray's object store) and
+    its shared start, put there once; every trial and worker then reads them zero-copy."""
     import ray
 
-    task = ray.remote(_fit_task).options(num_cpus=plan.solo_cpus,
-                                         num_gpus=1 if plan.gpus_per_worker else 0)
-    cfg = dataclasses.replace(train_cfg, threads=plan.solo_threads)
-    return ray.get(task.remote(cfg, inputs, str(checkpoint), list(plugins)))
-
-
-def _fit_task(cfg: TrainConfig, inputs: TrialInputs, checkpoint: str, plugins: list[str]
-              ) -> tuple[dict, list[dict]]:
-    import_plugins(plugins)
-    reports: list[dict] = []
-    best = fit(cfg, inputs, checkpoint, report=reports.append)
-    return best, reports
-
-
-def place_inputs(data: ImageData, split: Split, starts: dict) -> dict[str, TrialInputs]:
-    """Puts the decoded data and each architecture's shared start (`search.start.Start`) into
-    Ray's object store once; every trial and worker then reads them zero-copy. Returns the
-    inputs of a trial by its model."""
-    import ray
-
-    ref = ray.put(data)
-    return {model: TrialInputs(data=ref, init_state=ray.put(s.state), train_idx=split.train,
-                               val_idx=split.val, mean=s.mean, std=s.std, init_id=s.id,
-                               split_hash=split.hash) for model, s in starts.items()}
+    return {model: s.inputs(data_ref, split.train, split.val, split_hash=split.hash,
+                            state_ref=ray.put(s.state)) for model, s in starts.items()}
 
 
 def trial_train_config(cfg: SearchConfig, plan: ResourcePlan) -> TrainConfig:
@@ -144,14 +106,8 @@ def make_trainable(cfg: SearchConfig, plan: ResourcePlan, inputs: dict[str, Tria
     """`run_trial` bound to the shared inputs (via the object store) and sized for the plan."""
     from ray import tune
 
-    setup = {
-        "train": trial_train_config(cfg, plan),
-        "plugins": list(cfg.plugins),
-        "workers": plan.workers,
-        "cpus_per_worker": plan.cpus_per_worker,
-        "gpus_per_worker": plan.gpus_per_worker,
-        "store": store,
-    }
+    setup = {"train": trial_train_config(cfg, plan), "store": store,
+             "resources": Resources(plan.cpus_per_worker, plan.gpus_per_worker, plan.workers)}
     trainable = tune.with_parameters(run_trial, inputs=inputs, setup=setup)
     if plan.workers == 1:
         return tune.with_resources(trainable, {"cpu": plan.cpus_per_worker,
@@ -200,8 +156,8 @@ def make_tuner(cfg: SearchConfig, plan: ResourcePlan, trainable, callbacks: list
                                     # reusing it saves seconds per trial on small data
                                     reuse_actors=True,
                                     trial_dirname_creator=lambda t: f"trial_{t.trial_id}"),
-        run_config=tune.RunConfig(name=cfg.experiment,
-                                  storage_path=str(cfg.experiment_dir.parent),
+        # Ray Tune's own state and trial folders stay in one subfolder of the experiment
+        run_config=tune.RunConfig(name=store.ray_dir.name, storage_path=str(store.dir),
                                   failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
                                   callbacks=callbacks, verbose=0),
     )

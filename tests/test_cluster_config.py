@@ -11,8 +11,9 @@ import yaml
 
 from conftest import REPO
 from search.config import parse_config
-from search.resources import autoscaling_capacity, plan_resources
+from search.resources import plan_resources
 from trainables.errors import UserError
+from trainables.jobs import autoscaling_capacity
 
 
 def _pinned(name: str) -> str:
@@ -109,3 +110,14 @@ def test_shared_storage_is_not_world_writable():
     text = (REPO / "cluster.yaml").read_text()
     assert not re.search(r"chmod\s+(-R\s+)?(0?7[0-7]7|a\+w|o\+w)", text)
     assert "chown 1000:100 /mnt/efs" in text and "chmod 0750 /mnt/efs" in text
+
+
+def test_the_image_holds_every_package_of_the_project():
+    """A new package (models/ was one) must reach the cluster image, or every node fails on
+    its first import."""
+    dockerfile = (REPO / "docker" / "Dockerfile").read_text()
+    pyproject = (REPO / "pyproject.toml").read_text()
+    packages = re.search(r"include = \[(.*?)\]", pyproject).group(1)
+    for name in re.findall(r'"(\w+)\*"', packages):
+        assert re.search(rf"^COPY .* {name} {name}$", dockerfile, re.M), name
+        assert f"{name}/__init__.py" in dockerfile, name

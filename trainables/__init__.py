@@ -1,16 +1,8 @@
-"""Everything one trial needs: data, split, augmentation, models, the training loop, checkpoints.
+"""The bottom layer: everything one training run needs.
 
-Imports neither `search` nor `ensemble`.
+Data sources and splits, augmentation, the timm model factory, the training loop (DDP, AMP,
+schedules), the checkpoint format, the shared start, the experiment folder (`store`), the
+defaults with their evidence, and the training service that runs jobs on Ray (`jobs`). Imports
+none of `models`, `search` or `ensemble`; importing the package itself imports nothing, so
+`import search.config` stays free of torch.
 """
-
-from trainables.checkpoint import load_checkpoint, save_checkpoint
-from trainables.data import ImageData, load_data, read_unlabelled
-from trainables.errors import UserError
-from trainables.split import Split, draw_split
-from trainables.train import TrainConfig, TrialInputs, fit, load_trained, predict_proba
-
-__all__ = [
-    "ImageData", "Split", "TrainConfig", "TrialInputs", "UserError", "draw_split", "fit",
-    "load_checkpoint", "load_data", "load_trained", "predict_proba", "read_unlabelled",
-    "save_checkpoint",
-]

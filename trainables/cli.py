@@ -13,7 +13,7 @@ import sys
 import types
 import typing
 from collections.abc import Callable
-from dataclasses import field
+from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
@@ -30,6 +30,23 @@ def default_storage() -> str:
     """Where experiment folders go: IMGSEARCH_STORAGE (the cluster image sets a shared file
     system there), else ./runs."""
     return os.environ.get("IMGSEARCH_STORAGE", "runs")
+
+
+def parse_duration(text: str | float | int) -> float:
+    """Seconds from '20m', '1h30m', '90s', '1.5h' or a plain number of seconds (--time-budget)."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        seconds = float(text)
+    else:
+        s = str(text).strip().lower().replace(" ", "")
+        parts = re.findall(r"(\d+(?:\.\d+)?)([hms]?)", s)
+        if not s or "".join(n + u for n, u in parts) != s:
+            raise UserError(f"--time-budget {text!r} is not a duration; write e.g. 20m, 1h30m, "
+                            "90s or a number of seconds")
+        unit = {"h": 3600.0, "m": 60.0, "s": 1.0, "": 1.0}
+        seconds = sum(float(n) * unit[u] for n, u in parts)
+    if seconds <= 0:
+        raise UserError(f"--time-budget must be positive, not {text!r}")
+    return seconds
 
 
 class _Loader(yaml.SafeLoader):
@@ -52,6 +69,42 @@ def opt(default: Any, help: str, **extra: Any) -> Any:
     if isinstance(default, (dict, list)):
         return field(default_factory=lambda: default, metadata={"help": help, **extra})
     return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass(frozen=True)
+class CommonOptions:
+    """The options every entry point shares (search.run, ensemble.build, ensemble.distill):
+    which experiment, where it lives, where MLflow and Ray are."""
+
+    experiment: str = opt("default", "Experiment name: its folder under --storage and its MLflow "
+                          "experiment (for ensemble.build and ensemble.distill: the search to "
+                          "work on).")
+    storage: str = opt(default_storage(), "Folder holding experiment folders (results, split, "
+                       "checkpoints); on a multi-node cluster a shared file system (default: "
+                       "IMGSEARCH_STORAGE, else ./runs).")
+    tracking_uri: str | None = opt(None, "MLflow tracking URI (default: the search's; for a new "
+                                   "search MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here).")
+    address: str | None = opt(None, "Ray cluster to join (default: RAY_ADDRESS, else start a "
+                              "local Ray).")
+    num_cpus: int | None = opt(None, "CPUs of the local Ray started when no cluster is given "
+                               "(default: all).")
+    image_col: str = opt("image_path", "CSV column holding image paths, relative to the CSV "
+                         "(of --data, --predict or --pseudo-label).")
+    register: str | None = opt(None, "Log the final model (search.run: the refit, else the best "
+                               "trial; ensemble.build: the chosen ensemble; ensemble.distill: "
+                               "the student) as an MLflow model (a pyfunc taking image file "
+                               "bytes) and register a new version under this name, ready for "
+                               "mlflow models serve.")
+
+    def check_common(self) -> None:
+        """The one check of the shared options: a plain experiment name, a valid model name."""
+        from trainables.store import check_experiment_name
+
+        check_experiment_name(self.experiment)
+        if self.register is not None:
+            from trainables.tracking import check_model_name
+
+            check_model_name(self.register)
 
 
 def add_options(parser: argparse.ArgumentParser, cls: type, *,
@@ -96,6 +149,8 @@ def typed(cls: type, values: dict[str, Any]) -> dict[str, Any]:
             out[name] = value
         elif kind is float and isinstance(value, int) and not isinstance(value, bool):
             out[name] = float(value)
+        elif kind is tuple and isinstance(value, (list, tuple)):
+            out[name] = tuple(value)
         elif isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
             out[name] = value
         else:

@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from trainables.defaults import TRAIN
 from trainables.errors import UserError
 
 SCHEDULERS = ("cosine", "step", "onecycle", "plateau", "constant")
@@ -25,98 +26,116 @@ AUGMENT_DEVICES = ("cpu", "cuda")
 POSITIVE, NON_NEGATIVE, UNIT, FRACTION = "positive", "non-negative", "unit", "fraction"
 
 
-def setting(default: Any, help: str, *, choices: tuple | None = None, limit: str | None = None,
-            searchable: bool = True, flag: bool = True) -> Any:
+def setting(name: str, help: str, *, choices: tuple | None = None, limit: str | None = None,
+            searchable: bool = True, flag: bool = True, **cli: Any) -> Any:
     """A TrainConfig field with what the CLI, the YAML reader and the space checks need.
 
     Args:
-        default: The value when neither the user nor the search sets one.
+        name: The field's name; its default (when neither the user nor the search sets one)
+            is `trainables.defaults.TRAIN[name]`.
         help: One sentence for `--help`.
         choices: The allowed values of a text setting.
         limit: POSITIVE, NON_NEGATIVE, UNIT ([0, 1)) or FRACTION ((0, 1]) for a number.
         searchable: Whether the search space may vary it.
         flag: Whether it is a user option (flag and YAML key); internal settings are not.
+        cli: How `trainables.cli.add_options` makes its flag (e.g. cli_list=True: repeatable).
     """
-    return field(default=default, metadata={"help": help, "choices": choices, "limit": limit,
-                                            "searchable": searchable, "flag": flag})
+    return field(default=TRAIN[name], metadata={"help": help, "choices": choices, "limit": limit,
+                                            "searchable": searchable, "flag": flag, **cli})
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything one training run needs to know, flat so it logs as MLflow params."""
 
-    model: str = setting("resnet10t", "timm model name (searchable: each architecture gets a "
-                         "shared start of its own).")
-    lr: float = setting(1e-3, "Peak learning rate.", limit=POSITIVE)
-    weight_decay: float = setting(1e-4, "Weight decay (decoupled for AdamW).",
-                                  limit=NON_NEGATIVE)
-    batch_size: int = setting(64, "Images per batch and worker.", limit=POSITIVE)
-    dropout: float = setting(0.0, "Dropout before the classifier.", limit=UNIT)
-    epochs: int = setting(10, "Training epochs.", limit=POSITIVE)
-    scheduler: str = setting("cosine", "Learning-rate schedule.", choices=SCHEDULERS)
-    warmup_epochs: int = setting(0, "Linear learning-rate warmup epochs before the schedule.",
-                                 limit=NON_NEGATIVE)
-    optimizer: str = setting("adamw", "Optimizer (timm's factory).", choices=OPTIMIZERS)
-    momentum: float = setting(0.9, "SGD momentum.", limit=UNIT)
-    label_smoothing: float = setting(0.1, "Label smoothing of the cross-entropy loss.",
-                                     limit=UNIT)
-    mixup: float = setting(0.0, "Mixup alpha (0 turns mixup off).", limit=NON_NEGATIVE)
-    cutmix: float = setting(0.0, "CutMix alpha (0 turns CutMix off).", limit=NON_NEGATIVE)
-    accum_steps: int = setting(1, "Gradient accumulation: micro-batches per optimizer step.",
-                               limit=POSITIVE)
-    grad_clip: float = setting(0.0, "Clip gradients to this global norm (0: no clipping).",
-                               limit=NON_NEGATIVE)
-    amp: str = setting("auto", "Mixed precision: auto (fp16+GradScaler on CUDA, bf16 on CPUs "
-                       "with AMX), fp16, bf16 or off.", choices=AMP_MODES)
-    augment: str = setting("light", "Augmentation policy: none, light or strong.",
-                           choices=POLICIES)
-    hflip: bool = setting(False, "Add random horizontal flips (off: they change digits, "
-                          "letters and hand signs).")
-    class_weight: str = setting("none", "Class weights of the loss, against imbalance: none, "
-                                "sqrt (inverse square root of class frequency) or balanced "
-                                "(inverse frequency).", choices=BALANCING)
-    sampler: str = setting("none", "Class-balanced sampling of training images, against "
-                           "imbalance: none (each image once per epoch), sqrt or balanced "
-                           "(drawn with those class weights).", choices=BALANCING)
-    freeze_epochs: int = setting(0, "Epochs at the start that train only the classifier, the "
-                                 "backbone frozen (BatchNorm statistics included), before full "
-                                 "fine-tuning.", limit=NON_NEGATIVE)
-    layer_decay: float = setting(1.0, "Learning-rate scale per layer from the head down "
-                                 "(timm's layer decay): below 1, earlier layers learn slower "
-                                 "than the head; 1 turns it off.", limit=FRACTION)
-    ema: float = setting(0.0, "Decay of an exponential moving average of the weights, "
-                         "evaluated and saved instead of the raw weights (e.g. 0.998; 0 turns "
-                         "it off).", limit=UNIT)
-    keep_last: int = setting(2, "Also keep each of the last N epochs' weights as a checkpoint "
-                             "(epoch_<n>.pt) for snapshot ensembles and SWA-style soups "
-                             "(ensemble.build's last-epochs soup; 0 keeps none).",
-                             limit=NON_NEGATIVE, searchable=False)
-    metric: str = setting("accuracy", "What picks a trial's best epoch and the search's best "
-                          "trial: val accuracy, or val macro-F1 (f1) for imbalanced classes.",
-                          choices=METRICS, searchable=False)
-    loader_threads: int = setting(0, "Threads that build (gather and augment) training batches; "
-                                  "0: as many as the worker's CPU threads.",
-                                  limit=NON_NEGATIVE, searchable=False)
-    prefetch: int = setting(2, "Training batches each loader thread builds ahead of the one "
-                            "training (0: each batch is built when it is needed).",
-                            limit=NON_NEGATIVE, searchable=False)
-    augment_device: str = setting("cpu", "Where training images are augmented: cpu "
-                                  "(albumentations on the loader threads) or cuda (whole batches "
-                                  "on the GPU, when the CPUs cannot keep up; a worker without a "
-                                  "GPU warns and augments on the CPU).", choices=AUGMENT_DEVICES)
-    channels_last: bool = setting(True, "Train in channels_last memory layout on CUDA (faster "
-                                  "convolutions); no effect on CPU.", searchable=False)
-    pin_memory: bool = setting(True, "Build batches in page-locked memory and copy them to the "
-                               "GPU without blocking; no effect on CPU.", searchable=False)
-    cudnn_benchmark: bool = setting(True, "Let cuDNN time its convolution algorithms once and "
-                                    "keep the fastest (not bit-reproducible); no effect on CPU.",
-                                    searchable=False)
-    torch_compile: bool = setting(False, "Compile the model with torch.compile: faster steps "
-                                  "after a compile of tens of seconds or more in the first "
-                                  "epoch.", searchable=False)
-    seed: int = setting(0, "Seed of the weights' training randomness (data order, "
-                        "augmentation, dropout).", searchable=False, flag=False)
-    threads: int = setting(1, "CPU threads of one worker.", searchable=False, flag=False)
+    model: str = setting("model", "timm model name (searchable: each architecture gets a shared "
+                                  "start of its own).")
+    lr: float = setting("lr", "Peak learning rate.", limit=POSITIVE)
+    weight_decay: float = setting("weight_decay", "Weight decay (decoupled for AdamW).",
+                                                  limit=NON_NEGATIVE)
+    batch_size: int = setting("batch_size", "Images per batch and worker.", limit=POSITIVE)
+    dropout: float = setting("dropout", "Dropout before the classifier.", limit=UNIT)
+    epochs: int = setting("epochs", "Training epochs.", limit=POSITIVE)
+    scheduler: str = setting("scheduler", "Learning-rate schedule.", choices=SCHEDULERS)
+    warmup_epochs: int = setting("warmup_epochs", "Linear learning-rate warmup epochs before the "
+                                                  "schedule.", limit=NON_NEGATIVE)
+    optimizer: str = setting("optimizer", "Optimizer (timm's factory).", choices=OPTIMIZERS)
+    momentum: float = setting("momentum", "SGD momentum.", limit=UNIT)
+    label_smoothing: float = setting("label_smoothing", "Label smoothing of the cross-entropy "
+                                                        "loss.", limit=UNIT)
+    mixup: float = setting("mixup", "Mixup alpha (0 turns mixup off).", limit=NON_NEGATIVE)
+    cutmix: float = setting("cutmix", "CutMix alpha (0 turns CutMix off).", limit=NON_NEGATIVE)
+    accum_steps: int = setting("accum_steps", "Gradient accumulation: micro-batches per optimizer "
+                                              "step.", limit=POSITIVE)
+    grad_clip: float = setting("grad_clip", "Clip gradients to this global norm (0: no clipping).",
+                                            limit=NON_NEGATIVE)
+    amp: str = setting("amp", "Mixed precision: auto (fp16+GradScaler on CUDA, bf16 on CPUs with "
+                              "AMX), fp16, bf16 or off.", choices=AMP_MODES)
+    augment: str = setting("augment", "Augmentation policy: none, light or strong.",
+                                      choices=POLICIES)
+    hflip: bool = setting("hflip", "Add random horizontal flips (off: they change digits, letters "
+                                   "and hand signs).")
+    class_weight: str = setting("class_weight", "Class weights of the loss, against imbalance: "
+                                                "none, sqrt (inverse square root of class "
+                                                "frequency) or balanced (inverse frequency).",
+                                                choices=BALANCING)
+    sampler: str = setting("sampler", "Class-balanced sampling of training images, against "
+                                      "imbalance: none (each image once per epoch), sqrt or "
+                                      "balanced (drawn with those class weights).",
+                                      choices=BALANCING)
+    freeze_epochs: int = setting("freeze_epochs", "Epochs at the start that train only the "
+                                                  "classifier, the backbone frozen (BatchNorm "
+                                                  "statistics included), before full fine-tuning.",
+                                                  limit=NON_NEGATIVE)
+    layer_decay: float = setting("layer_decay", "Learning-rate scale per layer from the head down "
+                                                "(timm's layer decay): below 1, earlier layers "
+                                                "learn slower than the head; 1 turns it off.",
+                                                limit=FRACTION)
+    ema: float = setting("ema", "Decay of an exponential moving average of the weights, evaluated "
+                                "and saved instead of the raw weights (e.g. 0.998; 0 turns it "
+                                "off).", limit=UNIT)
+    keep_last: int = setting("keep_last", "Also keep each of the last N epochs' weights as a "
+                                          "checkpoint (epoch_<n>.pt) for snapshot ensembles and "
+                                          "SWA-style soups (ensemble.build's last-epochs soup; 0 "
+                                          "keeps none).", limit=NON_NEGATIVE, searchable=False)
+    metric: str = setting("metric", "What picks a trial's best epoch and the search's best trial: "
+                                    "val accuracy, or val macro-F1 (f1) for imbalanced classes.",
+                                    choices=METRICS, searchable=False)
+    loader_threads: int = setting("loader_threads", "Threads that build (gather and augment) "
+                                                    "training batches; 0: as many as the worker's "
+                                                    "CPU threads.",
+                                                    limit=NON_NEGATIVE, searchable=False)
+    prefetch: int = setting("prefetch", "Training batches each loader thread builds ahead of the "
+                                        "one training (0: each batch is built when it is needed).",
+                                        limit=NON_NEGATIVE, searchable=False)
+    augment_device: str = setting("augment_device", "Where training images are augmented: cpu "
+                                                    "(albumentations on the loader threads) or cuda"
+                                                    " (whole batches on the GPU, when the CPUs "
+                                                    "cannot keep up; a worker without a GPU warns "
+                                                    "and augments on the CPU).",
+                                                    choices=AUGMENT_DEVICES)
+    channels_last: bool = setting("channels_last", "Train in channels_last memory layout on CUDA "
+                                                   "(faster convolutions); no effect on CPU.",
+                                                   searchable=False)
+    pin_memory: bool = setting("pin_memory", "Build batches in page-locked memory and copy them to "
+                                             "the GPU without blocking; no effect on CPU.",
+                                             searchable=False)
+    cudnn_benchmark: bool = setting("cudnn_benchmark", "Let cuDNN time its convolution algorithms "
+                                                       "once and keep the fastest (not "
+                                                       "bit-reproducible); no effect on CPU.",
+                                                       searchable=False)
+    torch_compile: bool = setting("torch_compile", "Compile the model with torch.compile: faster "
+                                                   "steps after a compile of tens of seconds or "
+                                                   "more in the first epoch.", searchable=False)
+    seed: int = setting("seed", "Seed of the weights' training randomness (data order, "
+                                "augmentation, dropout).", searchable=False, flag=False)
+    threads: int = setting("threads", "CPU threads of one worker.", searchable=False, flag=False)
+    plugins: tuple = setting("plugins", "Python module to import before models are built, e.g. "
+                                        "one that registers a custom timm model (repeatable).",
+                             searchable=False, cli_list=True, metavar="MODULE")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "plugins", tuple(self.plugins))  # YAML and JSON give lists
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
@@ -124,7 +143,13 @@ class TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in names})
 
+    def recipe(self) -> dict[str, Any]:
+        """What the trained model depends on: every setting but how many CPU threads ran it
+        (two runs with equal recipes are the same run, e.g. for "is it finished?")."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in RUNTIME}
 
+
+RUNTIME = frozenset({"threads"})  # settings of where a run trains, not of what it trains
 SETTINGS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}
 SEARCHABLE = frozenset(n for n, f in SETTINGS.items() if f.metadata["searchable"])
 OPTIONS = tuple(n for n, f in SETTINGS.items() if f.metadata["flag"])  # user-facing settings
@@ -133,8 +158,8 @@ OPTIONS = tuple(n for n, f in SETTINGS.items() if f.metadata["flag"])  # user-fa
 def kind(name: str) -> type:
     """The Python type of a setting (bool, int, float or str)."""
     tp = SETTINGS[name].type
-    return {"bool": bool, "int": int, "float": float, "str": str}[tp] if isinstance(tp, str) \
-        else tp
+    return {"bool": bool, "int": int, "float": float, "str": str, "tuple": tuple}[tp] \
+        if isinstance(tp, str) else tp
 
 
 def check_value(name: str, value: Any, where: str) -> None:
@@ -148,6 +173,11 @@ def check_value(name: str, value: Any, where: str) -> None:
     if tp is bool:
         if not isinstance(value, bool):
             raise UserError(f"{where} must be true or false, not {value!r}")
+        return
+    if tp is tuple:
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v
+                                                           for v in value):
+            raise UserError(f"{where} must be a list of module names, not {value!r}")
         return
     if tp is str:
         if not isinstance(value, str) or not value:

@@ -17,12 +17,12 @@ def seconds_per_image(cfg: TrainConfig, num_classes: int, image_size: int, *, th
     one warm-up step varied 1.6x between two runs on one machine, and the plan then left 40 %
     of the budget unused). A few seconds; the caller's thread count is restored."""
     from trainables.models import create_model
-    from trainables.train import _device, amp_dtype
+    from trainables.train import amp_dtype, default_device
 
     before = torch.get_num_threads()
     torch.set_num_threads(max(1, threads))
     try:
-        device = _device()
+        device = default_device()
         model = create_model(cfg.model, num_classes).to(device).train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         amp = amp_dtype(cfg.amp, device)

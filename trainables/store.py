@@ -4,14 +4,21 @@ Layout of `<storage>/<experiment>/`:
   config.yaml    the resolved search config          split.json    the split (indices, ids, hash)
   data.npz       decoded images (a cache)            init.pt       shared initial weights
   results.csv    one row per trial                   summary.json  best trial, val and test metrics
-  mlflow.json    tracking URI and parent run id      checkpoints/<trial_id>/best.pt
-  ensemble/      what ensemble.build writes
-  data_report/   the data report (trainables.eda)      model_report/<model>/  errors, Grad-CAM
+  mlflow.json    tracking URI and parent run id      optuna.db     the Optuna study
+  checkpoints/<trial_id>/best.pt   each trial's best epoch (+ epoch_<n>.pt, trial.json)
+  warm/          the warm start's run                refit/final.pt  the final model
+  ensemble/      what ensemble.build writes (seeds/<trial>-seed<s>/best.pt: seed retrains)
+  data_report/   the data report (trainables.eda)    model_report/<model>/  errors, Grad-CAM
+  plots/, pareto.csv   pictures of the search, a multi-objective search's front
   folds/<key>/<trial_id>/fold<k>/best.pt   K-fold models (ensemble.build --folds)
   students/<name>/best.pt                  distilled students (ensemble.distill)
-and Ray Tune's own state for --resume. Paths written inside the folder are relative to it, so a
-folder can be moved or copied. No Ray and no MLflow here: the search writes through this module,
-ensembles (and anything else that reads a finished search) read through it.
+  ray/           Ray Tune's and Ray Train's own bookkeeping (trial folders, error files)
+Every run of the training loop keeps its files in one folder beside its checkpoint: the
+checkpoint, `resume.pt` while it runs (its last finished epoch), `epoch_<n>.pt` (kept last
+epochs) and `epochs.json` (per-epoch reports); `finished` is the one rule that says a run is done.
+Paths written inside the folder are relative to it, so a folder can be moved or copied. No Ray
+and no MLflow here: the search writes through this module, ensembles (and anything else that
+reads a finished search) read through it.
 """
 
 from __future__ import annotations
@@ -19,20 +26,63 @@ from __future__ import annotations
 import re
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import yaml
 
-from trainables.checkpoint import load_checkpoint, save_checkpoint
-from trainables.data import ImageData, load_image_data, save_image_data
 from trainables.errors import UserError
 from trainables.files import atomic_write, read_json, write_json
-from trainables.split import Split
+
+if TYPE_CHECKING:
+    from trainables.config import TrainConfig
+    from trainables.data import ImageData
+    from trainables.split import Split
+    from trainables.start import Start
 
 FINISHED = ("completed", "stopped_early", "stopped_by_budget")  # trials with a usable result
 ENDED = FINISHED + ("failed",)  # trials a resumed search does not run again
-CHECKPOINT = "best.pt"
+CHECKPOINT = "best.pt"  # a run's best epoch
+RESUME = "resume.pt"  # a run's last finished epoch, while it has not finished
+EPOCHS = "epochs.json"  # a run's per-epoch reports
+
+
+# ---------------------------------------------------------------------- one run's folder
+
+
+def resume_path(checkpoint: str | Path) -> Path:
+    """Where the run that writes `checkpoint` keeps its last finished epoch while it runs."""
+    return Path(checkpoint).with_name(RESUME)
+
+
+def snapshot_path(checkpoint: str | Path, epoch: int) -> Path:
+    """Where the run that writes `checkpoint` keeps epoch `epoch`'s weights (--keep-last)."""
+    return Path(checkpoint).with_name(f"epoch_{epoch}.pt")
+
+
+def snapshots(checkpoint: str | Path) -> list[Path]:
+    """The kept last epochs beside `checkpoint`, oldest first."""
+    found = Path(checkpoint).parent.glob("epoch_*.pt")
+    return sorted(found, key=lambda p: int(p.stem.split("_")[1]))
+
+
+def epochs_path(checkpoint: str | Path) -> Path:
+    """Where a run's per-epoch reports are kept (for runs that are not Tune trials)."""
+    return Path(checkpoint).with_name(EPOCHS)
+
+
+def finished(checkpoint: str | Path, config: TrainConfig | None = None) -> bool:
+    """The one rule for "is this run done?": its checkpoint is there, no resume state is left
+    beside it, and (given `config`) it was trained with that recipe (how many threads trained
+    it does not matter)."""
+    path = Path(checkpoint)
+    if not path.is_file() or resume_path(path).exists():
+        return False
+    if config is None:
+        return True
+    from trainables.checkpoint import Checkpoint
+
+    return Checkpoint.load(path).train_config.recipe() == config.recipe()
 
 
 def outcome(epochs_run: int, planned: int) -> str:
@@ -107,19 +157,40 @@ class ExperimentStore:
     # ------------------------------------------------------------------ paths
 
     def path(self, name: str) -> Path:
+        """A file at the folder's top level (config.yaml, summary.json, optuna.db, ...)."""
         return self.dir / name
 
     def checkpoint(self, trial_id: str) -> Path:
         """Where a trial's best checkpoint lives."""
-        return self.dir / "checkpoints" / str(trial_id) / CHECKPOINT
+        return self.checkpoint_root / str(trial_id) / CHECKPOINT
 
     @property
     def checkpoint_root(self) -> Path:
         return self.dir / "checkpoints"
 
+    def trial_record(self, trial_id: str) -> Path:
+        """checkpoints/<trial>/trial.json: the trial's config, written when it starts."""
+        return self.checkpoint(trial_id).with_name("trial.json")
+
+    def warm_checkpoint(self, model: str, *, primary: bool = True) -> Path:
+        """warm/best.pt: the warm start of the search's (first) architecture;
+        warm/<model>/best.pt: each other architecture's."""
+        return self.dir / "warm" / CHECKPOINT if primary else \
+            self.dir / "warm" / model / CHECKPOINT
+
+    @property
+    def refit_checkpoint(self) -> Path:
+        """refit/final.pt: the chosen configuration retrained on train + val."""
+        return self.dir / "refit" / "final.pt"
+
     @property
     def ensemble_dir(self) -> Path:
         return self.dir / "ensemble"
+
+    def seed_checkpoint(self, trial_id: str, seed: int) -> Path:
+        """ensemble/seeds/<trial>-seed<seed>/best.pt: a trial's configuration retrained with
+        another seed (ensemble.build --seeds)."""
+        return self.ensemble_dir / "seeds" / f"{trial_id}-seed{seed}" / CHECKPOINT
 
     @property
     def data_report_dir(self) -> Path:
@@ -129,6 +200,15 @@ class ExperimentStore:
     def model_report_dir(self, name: str) -> Path:
         """model_report/<name>/: errors and Grad-CAM of a model ('best_trial', 'ensemble')."""
         return self.dir / "model_report" / name
+
+    @property
+    def plots_dir(self) -> Path:
+        return self.dir / "plots"
+
+    @property
+    def ray_dir(self) -> Path:
+        """ray/: Ray Tune's experiment state and trial folders, Ray Train's runs."""
+        return self.dir / "ray"
 
     def folds_dir(self, key: str) -> Path:
         """folds/<key>/: the models of one K-fold assignment of train + val; `key` names the
@@ -144,10 +224,10 @@ class ExperimentStore:
         return self.dir / "students" / name / CHECKPOINT
 
     def student_checkpoints(self) -> list[Path]:
-        """Every finished student (its training left no resume state behind), by name."""
+        """Every finished student, by name."""
         root = self.dir / "students"
         found = sorted(root.glob(f"*/{CHECKPOINT}")) if root.is_dir() else []
-        return [p for p in found if not p.with_name("resume.pt").exists()]
+        return [p for p in found if finished(p)]
 
     def relative(self, path: str | Path) -> str:
         """`path` as stored inside the folder: relative to it when it lies inside."""
@@ -206,9 +286,13 @@ class ExperimentStore:
         return (doc.get("train") or {}).get("metric") or doc.get("metric") or "accuracy"
 
     def write_data(self, data: ImageData) -> None:
+        from trainables.data import save_image_data
+
         save_image_data(data, self.path("data.npz"))
 
     def read_data(self) -> ImageData:
+        from trainables.data import load_image_data
+
         return load_image_data(self.path("data.npz"))
 
     def has_data(self) -> bool:
@@ -218,8 +302,14 @@ class ExperimentStore:
         write_json(self.path("split.json"), split.to_doc(ids))
 
     def read_split(self) -> Split:
+        from trainables.split import Split
+
         path = self.path("split.json")
         return Split.from_doc(read_json(path), source=str(path))
+
+    def read_split_doc(self) -> dict:
+        """split.json as plain data (indices, ids, hash)."""
+        return read_json(self.path("split.json"))
 
     def init_path(self, model: str | None = None, *, primary: bool = True) -> Path:
         """init.pt: the start of the search's (first) architecture; init-<model>.pt: the start
@@ -228,18 +318,16 @@ class ExperimentStore:
             return self.path("init.pt")
         return self.path(f"init-{model}.pt")
 
-    def write_init(self, state: dict, mean: list[float], std: list[float], model: str, *,
-                   kind: str = "random", facts: dict | None = None, primary: bool = True) -> None:
-        """The weights every trial of `model` starts from, and where they came from (kind
-        'pretrained', 'warm' or 'random', with e.g. the warm start's val accuracy)."""
-        save_checkpoint({"model": state, "mean": mean, "std": std, "model_name": model,
-                         "kind": kind, "facts": dict(facts or {})},
-                        self.init_path(model, primary=primary))
+    def write_init(self, start: Start, *, primary: bool = True) -> None:
+        """The weights every trial of `start.model` starts from, and where they came from."""
+        start.save(self.init_path(start.model, primary=primary))
 
-    def read_init(self, model: str | None = None) -> dict:
+    def read_init(self, model: str | None = None) -> Start:
         """The start of `model` (init-<model>.pt when it has its own, else init.pt)."""
+        from trainables.start import Start
+
         own = self.init_path(model, primary=False)
-        return load_checkpoint(own if own.is_file() else self.init_path())
+        return Start.load(own if model is not None and own.is_file() else self.init_path())
 
     def has_init(self, model: str | None = None, *, primary: bool = True) -> bool:
         return self.init_path(model, primary=primary).is_file()
@@ -265,11 +353,11 @@ class ExperimentStore:
                                    for c in table["checkpoint"]]
         return table
 
-    def write_trial_record(self, trial_id: str, config: dict) -> None:
-        """checkpoints/<trial>/trial.json: the trial's config, written when it starts, so a
-        continued search can recognise an interrupted trial and give it its folder back."""
-        path = self.checkpoint(trial_id).with_name("trial.json")
-        if not path.is_file():
+    def write_trial_record(self, trial_id: str, config: dict, *, replace: bool = False) -> None:
+        """The trial's config, written when it starts, so a continued search can recognise an
+        interrupted trial and give it its folder back (`replace`: a folder it took over)."""
+        path = self.trial_record(trial_id)
+        if replace or not path.is_file():
             write_json(path, {"trial_id": trial_id, "config": config})
 
     def trial_records(self) -> list[dict]:
@@ -308,4 +396,3 @@ class ExperimentStore:
     def read_tracking(self) -> dict[str, Any] | None:
         p = self.path("mlflow.json")
         return read_json(p) if p.is_file() else None
-

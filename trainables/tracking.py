@@ -90,9 +90,9 @@ def log_val_pictures(client, run_id: str, checkpoint: Path, class_names: list[st
     """Confusion matrix picture and per-class report of a checkpoint's stored val predictions."""
     import numpy as np
 
-    from trainables.checkpoint import load_checkpoint
+    from trainables.checkpoint import Checkpoint
 
-    probs = load_checkpoint(checkpoint)["val_probs"].numpy()
+    probs = Checkpoint.load(checkpoint).val_probs
     log_prediction_pictures(client, run_id, probs, np.asarray(labels), class_names, split)
 
 

@@ -9,7 +9,6 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,59 +17,44 @@ import torch
 from torch import nn
 
 from trainables.augment import eval_batches, normalize, train_batches, train_transform
-from trainables.checkpoint import load_checkpoint, save_checkpoint
+from trainables.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from trainables.config import TrainConfig
 from trainables.data import ImageData
+from trainables.inputs import Teacher, TrialInputs
 from trainables.metrics import classification_metrics
 from trainables.models import create_model, import_plugins, unwrap
 from trainables.schedules import LRSchedule
+from trainables.store import resume_path, snapshot_path
 
 if TYPE_CHECKING:
     from trainables.gpu_augment import BatchAugment
 
 
-@dataclass
-class TrialInputs:
-    """What every trial of a search shares: data, split and initial weights.
-
-    `data` and `init_state` may be Ray object refs (zero-copy from the object store) or the
-    objects themselves (tests, benchmarks without Ray).
-    """
-
-    data: Any
-    init_state: Any
-    train_idx: np.ndarray
-    val_idx: np.ndarray
-    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
-    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
-    init_id: str = ""  # names the shared start: weights can be averaged within one start only
-    split_hash: str = ""  # names the split: members of one ensemble must share it
-    teacher: Teacher | None = None  # distillation: a student learns from it and the labels
-
-
-@dataclass
-class Teacher:
-    """What a student (ensemble.distill) learns from besides the labels: the teacher's class
-    probabilities of every image of the data, (N, C) (or a Ray ref to them), softened by
-    `temperature` and weighted by `alpha` in `distillation_loss`."""
-
-    probs: Any
-    temperature: float = 4.0
-    alpha: float = 0.9
-
-
 def train_worker(loop_config: dict) -> None:
-    """Ray Train entry point: each DDP worker runs `fit` on its shard and reports to Ray Train."""
+    """Ray Train entry point: each DDP worker runs `fit` on its shard and reports to Ray Train
+    (which forwards rank 0's reports to Tune in a trial); rank 0 also keeps them in the run
+    folder, for jobs that are not trials."""
     import ray
     import ray.train
 
+    from trainables.files import write_json
+    from trainables.store import epochs_path
+
     ctx = ray.train.get_context()
-    import_plugins(loop_config.get("plugins", ()))
+    rank = ctx.get_world_rank()
     where = {"node_id": ray.get_runtime_context().get_node_id(),
              "gpu_ids": ",".join(str(g) for g in ray.get_gpu_ids())}  # rank 0's reaches Tune
-    fit(TrainConfig.from_dict(loop_config["config"]), loop_config["inputs"],
-        loop_config.get("checkpoint_path"), rank=ctx.get_world_rank(),
-        world_size=ctx.get_world_size(), report=lambda m: ray.train.report({**m, **where}))
+    reports: list[dict] = []
+
+    def report(metrics: dict) -> None:
+        reports.append({**metrics, **where})
+        ray.train.report(reports[-1])
+
+    checkpoint = loop_config.get("checkpoint_path")
+    fit(TrainConfig.from_dict(loop_config["config"]), loop_config["inputs"], checkpoint,
+        rank=rank, world_size=ctx.get_world_size(), report=report)
+    if rank == 0 and checkpoint:
+        write_json(epochs_path(checkpoint), reports)
 
 
 def fit(cfg: TrainConfig, inputs: TrialInputs, checkpoint_path: str | None = None, *,
@@ -86,6 +70,7 @@ def fit(cfg: TrainConfig, inputs: TrialInputs, checkpoint_path: str | None = Non
     over. Returns the best epoch's metrics.
     """
     torch.set_num_threads(max(1, cfg.threads))
+    import_plugins(cfg.plugins)  # modules that register custom models, before one is built
     data: ImageData = _resolve(inputs.data)
     device = worker_device(world_size)
     torch.manual_seed(cfg.seed * 1000 + rank)  # dropout's draws in the model's construction
@@ -129,7 +114,7 @@ class _Keeper:
 
     @property
     def resume_path(self) -> Path | None:
-        return self.path.with_name("resume.pt") if self.path else None
+        return resume_path(self.path) if self.path else None
 
     def resume(self, loop: _Loop) -> int:
         """Loads a resume state left by an interrupted run of this config; its epoch, or 0."""
@@ -137,7 +122,7 @@ class _Keeper:
         if p is None or not p.is_file():
             return 0
         state = load_checkpoint(p)
-        if state.get("config") != dataclasses.asdict(self.cfg):
+        if TrainConfig.from_dict(state["config"]).recipe() != self.cfg.recipe():
             return 0  # another configuration's leftovers: start afresh
         loop.load_state(state)
         self.best = dict(state["best"])
@@ -156,7 +141,7 @@ class _Keeper:
                 "epoch": epoch}
             self._save(self.path, loop, self.best, val_probs)
         if self.cfg.keep_last and epoch > self.cfg.epochs - self.cfg.keep_last and self.path:
-            snapshot = self.path.with_name(f"epoch_{epoch}.pt")
+            snapshot = snapshot_path(self.path, epoch)
             if not (is_best and self._link(self.path, snapshot)):
                 epoch_metrics = {k: metrics[k] for k in ("val_acc", "val_loss", "val_f1")}
                 self._save(snapshot, loop, epoch_metrics | {"epoch": epoch}, val_probs)
@@ -194,8 +179,8 @@ class _Keeper:
 
     def _save(self, path: Path | None, loop: _Loop, metrics: dict, val_probs: np.ndarray) -> None:
         if self.rank == 0 and path is not None:
-            save_checkpoint(_checkpoint(self.cfg, loop.evaluated, self.data, self.inputs,
-                                        metrics, val_probs), path)
+            _checkpoint(self.cfg, loop.evaluated, self.data, self.inputs, metrics,
+                        val_probs).save(path)
 
 
 class _Loop:
@@ -380,16 +365,6 @@ def predict_proba(model: nn.Module, images: np.ndarray, indices: np.ndarray | No
     return torch.cat(out).numpy() if out else np.zeros((0, n_classes), np.float32)
 
 
-def load_trained(path_or_state: str | dict, device: torch.device | None = None
-                 ) -> tuple[nn.Module, dict]:
-    """Rebuilds a trained model from a checkpoint written by `fit`; returns (model, checkpoint)."""
-    ckpt = load_checkpoint(path_or_state) if isinstance(path_or_state, str) else path_or_state
-    cfg = TrainConfig.from_dict(ckpt["config"])
-    model = create_model(cfg.model, len(ckpt["class_names"]), drop_rate=cfg.dropout)
-    model.load_state_dict(ckpt["model"])
-    return model.to(device or _device()).eval(), ckpt
-
-
 def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for an AMP mode: fp16 on CUDA, bf16 on CPUs with AMX, else off."""
     if mode == "off":
@@ -505,22 +480,15 @@ def _sample_weights(mode: str, labels: np.ndarray, num_classes: int) -> np.ndarr
 
 
 def _checkpoint(cfg: TrainConfig, model: nn.Module, data: ImageData, inputs: TrialInputs,
-                best: dict, val_probs: np.ndarray) -> dict:
-    return {
-        "format": 1,
-        "model": {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()},
-        "config": dataclasses.asdict(cfg),
-        "class_names": list(data.class_names),
-        "image_size": int(data.images.shape[1]),
-        "mean": list(inputs.mean),
-        "std": list(inputs.std),
-        "epoch": int(best["epoch"]),
-        "metrics": {k: float(v) for k, v in best.items()},
-        "init_id": inputs.init_id,
-        "split_hash": inputs.split_hash,
-        "val_indices": torch.tensor(np.asarray(inputs.val_idx, np.int64)),
-        "val_probs": torch.from_numpy(np.asarray(val_probs, np.float32)),
-    }
+                best: dict, val_probs: np.ndarray) -> Checkpoint:
+    return Checkpoint(
+        model={k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()},
+        config=dataclasses.asdict(cfg), class_names=list(data.class_names),
+        image_size=int(data.images.shape[1]), mean=list(inputs.mean), std=list(inputs.std),
+        epoch=int(best["epoch"]), metrics={k: float(v) for k, v in best.items()},
+        init_id=inputs.init_id, split_hash=inputs.split_hash,
+        val_indices=np.asarray(inputs.val_idx, np.int64),
+        val_probs=np.asarray(val_probs, np.float32))
 
 
 def _sync_buffers(model: nn.Module) -> None:
@@ -565,7 +533,7 @@ def _memory_format(cfg: TrainConfig, device: torch.device) -> torch.memory_forma
     return torch.preserve_format
 
 
-def _device() -> torch.device:
+def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -577,13 +545,17 @@ def worker_device(world_size: int) -> torch.device:
         from ray.train.torch import get_device
 
         return get_device()
-    return _device()
+    return default_device()
 
 
 def _resolve(obj: Any) -> Any:
-    import ray
+    """`obj`, or what it refers to when it is a Ray object ref (Ray is imported only then, so
+    `fit` on plain arrays runs where Ray is not installed)."""
+    if type(obj).__module__.startswith("ray"):
+        import ray
 
-    return ray.get(obj) if isinstance(obj, ray.ObjectRef) else obj
+        return ray.get(obj)
+    return obj
 
 
 def inference_cost(model: nn.Module, images: np.ndarray, inputs: TrialInputs,

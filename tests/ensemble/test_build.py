@@ -17,7 +17,7 @@ import torch
 
 import ensemble
 from conftest import REPO, write_image
-from trainables.checkpoint import load_checkpoint, save_checkpoint
+from trainables.checkpoint import Checkpoint
 from trainables.data import load_image_data
 
 pytestmark = pytest.mark.slow
@@ -92,11 +92,11 @@ def test_build_reports_every_row_and_saves_a_loadable_ensemble(search):
 def test_soups_of_warm_started_trials(search):
     """Every trial fine-tuned from the search's warm start, so they (and their last epochs)
     average into soups; the report says how many ingredients each soup took."""
-    from trainables.checkpoint import load_checkpoint
+    from trainables.start import Start
 
     report = json.loads((search["exp"] / "ensemble" / "report.json").read_text())
     rows = {r["name"]: r for r in report["rows"]}
-    assert load_checkpoint(search["exp"] / "init.pt")["kind"] == "warm"
+    assert Start.load(search["exp"] / "init.pt").kind == "warm"
     uniform, greedy, last = rows["uniform soup"], rows["greedy soup"], rows["last-epochs soup"]
     assert len(uniform["members"]) == 3 and uniform["note"].startswith("3 of 3 ingredients")
     # greedy candidates: 3 members + their kept last epochs (not already a member's best)
@@ -104,16 +104,16 @@ def test_soups_of_warm_started_trials(search):
     assert 1 <= taken == len(greedy["members"]) <= offered and offered >= 3
     assert greedy["val"]["accuracy"] >= rows["best single"]["val"]["accuracy"]
     assert len(last["members"]) == 2 and all("epoch_" in m for m in last["members"])
-    soup = load_checkpoint(search["exp"] / "ensemble" / "last-epochs_soup.pt")
-    assert soup["kind"] == "soup" and len(soup["ingredients"]) == 2
+    soup = Checkpoint.load(search["exp"] / "ensemble" / "last-epochs_soup.pt")
+    assert soup.soup is not None and len(soup.soup["ingredients"]) == 2
 
 
 def test_soup_checkpoint_loads_as_a_training_checkpoint(search):
-    from trainables.train import load_trained
+    from models import load_model
 
     soup = search["exp"] / "ensemble" / "greedy_soup.pt"
-    model, ckpt = load_trained(str(soup), torch.device("cpu"))
-    assert ckpt["kind"] == "soup" and len(ckpt["ingredients"]) >= 1
+    model, ckpt = load_model(soup, torch.device("cpu"))
+    assert ckpt.soup is not None and len(ckpt.soup["ingredients"]) >= 1
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 3)
 
 
@@ -168,9 +168,9 @@ def test_members_with_different_classes_are_refused(search, tmp_path):
     copy = tmp_path / "runs" / "mixed"
     shutil.copytree(search["exp"], copy, ignore=shutil.ignore_patterns("ensemble"))
     table = pd.read_csv(copy / "results.csv", dtype={"trial_id": str})
-    odd = load_checkpoint(copy / table["checkpoint"][1])
-    odd["class_names"] = ["a", "b", "c"]
-    save_checkpoint(odd, copy / "odd.pt")
+    odd = Checkpoint.load(copy / table["checkpoint"][1])
+    odd.class_names = ["a", "b", "c"]
+    odd.save(copy / "odd.pt")
     table.loc[1, "checkpoint"] = str(copy / "odd.pt")
     table.to_csv(copy / "results.csv", index=False)
     proc = _run("ensemble.build", ["--experiment", "mixed", "--storage", str(tmp_path / "runs"),

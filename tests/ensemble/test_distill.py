@@ -19,7 +19,7 @@ import torch
 import ensemble
 from conftest import REPO, write_image
 from ensemble.distill import main as distill_main
-from trainables.checkpoint import load_checkpoint, save_checkpoint
+from trainables.checkpoint import Checkpoint
 from trainables.data import decode_images
 from trainables.train import DistillLoss, distillation_loss
 
@@ -99,7 +99,7 @@ def _unlabelled(work: Path, split: dict) -> Path:
 @pytest.fixture(scope="module")
 def student(tmp_path_factory) -> dict:
     """A tiny search; its two trials as a saved vote (the teacher); one distillation run."""
-    from ensemble.combiners import VoteArtifact
+    from models.artifact import Vote
 
     work = tmp_path_factory.mktemp("kd")
     rng = np.random.default_rng(0)
@@ -113,7 +113,7 @@ def student(tmp_path_factory) -> dict:
     assert proc.returncode == 0, proc.stderr[-3000:]
     exp = work / "runs" / "kd"
     members = sorted(str(p) for p in (exp / "checkpoints").glob("*/best.pt"))
-    VoteArtifact(members, [0.5, 0.5]).save(exp / "ensemble" / "ensemble.pt", [])
+    Vote(members, [0.5, 0.5]).save(exp / "ensemble" / "ensemble.pt")
     split = json.loads((exp / "split.json").read_text())
     args = ["--experiment", "kd", "--pseudo-label", str(_unlabelled(work, split)),
             "--pseudo-threshold", "0.01", "--epochs", "1", "--num-cpus", "2"]
@@ -171,8 +171,8 @@ def test_student_loads_and_joins_the_ensemble_table(student):
     from ensemble.members import open_search
 
     path = student["dir"] / "best.pt"
-    ckpt = load_checkpoint(path)
-    assert ckpt["split_hash"] == student["split"]["hash"]
+    ckpt = Checkpoint.load(path)
+    assert ckpt.split_hash == student["split"]["hash"]
     model = ensemble.load(path)
     data = np.load(student["exp"] / "data.npz")["images"]
     probs = model.predict_proba(data[:4])
@@ -205,9 +205,9 @@ def test_bad_input_is_one_sentence_and_changes_nothing(student, tmp_path, case, 
     monkeypatch.chdir(student["work"])
     args = ["--experiment", "kd"]
     if case == "other-classes":  # a teacher of another experiment: same size, other classes
-        foreign = load_checkpoint(next((student["exp"] / "checkpoints").glob("*/best.pt")))
-        foreign["class_names"] = ["x", "y", "z"]
-        save_checkpoint(foreign, tmp_path / "foreign.pt")
+        foreign = Checkpoint.load(next((student["exp"] / "checkpoints").glob("*/best.pt")))
+        foreign.class_names = ["x", "y", "z"]
+        foreign.save(tmp_path / "foreign.pt")
         args += ["--teacher", str(tmp_path / "foreign.pt")]
     else:
         args += {"alpha": ["--alpha", "1.5"], "student": ["--student", "resnet_nope"],

@@ -19,10 +19,12 @@ from conftest import REPO, write_image
 from ensemble.build import main as build_main
 from ensemble.folds import draw_folds, plan_folds
 from ensemble.members import SearchState
-from trainables.checkpoint import load_checkpoint
+from search.config import SearchConfig
+from trainables.checkpoint import Checkpoint
 from trainables.data import load_data
 from trainables.errors import UserError
 from trainables.split import draw_split
+from trainables.start import Start
 from trainables.store import ExperimentStore
 
 FOLD_ROWS = ["folds best config", "folds soft vote", "folds weighted vote"]
@@ -49,7 +51,7 @@ def _state(tmp_path: Path, csv: Path, group_col: str | None = "patient") -> Sear
     data = load_data(csv, image_size=24, group_col=group_col)
     split = draw_split(data.labels, val_fraction=0.15, test_fraction=0.15, seed=0,
                        class_names=data.class_names, groups=data.groups)
-    config = {"data": str(csv), "image_col": "image_path", "group_col": group_col, "seed": 0}
+    config = SearchConfig(data=str(csv), group_col=group_col, seed=0)
     return SearchState(ExperimentStore(tmp_path / "runs" / "x"), config, pd.DataFrame(), data,
                        split)
 
@@ -184,15 +186,13 @@ def test_oof_covers_train_and_val_once_and_folds_keep_groups_apart(folds):
 
 @slow
 def test_fold_models_are_loadable_checkpoints_from_the_shared_start(folds):
-    from trainables.models import state_id
-
-    init_id = state_id(load_checkpoint(folds["exp"] / "init.pt")["model"])
+    init_id = Start.load(folds["exp"] / "init.pt").id
     data = ExperimentStore(folds["exp"]).read_data()
     paths = sorted(folds["dir"].glob("*/fold*/best.pt"))
     assert len(paths) == 6
     for p in paths[:2]:
-        ckpt = load_checkpoint(p)
-        assert ckpt["init_id"] == init_id
+        ckpt = Checkpoint.load(p)
+        assert ckpt.init_id == init_id
         probs = ensemble.load(p).predict_proba(data.images[:5])
         assert probs.shape == (5, 3) and np.allclose(probs.sum(1), 1, atol=1e-4)
 

@@ -215,20 +215,20 @@ def test_invalid_model_name_is_one_sentence_and_registers_nothing(registered, ca
 
 
 def test_a_packaged_vote_needs_nothing_from_the_experiment_folder(registered, tmp_path):
-    from ensemble.combiners import VoteArtifact
-    from ensemble.pyfunc import package
+    from models.artifact import Vote
+    from models.pyfunc import package
     from trainables.store import ExperimentStore
 
     members = ExperimentStore(registered["exp"]).usable_trials()["checkpoint"].tolist()
     images, _ = decode_images(_test_files(registered), 32, "error")
     vote = tmp_path / "vote" / "ensemble.pt"
-    VoteArtifact(members, [0.75, 0.25]).save(vote, ["hflip"])
+    Vote(members, [0.75, 0.25], tta=["hflip"]).save(vote)
     expected = ensemble.load(vote).predict_proba(images)
     moved = shutil.move(str(package(vote, tmp_path / "packed")), str(tmp_path / "elsewhere"))
     shutil.rmtree(tmp_path / "vote")
     model = ensemble.load(Path(moved) / "ensemble.pt")
     assert len(model.models) == 2 and model.tta == ["hflip"] and model.weights == [0.75, 0.25]
-    from trainables.checkpoint import load_checkpoint
+    from trainables.checkpoint import load_checkpoint  # the file as stored: relative members
 
     assert load_checkpoint(Path(moved) / "ensemble.pt")["members"] == ["members/0.pt",
                                                                        "members/1.pt"]

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from search.budget import GOOD_EPOCHS, Speed, apply, parse_duration, plan_budget
+from search.budget import Speed, apply, plan_budget
 from search.config import parse_config
 from search.resources import ResourcePlan
+from trainables.cli import parse_duration
+from trainables.defaults import GOOD_EPOCHS
 from trainables.errors import UserError
 
 PLAN = ResourcePlan(workers=1, cpus_per_worker=1.0, gpus_per_worker=0.0, trial_cpus=0.0,
-                    concurrency=2, solo_cpus=2.0)
+                    concurrency=2)
 CLOTHES = {"n_train": 3068, "n_val": 341, "n_test": 372}
 
 

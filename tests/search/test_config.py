@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from search.config import SearchConfig, build_parser, parse_config
-from search.space import DEFAULT_SPACE, WARM_LR
 from trainables.config import OPTIONS
+from trainables.defaults import SPACE as DEFAULT_SPACE
+from trainables.defaults import WARM_LR
 from trainables.errors import UserError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -308,7 +309,7 @@ def test_plugin_registers_a_custom_model(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="tiny_cfg_plugin_net"):
         parse_config(["--model", "tiny_cfg_plugin_net"])  # not registered yet
     cfg = parse_config(["--plugins", "tiny_cfg_plugin", "--model", "tiny_cfg_plugin_net"])
-    assert cfg.plugins == ["tiny_cfg_plugin"] and cfg.train.model == "tiny_cfg_plugin_net"
+    assert cfg.train.plugins == ("tiny_cfg_plugin",) and cfg.train.model == "tiny_cfg_plugin_net"
 
 
 # ---------------------------------------------------------------- training settings: one source
@@ -364,7 +365,7 @@ def test_every_training_setting_reaches_the_trial():
 
 
 def test_the_default_learning_rate_range_follows_what_the_trials_fine_tune_from():
-    from search.space import PRETRAINED_LR, RECOMMENDED
+    from trainables.defaults import PRETRAINED_LR, RECOMMENDED
 
     assert parse_config(["--pretrained"]).space["lr"] == PRETRAINED_LR
     assert parse_config(["--init", "random"]).space["lr"] == DEFAULT_SPACE["lr"]

@@ -76,24 +76,23 @@ def test_search_writes_results_and_summary(searched):
 
 
 def test_every_trial_fine_tunes_from_the_one_warm_start(searched):
-    from trainables.checkpoint import load_checkpoint
-    from trainables.models import state_id
+    from trainables.checkpoint import Checkpoint
+    from trainables.start import Start
 
     exp = searched["exp_dir"]
-    init = load_checkpoint(exp / "init.pt")
-    assert init["kind"] == "warm" and 0.0 <= init["facts"]["val_acc"] <= 1.0
-    warm = load_checkpoint(exp / "warm" / "best.pt")  # the warm start's own checkpoint
-    assert all(torch.equal(v, warm["model"][k]) for k, v in init["model"].items())
+    init = Start.load(exp / "init.pt")
+    assert init.kind == "warm" and 0.0 <= init.facts["val_acc"] <= 1.0
+    warm = Checkpoint.load(exp / "warm" / "best.pt")  # the warm start's own checkpoint
+    assert all(torch.equal(v, warm.model[k]) for k, v in init.state.items())
     table = pd.read_csv(exp / "results.csv")
-    ids = {load_checkpoint(exp / c)["init_id"] for c in table["checkpoint"]}
-    assert ids == {state_id(init["model"])}
+    ids = {Checkpoint.load(exp / c).init_id for c in table["checkpoint"]}
+    assert ids == {init.id}
     summary = json.loads((exp / "summary.json").read_text())
-    assert summary["start"]["kind"] == "warm" and summary["start"]["id"] == state_id(init["model"])
+    assert summary["start"]["kind"] == "warm" and summary["start"]["id"] == init.id
 
 
 def test_refit_on_train_and_val_is_the_final_model(searched):
-    from trainables.checkpoint import load_checkpoint
-    from trainables.train import TrainConfig
+    from trainables.checkpoint import Checkpoint
 
     exp = searched["exp_dir"]
     summary = json.loads((exp / "summary.json").read_text())
@@ -101,10 +100,10 @@ def test_refit_on_train_and_val_is_the_final_model(searched):
     assert final["model"] == "refit" and final["checkpoint"] == refit["checkpoint"]
     assert refit["train_images"] == summary["split_sizes"]["train"] + summary["split_sizes"]["val"]
     assert 0.0 <= refit["test"]["accuracy"] <= 1.0 and "f1" in refit["test"]
-    ckpt = load_checkpoint(exp / refit["checkpoint"])
-    chosen = load_checkpoint(exp / summary["best_trial"]["checkpoint"])
-    assert TrainConfig.from_dict(ckpt["config"]).lr == TrainConfig.from_dict(chosen["config"]).lr
-    assert len(ckpt["val_indices"]) == 0  # no image was held out from it
+    ckpt = Checkpoint.load(exp / refit["checkpoint"])
+    chosen = Checkpoint.load(exp / summary["best_trial"]["checkpoint"])
+    assert ckpt.train_config.recipe() == chosen.train_config.recipe()
+    assert len(ckpt.val_indices) == 0  # no image was held out from it
     assert "refit on train + val" in searched["stderr"]
 
 

@@ -13,13 +13,13 @@ from optuna.distributions import (
 )
 
 from search.space import (
-    DEFAULT_SPACE,
-    RECOMMENDED,
     SEARCHABLE,
     SpaceSampler,
     recommended_point,
     resolve_space,
 )
+from trainables.defaults import RECOMMENDED
+from trainables.defaults import SPACE as DEFAULT_SPACE
 from trainables.errors import UserError
 from trainables.train import TrainConfig
 

@@ -76,18 +76,18 @@ def test_two_architectures_searched_for_accuracy_against_latency(tmp_path):
         cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
         text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    from trainables.checkpoint import load_checkpoint
-    from trainables.models import state_id
+    from trainables.checkpoint import Checkpoint
+    from trainables.start import Start
 
     exp = tmp_path / "runs" / "archs"
-    starts = {m: state_id(load_checkpoint(exp / f)["model"])
+    starts = {m: Start.load(exp / f).id
               for m, f in (("resnet10t", "init.pt"),
                            ("mobilenetv3_small_050", "init-mobilenetv3_small_050.pt"))}
-    assert load_checkpoint(exp / "init-mobilenetv3_small_050.pt")["kind"] == "warm"
+    assert Start.load(exp / "init-mobilenetv3_small_050.pt").kind == "warm"
     table = pd.read_csv(exp / "results.csv")
     for row in table.itertuples():
-        ckpt = load_checkpoint(exp / row.checkpoint)
-        assert ckpt["init_id"] == starts[row.model]  # each from its own architecture's start
+        ckpt = Checkpoint.load(exp / row.checkpoint)
+        assert ckpt.init_id == starts[row.model]  # each from its own architecture's start
         if row.model == "mobilenetv3_small_050":
             assert row.lr == 0.005
     study = optuna.load_study(study_name=STUDY, storage=study_storage(ExperimentStore(exp)))

@@ -4,23 +4,23 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import pickle
 
 import numpy as np
 import pytest
 import torch
 
-from trainables.checkpoint import load_checkpoint, save_checkpoint
+from models.artifact import load_model
+from trainables.checkpoint import Checkpoint, load_checkpoint
 from trainables.data import ImageData, load_data
 from trainables.models import initial_state
 from trainables.schedules import SCHEDULERS, LRSchedule
 from trainables.split import Split, draw_split
+from trainables.store import resume_path
 from trainables.train import (
     TrainConfig,
     TrialInputs,
     amp_dtype,
     fit,
-    load_trained,
     predict_proba,
 )
 
@@ -74,55 +74,48 @@ def test_checkpoint_is_a_plain_dict_written_atomically(tiny, tmp_path):
     best = fit(BASE, inputs, str(path))
 
     assert [p.name for p in path.parent.iterdir()] == ["best.pt"]  # no temp file left behind
-    ckpt = load_checkpoint(path)  # weights_only=True: plain types and tensors only
-    assert type(ckpt) is dict
-    assert {"model", "config", "class_names", "val_probs"} <= set(ckpt)
-    assert ckpt["config"] == dataclasses.asdict(BASE)
-    assert TrainConfig.from_dict(ckpt["config"]) == BASE
-    assert ckpt["class_names"] == data.class_names
-    assert ckpt["image_size"] == 32
-    assert ckpt["epoch"] == best["epoch"]
-    assert ckpt["metrics"]["val_acc"] == pytest.approx(best["val_acc"])
-    assert np.array_equal(ckpt["val_indices"].numpy(), split.val)
-    probs = ckpt["val_probs"].numpy()
+    raw = load_checkpoint(path)  # weights_only=True: plain types and tensors only
+    assert type(raw) is dict
+    assert {"model", "config", "class_names", "val_probs"} <= set(raw)
+    ckpt = Checkpoint.load(path)
+    assert ckpt.config == dataclasses.asdict(BASE)
+    assert ckpt.train_config == BASE
+    assert ckpt.class_names == data.class_names
+    assert ckpt.image_size == 32
+    assert ckpt.epoch == best["epoch"]
+    assert ckpt.metrics["val_acc"] == pytest.approx(best["val_acc"])
+    assert np.array_equal(ckpt.val_indices, split.val)
+    probs = ckpt.val_probs
     assert probs.shape == (len(split.val), data.num_classes)
     assert np.allclose(probs.sum(1), 1.0, atol=1e-5)
     assert (probs >= 0).all()
     # the model actually trained: its weights moved away from the shared initial state
-    moved = [k for k, v in ckpt["model"].items()
+    moved = [k for k, v in ckpt.model.items()
              if v.is_floating_point() and not torch.equal(v, inputs.init_state[k])]
     assert moved
 
 
-def test_save_checkpoint_failure_keeps_the_old_file(tmp_path):
-    path = tmp_path / "c.pt"
-    save_checkpoint({"a": torch.ones(2)}, path)
-    with pytest.raises((pickle.PicklingError, AttributeError, TypeError)):
-        save_checkpoint({"a": lambda: 1}, path)  # cannot be pickled: fails mid-write
-    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
-    assert torch.equal(load_checkpoint(path)["a"], torch.ones(2))
-
-
-def test_load_trained_reproduces_val_probs(tiny, tmp_path):
+def test_load_model_reproduces_val_probs(tiny, tmp_path):
     data, split, inputs = tiny
     path = tmp_path / "best.pt"
     fit(BASE, inputs, str(path))
-    model, ckpt = load_trained(str(path), torch.device("cpu"))
+    model, ckpt = load_model(path, torch.device("cpu"))
     assert not model.training
     mean, std = _mean_std(inputs)
     probs = predict_proba(model, data.images, split.val, mean=mean, std=std)
     assert probs.shape == (len(split.val), data.num_classes)
-    assert np.allclose(probs, ckpt["val_probs"].numpy(), atol=1e-5)
-    # also from the dict itself
-    model2, _ = load_trained(ckpt, torch.device("cpu"))
+    assert np.allclose(probs, ckpt.val_probs, atol=1e-5)
+    # also from the loaded checkpoint itself
+    model2, _ = load_model(ckpt, torch.device("cpu"))
     probs2 = predict_proba(model2, data.images, split.val, mean=mean, std=std, batch_size=2)
     assert np.allclose(probs2, probs, atol=1e-5)
 
 
 def test_predict_proba_all_images_and_empty(tiny):
     data, _, inputs = tiny
-    model, _ = load_trained({"config": dataclasses.asdict(BASE), "class_names": data.class_names,
-                             "model": inputs.init_state}, torch.device("cpu"))
+    model, _ = load_model(Checkpoint(inputs.init_state, dataclasses.asdict(BASE),
+                                     data.class_names, 32, inputs.mean, inputs.std),
+                          torch.device("cpu"))
     mean, std = _mean_std(inputs)
     probs = predict_proba(model, data.images, mean=mean, std=std, batch_size=5)
     assert probs.shape == (len(data.labels), 3)
@@ -138,13 +131,13 @@ def test_same_seed_same_result(tiny, tmp_path):
     for name in ("a", "b"):
         reports: list[dict] = []
         best = fit(cfg, inputs, str(tmp_path / f"{name}.pt"), report=reports.append)
-        runs.append((best, reports, load_checkpoint(tmp_path / f"{name}.pt")))
+        runs.append((best, reports, Checkpoint.load(tmp_path / f"{name}.pt")))
     (best_a, rep_a, ck_a), (best_b, rep_b, ck_b) = runs
     assert best_a == best_b
     assert [r["train_loss"] for r in rep_a] == [r["train_loss"] for r in rep_b]
-    assert torch.equal(ck_a["val_probs"], ck_b["val_probs"])
-    for k in ck_a["model"]:
-        assert torch.equal(ck_a["model"][k], ck_b["model"][k]), k
+    assert np.array_equal(ck_a.val_probs, ck_b.val_probs)
+    for k in ck_a.model:
+        assert torch.equal(ck_a.model[k], ck_b.model[k]), k
 
     other: list[dict] = []
     fit(dataclasses.replace(cfg, seed=1), inputs, None, report=other.append)
@@ -189,7 +182,7 @@ def test_accumulation_still_updates_weights(tiny, tmp_path):
     path = tmp_path / "acc.pt"
     # 14 train images / batch 4 -> 3 batches; accum 2 -> the last update has one micro-batch
     fit(dataclasses.replace(BASE, batch_size=4, accum_steps=2, epochs=1), inputs, str(path))
-    state = load_checkpoint(path)["model"]
+    state = Checkpoint.load(path).model
     assert any(not torch.equal(v, inputs.init_state[k])
                for k, v in state.items() if v.is_floating_point())
 
@@ -284,7 +277,7 @@ def test_frozen_backbone_epochs_leave_the_backbone_unchanged(tiny, tmp_path):
     _, _, inputs = tiny
     path = tmp_path / "frozen.pt"
     fit(dataclasses.replace(BASE, batch_size=4, epochs=1, freeze_epochs=1), inputs, str(path))
-    body, head = _backbone_and_head(load_checkpoint(path)["model"])
+    body, head = _backbone_and_head(Checkpoint.load(path).model)
     init_body, init_head = _backbone_and_head(inputs.init_state)
     for k, v in body.items():  # weights and BatchNorm statistics alike
         assert torch.equal(v, init_body[k]), k
@@ -292,7 +285,7 @@ def test_frozen_backbone_epochs_leave_the_backbone_unchanged(tiny, tmp_path):
     # after the frozen epochs the whole network trains
     fit(dataclasses.replace(BASE, batch_size=4, epochs=2, freeze_epochs=1, keep_last=1), inputs,
         str(tmp_path / "two" / "best.pt"))
-    body, _ = _backbone_and_head(load_checkpoint(tmp_path / "two" / "epoch_2.pt")["model"])
+    body, _ = _backbone_and_head(Checkpoint.load(tmp_path / "two" / "epoch_2.pt").model)
     assert any(not torch.equal(v, init_body[k]) for k, v in body.items() if v.is_floating_point())
 
 
@@ -302,21 +295,21 @@ def test_ema_and_last_epochs_load_as_normal_checkpoints(tiny, tmp_path):
     fit(cfg, inputs, str(tmp_path / "t" / "best.pt"))
     names = sorted(p.name for p in (tmp_path / "t").iterdir())
     assert names == ["best.pt", "epoch_2.pt", "epoch_3.pt"]  # no resume state left behind
-    best_epoch = load_checkpoint(tmp_path / "t" / "best.pt")["epoch"]
+    best_epoch = Checkpoint.load(tmp_path / "t" / "best.pt").epoch
     for n in (2, 3):  # a last epoch that is also the best is the same file, not a copy
         same = (tmp_path / "t" / f"epoch_{n}.pt").samefile(tmp_path / "t" / "best.pt")
         assert same == (n == best_epoch), (n, best_epoch)
-        assert load_checkpoint(tmp_path / "t" / f"epoch_{n}.pt")["epoch"] == n
+        assert Checkpoint.load(tmp_path / "t" / f"epoch_{n}.pt").epoch == n
     mean, std = _mean_std(inputs)
     for name in names:
-        model, ckpt = load_trained(str(tmp_path / "t" / name), torch.device("cpu"))
+        model, ckpt = load_model(tmp_path / "t" / name, torch.device("cpu"))
         probs = predict_proba(model, data.images, split.val, mean=mean, std=std)
-        assert np.allclose(probs, ckpt["val_probs"].numpy(), atol=1e-5), name
+        assert np.allclose(probs, ckpt.val_probs, atol=1e-5), name
     # the EMA differs from the raw weights: it is what was evaluated and saved
     raw = dataclasses.replace(cfg, ema=0.0, keep_last=0)
     fit(raw, inputs, str(tmp_path / "raw.pt"))
-    ema_state = load_checkpoint(tmp_path / "t" / "epoch_3.pt")["model"]
-    raw_state = load_checkpoint(tmp_path / "raw.pt")["model"]
+    ema_state = Checkpoint.load(tmp_path / "t" / "epoch_3.pt").model
+    raw_state = Checkpoint.load(tmp_path / "raw.pt").model
     assert any(not torch.equal(ema_state[k], raw_state[k]) for k in raw_state
                if raw_state[k].is_floating_point())
 
@@ -364,8 +357,8 @@ def test_refit_without_val_keeps_the_last_epoch(tiny, tmp_path):
                str(tmp_path / "final.pt"), report=reports.append)
     assert best == {"epoch": 2} and [r["epoch"] for r in reports] == [1, 2]
     assert not any("val_acc" in r for r in reports)
-    ckpt = load_checkpoint(tmp_path / "final.pt")
-    assert ckpt["epoch"] == 2 and len(ckpt["val_indices"]) == 0
+    ckpt = Checkpoint.load(tmp_path / "final.pt")
+    assert ckpt.epoch == 2 and len(ckpt.val_indices) == 0
 
 
 def test_interrupted_run_resumes_after_its_last_epoch_with_the_same_result(tiny, tmp_path):
@@ -385,15 +378,15 @@ def test_interrupted_run_resumes_after_its_last_epoch_with_the_same_result(tiny,
     path = tmp_path / "part" / "best.pt"
     with pytest.raises(Lost):
         fit(cfg, inputs, str(path), report=crash_after_two)
-    assert load_checkpoint(path.with_name("resume.pt"))["epoch"] == 2
+    assert load_checkpoint(resume_path(path))["epoch"] == 2  # the loop's own resume state
     reports: list[dict] = []
     fit(cfg, inputs, str(path), report=reports.append)
     assert [r["epoch"] for r in reports] == [3]  # epochs 1-2 were not trained again
-    assert not path.with_name("resume.pt").exists()
-    whole, part = load_checkpoint(tmp_path / "whole" / "best.pt"), load_checkpoint(path)
-    assert whole["epoch"] == part["epoch"]
-    for k, v in whole["model"].items():
-        assert torch.allclose(v.float(), part["model"][k].float(), atol=1e-6), k
+    assert not resume_path(path).exists()
+    whole, part = Checkpoint.load(tmp_path / "whole" / "best.pt"), Checkpoint.load(path)
+    assert whole.epoch == part.epoch
+    for k, v in whole.model.items():
+        assert torch.allclose(v.float(), part.model[k].float(), atol=1e-6), k
 
 
 def test_layer_decay_gives_earlier_layers_smaller_learning_rates():

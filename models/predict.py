@@ -1,4 +1,5 @@
-"""Batch prediction with optional test-time augmentation, the saved-ensemble loader, CSV output."""
+"""Prediction with any saved model: test-time augmentation, timed batches, the loaded
+ensemble (`load`), and the predictions CSV."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ensemble.combine import hard_vote, soft_vote
-from trainables.checkpoint import load_checkpoint
+from models.artifact import Vote, load_model, read
+from models.vote import hard_vote, soft_vote
+from trainables.checkpoint import Checkpoint
 from trainables.errors import UserError
-from trainables.train import load_trained, predict_proba
+from trainables.train import predict_proba
 
 TTA_VIEWS = ("hflip", "vflip", "shift", "crop")
 
@@ -57,13 +59,13 @@ def predict_views(model: nn.Module, images: np.ndarray, *, mean: list[float], st
     return probs / (1 + len(tta))
 
 
-def timed_predict(model: nn.Module, images: np.ndarray, ckpt: dict, tta: list[str]
+def timed_predict(model: nn.Module, images: np.ndarray, ckpt: Checkpoint, tta: list[str]
                   ) -> tuple[np.ndarray, float]:
     """Predictions and the measured milliseconds per image (after a full warm-up batch, so
     one-off kernel set-up is not billed to whichever member happens to run first)."""
-    predict_views(model, images[:256], mean=ckpt["mean"], std=ckpt["std"], tta=[])
+    predict_views(model, images[:256], mean=ckpt.mean, std=ckpt.std, tta=[])
     start = time.perf_counter()
-    probs = predict_views(model, images, mean=ckpt["mean"], std=ckpt["std"], tta=tta)
+    probs = predict_views(model, images, mean=ckpt.mean, std=ckpt.std, tta=tta)
     return probs, 1000 * (time.perf_counter() - start) / max(len(images), 1)
 
 
@@ -74,31 +76,32 @@ class EnsembleModel:
     class probabilities, applying the ensemble's own TTA views.
     """
 
-    def __init__(self, models: list[nn.Module], ckpts: list[dict], weights: list[float],
+    def __init__(self, models: list[nn.Module], ckpts: list[Checkpoint], weights: list[float],
                  *, hard: bool = False, tta: list[str] | None = None) -> None:
         self.models, self.ckpts, self.weights, self.hard = models, ckpts, weights, hard
         self.tta = list(tta or [])
-        self.class_names: list[str] = list(ckpts[0]["class_names"])
-        self.image_size: int = int(ckpts[0]["image_size"])
+        self.class_names: list[str] = list(ckpts[0].class_names)
+        self.image_size: int = int(ckpts[0].image_size)
 
     def predict_proba(self, images: np.ndarray) -> np.ndarray:
-        probs = [predict_views(m, images, mean=c["mean"], std=c["std"], tta=self.tta)
+        probs = [predict_views(m, images, mean=c.mean, std=c.std, tta=self.tta)
                  for m, c in zip(self.models, self.ckpts)]
         return (hard_vote if self.hard else soft_vote)(probs, self.weights)
 
 
 def load(path: str | Path, device: torch.device | None = None) -> EnsembleModel:
-    """Loads what `ensemble.build` saved (a vote of member checkpoints, or a soup checkpoint)."""
+    """Loads any saved model: a vote of member checkpoints (what `ensemble.build` saves), a
+    soup, a trial's or a refit's checkpoint."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"ensemble file {path} does not exist; run python -m ensemble.build")
-    saved = load_checkpoint(path)
-    if saved.get("kind") == "vote":  # member paths are relative to the file's folder
-        loaded = [load_trained(str(path.parent / p), device) for p in saved["members"]]
-        return EnsembleModel([m for m, _ in loaded], [c for _, c in loaded], saved["weights"],
-                             hard=saved.get("hard", False), tta=saved.get("tta"))
-    model, ckpt = load_trained(saved, device)
-    return EnsembleModel([model], [ckpt], [1.0], tta=saved.get("tta"))
+    saved = read(path)
+    if isinstance(saved, Vote):
+        loaded = [load_model(m, device) for m in saved.members]
+        return EnsembleModel([m for m, _ in loaded], [c for _, c in loaded], saved.weights,
+                             hard=saved.hard, tta=saved.tta)
+    model, ckpt = load_model(saved, device)
+    return EnsembleModel([model], [ckpt], [1.0], tta=saved.tta)
 
 
 def predictions_frame(ids: list[str], probs: np.ndarray, class_names: list[str],

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from ensemble.explain import confused_pairs, ensemble_cam, grad_cam, losses, model_report
+from models.explain import confused_pairs, ensemble_cam, grad_cam, losses, model_report
 from trainables.models import create_model
 
 
@@ -59,12 +60,12 @@ def test_grad_cam_runs_on_a_timm_network_and_a_vote_averages_members():
     torch.manual_seed(0)
     net = create_model("resnet10t", 3)
     images = np.random.default_rng(0).integers(0, 255, (3, 32, 32, 3), dtype=np.uint8)
-    ckpt = {"mean": [0.5] * 3, "std": [0.25] * 3}
-    one = grad_cam(net, images, np.array([0, 1, 2]), mean=ckpt["mean"], std=ckpt["std"])
+    ckpt = SimpleNamespace(mean=[0.5] * 3, std=[0.25] * 3)  # what a Checkpoint carries
+    one = grad_cam(net, images, np.array([0, 1, 2]), mean=ckpt.mean, std=ckpt.std)
     assert one.shape == (3, 32, 32) and np.isfinite(one).all() and one.max() <= 1.0 + 1e-6
-    other = ColourNet(), {"mean": MEAN, "std": STD}
+    other = ColourNet(), SimpleNamespace(mean=MEAN, std=STD)
     mixed = ensemble_cam([(net, ckpt), other], [3.0, 1.0], images, np.array([1, 1, 1]))
-    parts = [grad_cam(m, images, np.array([1, 1, 1]), mean=c["mean"], std=c["std"])
+    parts = [grad_cam(m, images, np.array([1, 1, 1]), mean=c.mean, std=c.std)
              for m, c in ((net, ckpt), other)]
     assert np.allclose(mixed, (3 * parts[0] + parts[1]) / 4, atol=1e-6)
     assert ensemble_cam([(TokenNet(), ckpt)], [1.0], images, np.array([0, 0, 0])) is None
@@ -90,7 +91,7 @@ def test_model_report_writes_the_gallery_and_ranks_by_loss(tmp_path):
     probs = np.full((20, 2), 0.5)
     probs[:, 1] = np.linspace(0.05, 0.95, 20)
     probs[:, 0] = 1 - probs[:, 1]
-    doc = model_report([(ColourNet(), {"mean": MEAN, "std": STD})], [1.0], probs, images,
+    doc = model_report([(ColourNet(), SimpleNamespace(mean=MEAN, std=STD))], [1.0], probs, images,
                        labels, ["zero", "one"], [f"img{i}" for i in range(20)], tmp_path, "t")
     worst = doc["highest_loss"]
     assert worst[0]["id"] == "img1" and worst[0]["true"] == "one"  # p(one) = 0.097: the worst

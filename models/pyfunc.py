@@ -29,8 +29,7 @@ import pandas as pd
 
 IMAGE_COLUMN = "image"
 PACKAGES = ("mlflow", "torch", "torchvision", "timm", "numpy", "pandas", "pillow", "cloudpickle")
-CODE = ("ensemble", "trainables")  # this project's packages the model imports
-SLIM = ("val_probs", "val_indices")  # checkpoint entries prediction does not need
+CODE = ("models", "trainables")  # this project's packages the model imports
 
 
 class ImageClassifier(mlflow.pyfunc.PythonModel):
@@ -38,7 +37,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
     and the predicted label out."""
 
     def load_context(self, context) -> None:
-        from ensemble.predict import load
+        from models.predict import load
 
         self.model = load(Path(context.artifacts["model"]) / "ensemble.pt")  # on a GPU if any
 
@@ -69,7 +68,7 @@ def decode_column(frame: pd.DataFrame, size: int) -> np.ndarray:
 
 
 def prediction_table(probs: np.ndarray, class_names: list[str]) -> pd.DataFrame:
-    from ensemble.predict import predictions_frame
+    from models.predict import predictions_frame
 
     return predictions_frame([""] * len(probs), probs, class_names).drop(columns="image")
 
@@ -99,16 +98,18 @@ def png_bytes(images: np.ndarray) -> list[bytes]:
 def package(saved: Path, out: Path) -> Path:
     """A self-contained copy of a saved model in `out`: ensemble.pt and, for a vote, its
     member checkpoints under members/ (referenced relative to it, as `ensemble.load` reads)."""
-    from trainables.checkpoint import load_checkpoint, save_checkpoint
+    from models.artifact import Vote, read
+    from trainables.checkpoint import Checkpoint
 
-    doc = load_checkpoint(saved)
-    if doc.get("kind") == "vote":
-        names = [f"members/{i}.pt" for i in range(len(doc["members"]))]
-        for rel, name in zip(doc["members"], names):
-            member = load_checkpoint(saved.parent / rel)
-            save_checkpoint({k: v for k, v in member.items() if k not in SLIM}, out / name)
-        doc = {**doc, "members": names}
-    save_checkpoint({k: v for k, v in doc.items() if k not in SLIM}, out / "ensemble.pt")
+    model = read(saved)
+    if isinstance(model, Vote):  # its members travel with it, without their val predictions
+        names = [out / "members" / f"{i}.pt" for i in range(len(model.members))]
+        for member, name in zip(model.members, names):
+            Checkpoint.load(member).slim().save(name)
+        Vote([str(n) for n in names], model.weights, model.hard, model.tta).save(
+            out / "ensemble.pt")
+    else:
+        model.slim().save(out / "ensemble.pt")
     return out
 
 
@@ -126,7 +127,7 @@ def register(saved: str | Path, *, name: str, uri: str, run_id: str, examples: n
     import mlflow
     from mlflow.models import infer_signature
 
-    from ensemble.predict import load
+    from models.predict import load
 
     root = Path(__file__).resolve().parents[1]
     mlflow.set_tracking_uri(uri)

@@ -102,7 +102,7 @@ def ensemble_cam(members: list[tuple[nn.Module, dict]], weights: list[float],
     """The weighted mean of the members' Grad-CAM maps (members without a map are left out)."""
     maps, used = [], []
     for (model, ckpt), w in zip(members, weights):
-        cam = grad_cam(model, images, classes, mean=ckpt["mean"], std=ckpt["std"])
+        cam = grad_cam(model, images, classes, mean=ckpt.mean, std=ckpt.std)
         if cam is not None:
             maps.append(cam * w)
             used.append(w)
@@ -187,11 +187,11 @@ def gallery_figure(images: np.ndarray, captions: list[str], title: str, columns:
 def explain_checkpoint(checkpoint: str | Path, data, out_dir: str | Path, title: str) -> dict:
     """The model report of a trial's best checkpoint on the val images it was chosen on (its
     stored val predictions: nothing is predicted again but the Grad-CAM images)."""
-    from trainables.train import load_trained
+    from models.artifact import load_model
 
-    model, ckpt = load_trained(str(checkpoint), torch.device("cpu"))
-    val = ckpt["val_indices"].numpy()
-    return model_report([(model, ckpt)], [1.0], ckpt["val_probs"].numpy(), data.images[val],
+    model, ckpt = load_model(checkpoint, torch.device("cpu"))
+    val = ckpt.val_indices
+    return model_report([(model, ckpt)], [1.0], ckpt.val_probs, data.images[val],
                         data.labels[val], data.class_names, [data.ids[i] for i in val],
                         out_dir, title)
 

@@ -1,0 +1,403 @@
+"""The stages of a search, in the order `search.run` calls them, each a function of what the
+earlier ones produced: plan, tracking (and the data report), starts, trials, selection, refit,
+test, explain, register, summary."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from search.budget import BudgetPlan
+from search.config import SearchConfig
+from search.resources import ResourcePlan
+from search.start import Start
+from search.tracking import SearchRun
+from trainables.checkpoint import Checkpoint
+from trainables.data import ImageData
+from trainables.defaults import FINISH_S, SLACK
+from trainables.errors import UserError
+from trainables.metrics import classification_metrics
+from trainables.split import Split
+from trainables.store import ENDED, FINISHED, ExperimentStore, code_version, ranked
+
+log = logging.getLogger("search")
+
+
+@dataclass(frozen=True)
+class Clock:
+    """When the command started, and its --time-budget in seconds (None: no budget)."""
+
+    t0: float
+    budget_s: float | None
+
+    def seconds_left(self) -> float | None:
+        return None if self.budget_s is None else self.budget_s - (time.time() - self.t0)
+
+    def elapsed(self) -> float:
+        return time.time() - self.t0
+
+
+# ---------------------------------------------------------------------- plan
+
+
+def plan(cfg: SearchConfig, data: ImageData, split: Split, starts: dict[str, Start],
+         clock: Clock, *, resumed: bool) -> tuple[SearchConfig, ResourcePlan, BudgetPlan | None]:
+    """How the search maps onto the cluster and, with --time-budget, how it fits the budget:
+    measures this machine's training speed, then plans epochs, trials, the warm start and the
+    refit. Returns the config the search runs with, its resources and the budget plan."""
+    from search import budget
+    from search.resources import plan_for_cluster
+    from search.start import needs_warm_start
+    from trainables.jobs import cluster_nodes, whole_node
+    from trainables.speed import seconds_per_image
+
+    resources = plan_for_cluster(cfg)
+    if cfg.budget_s is None or resumed:
+        return cfg, resources, None
+    size = int(data.images.shape[1])
+    models = [dataclasses.replace(cfg.train, model=m) for m in starts]  # each architecture
+    solo = whole_node(cluster_nodes()).threads
+
+    def speed(threads: int) -> float:
+        return sum(seconds_per_image(t, data.num_classes, size, threads=threads)
+                   for t in models) / len(models)
+
+    sizes = split.sizes()
+    measured = budget.Speed(trial=speed(resources.threads), solo=speed(solo))
+    the_plan = budget.plan_budget(
+        cfg, remaining_s=clock.seconds_left(), speed=measured, n_train=sizes["train"],
+        n_val=sizes["val"], n_test=sizes["test"], plan=resources,
+        warm=len(models) if needs_warm_start(cfg, starts) else 0)
+    cfg = budget.apply(cfg, the_plan)
+    log.info("time budget %s: %s (measured %.1f ms per training image per trial)",
+             cfg.time_budget, the_plan.describe(), 1000 * measured.trial)
+    return cfg, plan_for_cluster(cfg), the_plan
+
+
+# ---------------------------------------------------------------------- tracking, data report
+
+
+def open_tracking(cfg: SearchConfig, store: ExperimentStore, data: ImageData, split: Split,
+                  resources: ResourcePlan) -> SearchRun:
+    """The search's MLflow parent run (a continued search reopens its own); a new search's
+    data report is written before any training, into the folder and the run."""
+    from search.tracking import search_params
+
+    log.info("data: %d images, %d classes, %d px; split train/val/test %s (hash %s)",
+             len(data.labels), data.num_classes, data.images.shape[1],
+             "/".join(str(v) for v in split.sizes().values()), split.hash)
+    log.info("resources: %s", resources.describe())
+    tracking = SearchRun.open(cfg.tracking_uri, cfg.experiment, store,
+                              search_params(cfg.flat_dict(), data.facts(), split))
+    log.info("MLflow: %s (experiment %r); see it with: mlflow ui --backend-store-uri %s",
+             tracking.uri, cfg.experiment, tracking.uri)
+    if tracking.created:
+        data_report(cfg, store, tracking)
+    return tracking
+
+
+def data_report(cfg: SearchConfig, store: ExperimentStore, tracking: SearchRun) -> None:
+    """Writes the data report into the experiment folder, logs it, warns about findings."""
+    from trainables.eda import data_report as write_report
+    from trainables.eda import findings, split_parts
+
+    start, out = time.time(), store.data_report_dir
+    report = write_report(cfg.data, out, image_col=cfg.image_col, label_col=cfg.label_col,
+                          parts=split_parts(store.read_split_doc()))
+    tracking.client.log_artifacts(tracking.run_id, str(out), "data_report")
+    for line in findings(report):
+        log.warning("data report: %s", line)
+    log.info("data report: %s (%.1f s)", out / "report.md", time.time() - start)
+
+
+def place_data(data: ImageData):
+    """The decoded data in Ray's object store, once: every trial and job reads it zero-copy."""
+    import ray
+
+    return ray.put(data)
+
+
+# ---------------------------------------------------------------------- starts
+
+
+def make_starts(cfg: SearchConfig, store: ExperimentStore, data_ref, split: Split,
+                starts: dict[str, Start], tracking: SearchRun) -> dict[str, Start]:
+    """The shared start of each architecture: warm starts trained now when the search needs
+    them, every start saved as its init file."""
+    from search.start import needs_warm_start, warm_starts, write_starts
+
+    if needs_warm_start(cfg, starts):
+        starts, reports = warm_starts(cfg, store, data_ref, split, starts)
+        for model, curve in reports.items():
+            tracking.log_stage("warm-start", curve, starts[model].record())
+    write_starts(store, starts)
+    return starts
+
+
+# ---------------------------------------------------------------------- trials
+
+
+def search_deadline(clock: Clock, budget: BudgetPlan | None) -> float | None:
+    """Seconds Tune may run trials, counted from now (the warm start has used its share): what
+    the budget plan gives the search, keeping the refit's time free."""
+    if budget is None:
+        return None
+    left = clock.seconds_left() - budget.refit_s / SLACK - FINISH_S
+    return max(10.0, min(budget.search_s, left))
+
+
+def trials(cfg: SearchConfig, store: ExperimentStore, resources: ResourcePlan,
+           data: ImageData, split: Split, data_ref, starts: dict[str, Start],
+           tracking: SearchRun, seconds: float | None, *, resumed: bool) -> pd.DataFrame | None:
+    """Runs the trials still to run on Ray Tune (Optuna proposes, ASHA stops weak ones) within
+    `seconds`; returns the results table, or None when the search was interrupted."""
+    from search.results import ProgressPrinter, ResultsWriter, settle
+    from search.resume import continuation, fresh
+    from search.tune import make_trainable, make_tuner, place_inputs
+
+    deadline = math.inf if seconds is None else time.time() + seconds - 1.0
+    cont = continuation(store) if resumed else fresh()
+    if resumed:
+        log.info("continuing %s: %d trial(s) ended and are kept, %d interrupted one(s) run again "
+                 "(from their last finished epoch), %d trial(s) to go", store.dir, cont.count,
+                 len(cont.pending), max(0, cfg.num_samples - cont.count))
+    if cfg.num_samples > cont.count or cont.pending:
+        trainable = make_trainable(cfg, resources, place_inputs(data_ref, split, starts), store)
+        recorder = tracking.trial_recorder(trial_params(cfg, resources, starts),
+                                           data.class_names, data.labels[split.val].tolist())
+        callbacks = [recorder, ResultsWriter(store, cfg.train.metric, cont.ended),
+                     ProgressPrinter(cfg.num_samples, cont.count)]
+        make_tuner(cfg, resources, trainable, callbacks, cont, store,
+                   time_budget_s=seconds).fit()
+    out_of_time = time.time() >= deadline
+    table = settle(store, out_of_time)
+    tracking.close_open_trial_runs(table)
+    if not out_of_time and unfinished(cfg, table):
+        log.warning("search interrupted: %d of %d trials finished; continue it with "
+                    "python -m search.run --resume --experiment %s --storage %s",
+                    int(table["status"].isin(FINISHED).sum()), cfg.num_samples, cfg.experiment,
+                    cfg.storage)
+        return None
+    return table
+
+
+def trial_params(cfg: SearchConfig, resources: ResourcePlan, starts: dict[str, Start]) -> dict:
+    """What every trial's MLflow run records besides its own config: the fixed training
+    settings, the image size, the shared start and the resources."""
+    from search.tune import trial_train_config
+
+    fixed = {k: v for k, v in dataclasses.asdict(trial_train_config(cfg, resources)).items()
+             if k not in cfg.space}
+    first = next(iter(starts.values()))
+    return fixed | {"image_size": cfg.resolved_image_size, "init": first.kind,
+                    "workers_per_trial": resources.workers,
+                    "cpus_per_worker": resources.cpus_per_worker,
+                    "gpus_per_worker": resources.gpus_per_worker}
+
+
+def unfinished(cfg: SearchConfig, table: pd.DataFrame) -> bool:
+    """Trials left unfinished, or fewer trials than asked, mean an interruption."""
+    ended = table["status"].isin(ENDED)
+    return not ended.all() or len(table) < cfg.num_samples
+
+
+# ---------------------------------------------------------------------- selection
+
+
+@dataclass
+class Selection:
+    """The trial val chose: its row of the results table, its checkpoint, its val figures;
+    the table it was chosen from, and a multi-objective search's Pareto front."""
+
+    table: pd.DataFrame
+    row: dict[str, Any]
+    checkpoint: Checkpoint
+    path: str
+    val: dict[str, float]
+    front: list[dict] | None
+
+
+def select(cfg: SearchConfig, store: ExperimentStore, table: pd.DataFrame,
+           tracking: SearchRun) -> Selection:
+    """The best finished trial by val (the table printed best first); the search's pictures
+    and Pareto front are drawn here too. A UserError when no trial finished."""
+    from search.results import print_table
+
+    table = ranked(table, cfg.train.metric)
+    usable = table[table["status"].isin(FINISHED) & (table["checkpoint"] != "")]
+    print_table(table)
+    if usable.empty:
+        tracking.end("FAILED")
+        raise UserError(f"no trial of {cfg.experiment!r} finished{_first_error(store)}; fix "
+                        "the cause and run again (results.csv and the trial errors above say "
+                        "more)")
+    best = usable.iloc[0]
+    val = {"accuracy": float(best["best_val_acc"]), "loss": float(best["best_val_loss"]),
+           "f1": float(best["best_val_f1"])}
+    return Selection(table, best.to_dict(), Checkpoint.load(best["checkpoint"]),
+                     best["checkpoint"], val, _pictures_and_front(cfg, store, tracking))
+
+
+def _pictures_and_front(cfg: SearchConfig, store: ExperimentStore,
+                        tracking: SearchRun) -> list[dict] | None:
+    """The study's pictures (plots/, and in the parent run); for a multi-objective search the
+    Pareto front, printed and saved as pareto.csv."""
+    from search.study import describe_front, draw, objective_names, pareto_front
+
+    for path in draw(cfg, store):
+        tracking.client.log_artifact(tracking.run_id, str(path), "plots")
+    front = pareto_front(cfg, store)
+    if front is None:
+        return None
+    names = objective_names(cfg)
+    log.info("Pareto front (%s), %d trial(s), saved as %s:\n%s", " against ".join(names),
+             len(front), store.path("pareto.csv"), describe_front(front, names))
+    tracking.client.log_artifact(tracking.run_id, str(store.path("pareto.csv")))
+    return front[["trial_id", *names]].to_dict("records")
+
+
+def _first_error(store: ExperimentStore) -> str:
+    """': trial X failed with <its last error line>', from Tune's error files, if any."""
+    for path in sorted(store.ray_dir.glob("trial_*/error.txt")):
+        lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+        if lines:
+            return f": trial {path.parent.name.removeprefix('trial_')} failed with {lines[-1]}"
+    return ""
+
+
+# ---------------------------------------------------------------------- refit
+
+
+def refit(cfg: SearchConfig, store: ExperimentStore, data_ref, split: Split,
+          starts: dict[str, Start], chosen: Selection, tracking: SearchRun, clock: Clock,
+          budget: BudgetPlan | None):
+    """The chosen configuration retrained on train + val (`search.refit`), or None when it is
+    off or the budget has no time left for it."""
+    from search.refit import refit as train_refit
+
+    if not cfg.refit:
+        return None
+    left = clock.seconds_left()
+    if left is not None and budget is not None and left < budget.refit_s * 0.8:
+        log.warning("no time left in --time-budget %s for the refit (%.0f s left, it needs about "
+                    "%.0f s): the val-selected trial is the final model", cfg.time_budget,
+                    max(left, 0), budget.refit_s)
+        return None
+    done = train_refit(store, data_ref, split, starts, chosen.checkpoint)
+    if done.reports:
+        tracking.log_stage("refit", done.reports, done.record)
+    return done
+
+
+# ---------------------------------------------------------------------- test
+
+
+@dataclass
+class Tested:
+    """Test figures of the val-selected trial and of the final model (the refit, else that
+    trial), with the final model's test probabilities; test is used here once, to report."""
+
+    trial: dict[str, float]
+    final: dict[str, Any]  # {"model": "refit" | "best trial", "checkpoint", "test"}
+    final_probs: np.ndarray
+
+
+def test(data: ImageData, split: Split, chosen: Selection, final) -> Tested:
+    from models import load_model
+    from trainables.train import predict_proba
+
+    def evaluate(source) -> tuple[dict[str, float], np.ndarray]:
+        model, ckpt = load_model(source, torch.device("cpu"))
+        probs = predict_proba(model, data.images, split.test, mean=ckpt.mean, std=ckpt.std)
+        return classification_metrics(probs, data.labels[split.test]), probs
+
+    trial, probs = evaluate(chosen.checkpoint)
+    if final is None:
+        return Tested(trial, {"model": "best trial", "checkpoint": chosen.row["checkpoint"],
+                              "test": trial}, probs)
+    final_test, final_probs = evaluate(final.path)
+    return Tested(trial, {"model": "refit", "checkpoint": final.record["checkpoint"],
+                          "test": final_test}, final_probs)
+
+
+# ---------------------------------------------------------------------- explain, register
+
+
+def explain(store: ExperimentStore, data: ImageData, chosen: Selection,
+            tracking: SearchRun) -> None:
+    """The best trial's model report, in the experiment folder and the parent run."""
+    from models.explain import explain_checkpoint
+
+    start, out = time.time(), store.model_report_dir("best_trial")
+    explain_checkpoint(chosen.path, data, out, "best trial")
+    tracking.client.log_artifacts(tracking.run_id, str(out), "model_report/best_trial")
+    log.info("model report: %s (%.1f s)", out / "report.md", time.time() - start)
+
+
+def register(cfg: SearchConfig, store: ExperimentStore, data: ImageData, split: Split,
+             tested: Tested, tracking: SearchRun) -> int | None:
+    """With --register, the final model as a new registered version; returns the version."""
+    if not cfg.register:
+        return None
+    from models.pyfunc import describe
+    from models.pyfunc import register as register_model
+
+    final = tested.final
+    version = register_model(store.resolve(final["checkpoint"]), name=cfg.register,
+                             uri=tracking.uri, run_id=tracking.run_id,
+                             examples=data.images[split.test[:2]],
+                             description=describe(final["model"], cfg.experiment,
+                                                  data.class_names, final["test"]))
+    log.info("registered %r version %d (%s); serve it with: MLFLOW_TRACKING_URI=%s mlflow "
+             "models serve -m models:/%s/%d --env-manager local", cfg.register, version,
+             final["model"], tracking.uri, cfg.register, version)
+    return version
+
+
+# ---------------------------------------------------------------------- summary
+
+
+def summary(cfg: SearchConfig, store: ExperimentStore, data: ImageData, split: Split,
+            starts: dict[str, Start], budget: BudgetPlan | None, chosen: Selection, final,
+            tested: Tested, registered: int | None, tracking: SearchRun, clock: Clock) -> None:
+    """summary.json, the parent run's result (test figures, confusion matrix, files), and the
+    closing lines."""
+    from search.start import starts_record
+
+    store.write_summary({
+        "experiment": cfg.experiment,
+        "best_trial": chosen.row | {"checkpoint": store.relative(chosen.path)},
+        "val": chosen.val, "test": tested.trial,
+        "refit": final.record | {"test": tested.final["test"]} if final else None,
+        "final": tested.final | {"checkpoint": store.relative(tested.final["checkpoint"])},
+        "start": starts_record(starts), "budget": budget.__dict__ if budget else None,
+        "pareto": chosen.front, "registered": registered,
+        "split_hash": split.hash, "split_sizes": split.sizes(), "data": data.facts(),
+        "trials": chosen.table["status"].value_counts().to_dict(),
+        "wall_s": round(clock.elapsed(), 1), "mlflow": store.read_tracking(),
+        "code": code_version(),
+    })
+    metrics = {f"test_{k}": v for k, v in tested.final["test"].items()} | {
+        f"trial_test_{k}": v for k, v in tested.trial.items()} | {
+        f"best_val_{k}": v for k, v in chosen.val.items()}
+    tracking.log_result(metrics, chosen.row["trial_id"], tested.final_probs,
+                        data.labels[split.test], data.class_names)
+    tracking.end("FINISHED")
+    lines = [f"\nbest trial {chosen.row['trial_id']} (chosen on val, {cfg.train.metric}): val "
+             f"accuracy {chosen.val['accuracy']:.4f}, test accuracy "
+             f"{tested.trial['accuracy']:.4f} (macro-F1 {tested.trial['f1']:.4f}) on "
+             f"{len(split.test)} test images"]
+    if final:
+        r, t = final.record, tested.final["test"]
+        lines.append(f"refit on train + val ({r['train_images']} images, final model): test "
+                     f"accuracy {t['accuracy']:.4f} (macro-F1 {t['f1']:.4f}), {r['checkpoint']}")
+    lines.append(f"{clock.elapsed():.0f} s in all; results: {store.path('summary.json')}")
+    log.info("\n".join(lines))
