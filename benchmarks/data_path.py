@@ -1,16 +1,19 @@
 """Data path: can the batch loader keep the model fed? Loader and model speeds, and the real loop.
 
     python -m benchmarks.data_path [--epochs 3] [--batch-size 64] [--image-size 64] [--repeats 3]
-                                   [--threads 1 2] [--loader-only] [--quick]
+                                   [--workers 1 2] [--loader-only] [--quick]
 
 On the sign-language photos (decoded once at --image-size, the search's split, seed 0), in this
 process without Ray, per repeat:
 
-- loader: `train_batches` over the shuffled train split with the 'light' transform (prefetching as
-  in training), no model, --epochs passes; images/s, once per loader thread count of --threads,
-  side by side, and their ratio to the first count (does the loader scale with the CPUs a worker
-  is given?); beside it OpenCV's warpAffine alone on as many threads, native code without the
-  GIL, whose ratio is what the machine's cores allow at all;
+- loader: the training batches of the host path (`trainables.batches`: OpenCV applies the 'light'
+  policy's per-image parameters) built by --workers loader processes, persistent over --epochs
+  passes of the shuffled train split (the first, which starts the workers, untimed), no model;
+  images/s per worker count, side by side, and
+  their ratio to the first count (does the loader scale with the CPUs it is given?); beside it
+  OpenCV's warpAffine alone on as many threads, native code without the GIL, whose ratio is what
+  the machine's cores allow at all, and albumentations' per-image pipeline (the loader of
+  earlier versions) on one thread;
 - model step: forward + backward + AdamW step of resnet10t (1 thread, autocast as 'auto' picks)
   on one fixed normalised batch already in memory, as many steps as an epoch has batches;
   images/s;
@@ -50,18 +53,43 @@ def load(source: Path, image_size: int, per_class: int | None):
 
 
 def loader_rate(data, train: np.ndarray, batch_size: int, passes: int, seed: int,
-                threads: int = 1) -> float:
-    """Images/s of the training batch iterator alone, building batches on `threads` threads."""
-    from trainables.augment import train_batches, train_transform
+                workers: int = 1) -> float:
+    """Images/s of the host loader alone: `workers` processes building 'light' batches."""
+    import torch
 
-    transform = train_transform("light", data.images.shape[1], seed=seed)
-    rng = np.random.default_rng(seed)
+    from trainables.batch_augment import batch_transform
+    from trainables.batches import TrainBatches
+
+    orders = {e: np.random.default_rng([seed, e]).permutation(train) for e in range(passes)}
+    batches = TrainBatches(data.images, data.labels, batch_size=batch_size,
+                           n_batches=max(1, len(train) // batch_size),
+                           device=torch.device("cpu"),
+                           order_of=orders.__getitem__, seed_of=lambda e: seed * 100 + e,
+                           mean=torch.zeros(1, 3, 1, 1), std=torch.ones(1, 3, 1, 1),
+                           channels_last=False, augment=batch_transform("light"),
+                           tensor_augment=False, resident=False, workers=workers, prefetch=2)
+    try:  # the first pass starts the workers: timed only when it is the only one
+        seen, start = 0, time.perf_counter()
+        for p in range(passes):
+            if p == 1:
+                seen, start = 0, time.perf_counter()
+            for x, _y in batches.host_epoch(p):  # uint8 batches as the workers hand them over
+                seen += len(x)
+        return seen / (time.perf_counter() - start)
+    finally:
+        batches.close()
+
+
+def albumentations_rate(data, train: np.ndarray, seconds: float = 2.0) -> float:
+    """Images/s of albumentations' 'light' pipeline, image by image on one thread."""
+    from trainables.augment import train_transform
+
+    transform = train_transform("light", data.images.shape[1], seed=0)
     seen, start = 0, time.perf_counter()
-    for p in range(passes):
-        for x, _y in train_batches(data.images, data.labels, rng.permutation(train),
-                                   batch_size=batch_size, transform=transform, threads=threads,
-                                   seed=seed * 1000 + p):
-            seen += len(x)
+    while time.perf_counter() - start < seconds:
+        for i in train[:256]:
+            transform(image=data.images[i])
+        seen += min(256, len(train))
     return seen / (time.perf_counter() - start)
 
 
@@ -134,27 +162,29 @@ def real_loop(data, split, args: argparse.Namespace, mean: list[float], std: lis
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, int | None]:
     """The epoch benchmarks' options plus the loader thread sweep."""
     extra = argparse.ArgumentParser(add_help=False)
-    extra.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    extra.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     extra.add_argument("--loader-only", action="store_true")
     more, rest = extra.parse_known_args(argv)
     args, per_class = parse_epoch_args(__doc__, rest, epochs=3)
-    args.threads, args.loader_only = more.threads, more.loader_only
+    args.workers, args.loader_only = more.workers, more.loader_only
     return args, per_class
 
 
 def one_repeat(data, split, args: argparse.Namespace, mean: list[float], std: list[float],
                steps: int, rep: int) -> dict[str, float]:
-    """Loader images/s per thread count; unless --loader-only, model step and real loop too."""
-    row = {f"loader_{t}": loader_rate(data, split.train, args.batch_size, args.epochs, seed=rep,
-                                      threads=t) for t in args.threads}
-    row |= {f"native_{t}": native_rate(data.images.shape[1], t) for t in args.threads}
-    line = ", ".join(f"{t} thread(s) {row[f'loader_{t}']:.0f}" for t in args.threads)
-    line += "; warpAffine alone " + ", ".join(f"{t} thread(s) {row[f'native_{t}']:.0f}"
-                                              for t in args.threads)
+    """Loader images/s per worker count; unless --loader-only, model step and real loop too."""
+    row = {f"loader_{w}": loader_rate(data, split.train, args.batch_size, args.epochs, seed=rep,
+                                      workers=w) for w in args.workers}
+    row |= {f"native_{w}": native_rate(data.images.shape[1], w) for w in args.workers}
+    row["albumentations"] = albumentations_rate(data, split.train)
+    line = ", ".join(f"{w} worker(s) {row[f'loader_{w}']:.0f}" for w in args.workers)
+    line += "; warpAffine alone " + ", ".join(f"{w} thread(s) {row[f'native_{w}']:.0f}"
+                                              for w in args.workers)
+    line += f"; albumentations per image, 1 thread {row['albumentations']:.0f}"
     if not args.loader_only:
         step = step_rate(data, args.batch_size, steps, mean, std)
         epochs = real_loop(data, split, args, mean, std, seed=rep)[1:]
-        row |= {"step": step, "ratio": row[f"loader_{args.threads[0]}"] / step,
+        row |= {"step": step, "ratio": row[f"loader_{args.workers[0]}"] / step,
                 "wait": float(np.mean([m["data_wait_share"] for m in epochs])),
                 "fit": float(np.mean([m["train_images_per_s"] for m in epochs]))}
         line += (f"; model step {step:.0f} img/s, fit trains {row['fit']:.0f} img/s, data wait "
@@ -164,16 +194,21 @@ def one_repeat(data, split, args: argparse.Namespace, mean: list[float], std: li
 
 
 def summarize(rows: list[dict[str, float]], args: argparse.Namespace) -> None:
-    """Mean ± std over repeats; thread ratios are taken within each repeat, side by side."""
-    first = args.threads[0]
-    for t in args.threads:
-        line = f"loader {t} thread(s) {mean_std([r[f'loader_{t}'] for r in rows])} img/s"
-        if t != first:
-            ratios = [r[f"loader_{t}"] / r[f"loader_{first}"] for r in rows]
-            native = [r[f"native_{t}"] / r[f"native_{first}"] for r in rows]
-            line += (f"; ratio loader {t}/{first} threads {mean_std(ratios)}; warpAffine alone "
-                     f"{t}/{first} threads {mean_std(native)} (what the cores allow)")
+    """Mean ± std over repeats; worker ratios are taken within each repeat, side by side."""
+    first = args.workers[0]
+    for w in args.workers:
+        line = f"loader {w} worker(s) {mean_std([r[f'loader_{w}'] for r in rows])} img/s"
+        if w != first:
+            ratios = [r[f"loader_{w}"] / r[f"loader_{first}"] for r in rows]
+            native = [r[f"native_{w}"] / r[f"native_{first}"] for r in rows]
+            line += (f"; ratio loader {w}/{first} workers {mean_std(ratios)} (goal >= 1.6 for "
+                     f"2/1); warpAffine alone {w}/{first} threads {mean_std(native)} (what the "
+                     "cores allow)")
         print(line, flush=True)
+    alb = [r["albumentations"] for r in rows]
+    one = [r[f"loader_{first}"] / a for r, a in zip(rows, alb)]
+    print(f"albumentations per image (1 thread) {mean_std(alb)} img/s; our loader with {first} "
+          f"worker(s) / albumentations {mean_std(one)}", flush=True)
     if args.loader_only:
         return
     print(f"model step {mean_std([r['step'] for r in rows])} img/s; fit training "
@@ -188,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     what = "loader" if args.loader_only else "resnet10t 1 thread"
     print(header(f"data path (sign-language photos, 'light' augmentation, {what})",
                  args.repeats, f"{args.epochs} epochs, batch {args.batch_size}, "
-                 f"{args.image_size} px, loader threads {args.threads}, autocast {autocast()}"
+                 f"{args.image_size} px, loader workers {args.workers}, autocast {autocast()}"
                  + (f", first {per_class} photos/class" if per_class else "")), flush=True)
     from trainables.models import create_model, normalization
 

@@ -8,21 +8,28 @@ the benchmark itself; those figures say nothing about GPUs). For resnet10t at 64
 and resnet50 at 224 px (batch 128), on the sign-language photos (the search's split; the train
 split repeated to --images images per epoch), in this process without Ray, per repeat:
 
-- bare: a plain PyTorch loop (AdamW, fp16 autocast + GradScaler, channels_last, cudnn.benchmark)
-  on one normalised batch already on the GPU: the model's own speed, the ceiling;
-- ours: `trainables.train.fit` as a one-worker trial runs it: albumentations 'light' on --threads
-  loader threads, AMP auto (fp16 on CUDA), channels_last, pinned memory, cudnn.benchmark;
-- ours_gpu_aug: the same, augmenting on the GPU (--augment-device cuda);
-- ours_amp_off: the same without AMP (fp32);
-- ours_plain: the same without channels_last, pinned memory and cudnn.benchmark;
-- ours_compile: with torch.compile; its compile time is epoch 1's time less a later epoch's;
-- two_trials: two `fit` processes on the one GPU at once, each with half the threads, as two
-  trials with --gpus-per-worker 0.5 share it; their images/s summed.
+- bare: a plain PyTorch loop (fused AdamW, fp16 autocast + GradScaler, channels_last,
+  cudnn.benchmark) on one normalised batch already on the GPU: the model's own speed, the ceiling;
+- ours: `trainables.train.fit` with the default settings, as a one-worker trial runs it: 'light'
+  augmentation on the GPU, the decoded images resident in GPU memory (a batch is an index into
+  them), AMP auto (fp16 on CUDA), fused AdamW, channels_last, cudnn.benchmark;
+- ours_stream: the same with the images streamed from host memory (--device-data stream: loader
+  processes gather batches into page-locked memory, copied one batch ahead on a side stream);
+- ours_strong: the default with 'strong' augmentation;
+- ours_host_aug: augmenting on the host with OpenCV (--augment-device cpu), then copied;
+- ours_amp_off, ours_plain (no channels_last, pinned memory, cudnn.benchmark), ours_compile:
+  optional rows (--rows);
+- two_trials: two `fit` processes on the one GPU at once, each with half the threads and its
+  own resident copy of the images, as two trials with --gpus-per-worker 0.5 share it; their
+  images/s summed.
 
 Per row: training images/s of epochs 2..E (each trial evaluates val every epoch, outside that
-figure), the share of training time waiting for data, the GPU memory peak. Ratios: ours / bare
-(goal >= 0.95), AMP on / off, two trials / one. --quick: resnet10t only, 1 repeat, 2 epochs,
-2,048 images unless --images says, the first 64 photos of each class.
+figure), milliseconds per step next to the bare step's, the share of training time waiting for
+data, the GPU memory peak. For `ours` also the host synchronisations per training step, counted
+with torch.cuda.set_sync_debug_mode: one epoch of 20 steps and one of 40, the difference over 20
+(the epoch's own reads, its loss and the val predictions, cancel out). Ratios: ours / bare
+(goal >= 0.95), two trials / one. --quick: resnet10t only, 1 repeat, 2 epochs, 2,048 images
+unless --images says, the first 64 photos of each class.
 """
 
 from __future__ import annotations
@@ -39,10 +46,12 @@ import numpy as np
 from benchmarks.common import header, mean_std, require_signs
 
 MODELS = {"resnet10t": (64, 256), "resnet50": (224, 128)}  # image size, batch size
-OURS = {"ours": {}, "ours_gpu_aug": {"augment_device": "cuda"}, "ours_amp_off": {"amp": "off"},
+OURS = {"ours": {}, "ours_stream": {"device_data": "stream"}, "ours_strong": {"augment": "strong"},
+        "ours_host_aug": {"augment_device": "cpu"}, "ours_amp_off": {"amp": "off"},
         "ours_plain": {"channels_last": False, "pin_memory": False, "cudnn_benchmark": False},
         "ours_compile": {"torch_compile": True}}
 ROWS = ("bare", *OURS, "two_trials")
+DEFAULT_ROWS = ("bare", "ours", "ours_stream", "ours_strong", "ours_host_aug", "two_trials")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -54,7 +63,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                    help="CPU threads of the trial (default: all)")
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    p.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
+    p.add_argument("--rows", nargs="+", default=list(DEFAULT_ROWS), choices=ROWS)
+    p.add_argument("--no-syncs", action="store_true", help="skip counting host syncs per step")
     p.add_argument("--data", default=None, help="class folders (default: the sign photos)")
     p.add_argument("--quick", action="store_true", help="tiny settings for a smoke test")
     p.add_argument("--cpu", action="store_true", help="run on the CPU (checks the benchmark)")
@@ -106,8 +116,9 @@ def fit_row(inputs, model: str, threads: int, seed: int, epochs: int, **override
 
     from trainables.train import TrainConfig, fit
 
-    cfg = TrainConfig(model=model, lr=1e-3, batch_size=MODELS[model][1], epochs=epochs,
-                      augment="light", seed=seed, threads=threads, **overrides)
+    cfg = TrainConfig(**{"model": model, "lr": 1e-3, "batch_size": MODELS[model][1],
+                         "epochs": epochs, "augment": "light", "seed": seed, "threads": threads,
+                         "keep_last": 0} | overrides)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     got: list[dict] = []
@@ -115,10 +126,40 @@ def fit_row(inputs, model: str, threads: int, seed: int, epochs: int, **override
     fit(cfg, inputs, None, report=lambda m: got.append(m | {"at": time.perf_counter()}))
     ends = [start] + [m["at"] for m in got]
     later = got[1:]
-    return {"img_s": float(np.mean([m["train_images_per_s"] for m in later])),
+    img_s = float(np.mean([m["train_images_per_s"] for m in later]))
+    return {"img_s": img_s, "step_ms": 1000 * MODELS[model][1] / img_s,
             "wait": float(np.mean([m["data_wait_share"] for m in later])),
             "mem_gb": _peak_gb(),
             "first_s": ends[1] - ends[0], "epoch_s": float(np.mean(np.diff(ends[1:])))}
+
+
+def syncs_per_step(inputs, model: str, threads: int) -> float:
+    """Host synchronisations per training step of `fit` (defaults), from sync-debug warnings:
+    an epoch of 40 steps less one of 20, over 20 (everything per epoch cancels out)."""
+    import dataclasses
+    import warnings
+
+    import torch
+
+    from trainables.train import TrainConfig, fit
+
+    bs = MODELS[model][1]
+    counts = []
+    for steps in (20, 20, 40):  # the first run warms up (cudnn autotuning, allocations)
+        cut = dataclasses.replace(inputs, train_idx=inputs.train_idx[:steps * bs],
+                                  val_idx=inputs.val_idx[:bs])
+        cfg = TrainConfig(model=model, lr=1e-3, batch_size=bs, epochs=1, augment="light",
+                          threads=threads, keep_last=0)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                fit(cfg, cut, None)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        counts.append(sum("synchroniz" in str(w.message) for w in seen))
+    print(f"  host syncs in an epoch: {counts[1]} with 20 steps, {counts[2]} with 40", flush=True)
+    return (counts[2] - counts[1]) / 20
 
 
 def bare_row(inputs, model: str, steps: int) -> dict:
@@ -134,7 +175,9 @@ def bare_row(inputs, model: str, steps: int) -> dict:
     net = create_model(model, len(inputs.data.class_names))
     net.load_state_dict(inputs.init_state)
     net.to(device, memory_format=fmt).train()
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-4)
+    # fused where it exists, as ours: the ceiling is the model's own speed
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-4,
+                            fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
     idx = inputs.train_idx[:MODELS[model][1]]
     x = torch.from_numpy(inputs.data.images[idx]).permute(0, 3, 1, 2).to(device)
@@ -153,7 +196,8 @@ def bare_row(inputs, model: str, steps: int) -> dict:
         scaler.update()
         opt.zero_grad(set_to_none=True)
     _sync()
-    return {"img_s": len(idx) * steps / (time.perf_counter() - start), "wait": 0.0,
+    img_s = len(idx) * steps / (time.perf_counter() - start)
+    return {"img_s": img_s, "step_ms": 1000 * len(idx) / img_s, "wait": 0.0,
             "mem_gb": _peak_gb()}
 
 
@@ -162,7 +206,7 @@ def _trial_process(folder: str, model: str, threads: int, epochs: int, seed: int
     """One of the two trials sharing the GPU: starts training when the other is ready too."""
     inputs = load_inputs(Path(folder))
     barrier.wait()
-    results.put(fit_row(inputs, model, threads, seed, epochs))
+    results.put(fit_row(inputs, model, threads, seed, epochs, gpu_share=0.5))
 
 
 def two_trials_row(folder: Path, model: str, args: argparse.Namespace, seed: int) -> dict:
@@ -178,7 +222,8 @@ def two_trials_row(folder: Path, model: str, args: argparse.Namespace, seed: int
     rows = [results.get() for _ in procs]
     for proc in procs:
         proc.join()
-    return {"img_s": sum(r["img_s"] for r in rows),
+    img_s = sum(r["img_s"] for r in rows)
+    return {"img_s": img_s, "step_ms": 1000 * MODELS[model][1] / img_s,
             "wait": float(np.mean([r["wait"] for r in rows])),
             "mem_gb": sum(r["mem_gb"] for r in rows)}
 
@@ -188,15 +233,23 @@ def one_repeat(folder: Path, model: str, args: argparse.Namespace, rep: int) -> 
     inputs = load_inputs(folder)
     out: dict[str, dict] = {}
     for row in args.rows:
-        if row == "bare":
-            steps = len(inputs.train_idx) // MODELS[model][1] * (args.epochs - 1)
-            out[row] = bare_row(inputs, model, steps)
-        elif row == "two_trials":
-            out[row] = two_trials_row(folder, model, args, seed=rep)
-        else:
-            out[row] = fit_row(inputs, model, args.threads, rep, args.epochs, **OURS[row])
+        try:
+            if row == "bare":
+                steps = len(inputs.train_idx) // MODELS[model][1] * (args.epochs - 1)
+                out[row] = bare_row(inputs, model, steps)
+            elif row == "two_trials":
+                out[row] = two_trials_row(folder, model, args, seed=rep)
+            else:
+                out[row] = fit_row(inputs, model, args.threads, rep, args.epochs, **OURS[row])
+        except Exception:  # a row that fails is reported, the others still measured
+            import traceback
+
+            traceback.print_exc()
+            nan = float("nan")
+            out[row] = {"img_s": nan, "step_ms": nan, "wait": nan, "mem_gb": nan}
         r = out[row]
-        print(f"  repeat {rep} {row}: {r['img_s']:.0f} img/s, data wait {r['wait']:.1%}, "
+        print(f"  repeat {rep} {row}: {r['img_s']:.0f} img/s, {r['step_ms']:.2f} ms/step, "
+              f"data wait {r['wait']:.1%}, "
               f"GPU memory peak {r['mem_gb']:.2f} GB"
               + (f", epoch 1 {r['first_s']:.1f} s vs {r['epoch_s']:.1f} s later"
                  if "first_s" in r else ""), flush=True)
@@ -206,13 +259,17 @@ def one_repeat(folder: Path, model: str, args: argparse.Namespace, rep: int) -> 
 def table(model: str, reps: list[dict[str, dict]]) -> None:
     """Mean ± std per row, then the ratios the issue asks about, taken within each repeat."""
     rows = list(reps[0])
-    print(f"\n{model}\n\n| row | img/s | data wait share | GPU memory peak (GB) |\n"
-          "|---|---|---|---|")
+    print(f"\n{model}\n\n| row | img/s | / bare | ms per step | data wait share | "
+          "GPU memory peak (GB) |\n|---|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row} | {mean_std([r[row]['img_s'] for r in reps])} | "
+        rel = (mean_std([r[row]["img_s"] / r["bare"]["img_s"] for r in reps])
+               if "bare" in rows else "")
+        print(f"| {row} | {mean_std([r[row]['img_s'] for r in reps])} | {rel} | "
+              f"{mean_std([r[row]['step_ms'] for r in reps])} | "
               f"{mean_std([r[row]['wait'] for r in reps])} | "
               f"{mean_std([r[row]['mem_gb'] for r in reps])} |")
-    for a, b, goal in (("ours", "bare", " (goal >= 0.95)"), ("ours_gpu_aug", "bare", ""),
+    for a, b, goal in (("ours", "bare", " (goal >= 0.95)"), ("ours_stream", "bare", ""),
+                       ("ours_strong", "bare", ""), ("ours_host_aug", "bare", ""),
                        ("ours", "ours_amp_off", " (AMP's speed-up)"),
                        ("ours", "ours_plain", " (channels_last + pinned + cudnn.benchmark)"),
                        ("ours_compile", "ours", ""), ("two_trials", "ours", "")):
@@ -241,6 +298,10 @@ def main(argv: list[str] | None = None) -> None:
             save_inputs(model, args, Path(tmp))
             print(f"{model} at {MODELS[model][0]} px, batch {MODELS[model][1]}", flush=True)
             table(model, [one_repeat(Path(tmp), model, args, rep) for rep in range(args.repeats)])
+            if torch.cuda.is_available() and not args.no_syncs:
+                print(f"{model} host syncs per training step (defaults): "
+                      f"{syncs_per_step(load_inputs(Path(tmp)), model, args.threads):g} "
+                      "(goal 0)", flush=True)
 
 
 def _sync() -> None:

@@ -13,7 +13,8 @@ normalisation and the same autocast dtype ('auto'):
   (neither is part of a trial's epochs);
 - ours DDP: the same with --workers-per-trial 2 --num-cpus 2 (Ray Train, 2 workers);
 - bare: a plain loop (AdamW, constant lr) over shuffled batches built by the same prefetching
-  batch iterator as ours (`train_batches`), then an evaluation of the val split each epoch;
+  albumentations per image in one background thread (a script's DataLoader with one worker),
+  then an evaluation of the val split each epoch;
 - bare plain: the same loop building each batch in the main thread (no prefetch), for context.
 
 Images/s of an epoch = images trained / the epoch's whole wall time (train + eval, and for ours
@@ -126,7 +127,7 @@ def bare_loop(spec_json: str) -> None:
     """A plain PyTorch train + eval loop; prints one JSON list of per-epoch timings."""
     import torch
 
-    from trainables.augment import train_batches, train_transform
+    from trainables.augment import train_transform
     from trainables.models import create_model, initial_state, normalization
     from trainables.train import amp_dtype
 
@@ -146,8 +147,8 @@ def bare_loop(spec_json: str) -> None:
         order = rng.permutation(train)
         start = time.perf_counter()
         if spec["prefetch"]:
-            batches = train_batches(images, labels, order, batch_size=spec["batch_size"],
-                                    transform=transform)
+            batches = prefetched(plain_batches(images, labels, order, spec["batch_size"],
+                                               transform))
         else:
             batches = plain_batches(images, labels, order, spec["batch_size"], transform)
         seen = train_epoch(model, opt, batches, mean, std, amp)
@@ -167,6 +168,25 @@ def plain_batches(images: np.ndarray, labels: np.ndarray, order: np.ndarray, bat
         idx = order[s:s + batch_size]
         x = np.stack([transform(image=img)["image"] for img in images[idx]])
         yield torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels[idx])
+
+
+def prefetched(batches, ahead: int = 2):
+    """The same batches, built by one background thread up to `ahead` batches in advance (what a
+    careful script does with a DataLoader and one worker)."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(ahead)
+    done = object()
+
+    def fill() -> None:
+        for b in batches:
+            q.put(b)
+        q.put(done)
+
+    threading.Thread(target=fill, daemon=True).start()
+    while (b := q.get()) is not done:
+        yield b
 
 
 def train_epoch(model, opt, batches, mean, std, amp) -> int:

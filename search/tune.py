@@ -97,8 +97,11 @@ def place_inputs(data_ref, split: Split, starts: dict[str, Start]) -> dict[str, 
 
 
 def trial_train_config(cfg: SearchConfig, plan: ResourcePlan) -> TrainConfig:
-    """The training settings every trial starts from; the search space overrides its entries."""
-    return dataclasses.replace(cfg.train, threads=plan.threads)
+    """The training settings every trial starts from; the search space overrides its entries.
+    Trials given a fraction of a GPU know it, so they keep only their share of its memory for
+    resident data."""
+    share = plan.gpus_per_worker if 0 < plan.gpus_per_worker < 1 else 1.0
+    return dataclasses.replace(cfg.train, threads=plan.threads, gpu_share=share)
 
 
 def make_trainable(cfg: SearchConfig, plan: ResourcePlan, inputs: dict[str, TrialInputs],

@@ -20,7 +20,8 @@ AMP_MODES = ("auto", "fp16", "bf16", "off")
 POLICIES = ("none", "light", "strong")
 METRICS = ("accuracy", "f1")
 BALANCING = ("none", "sqrt", "balanced")
-AUGMENT_DEVICES = ("cpu", "cuda")
+AUGMENT_DEVICES = ("auto", "cpu", "cuda")
+DEVICE_DATA = ("auto", "resident", "stream")
 
 # limits a numeric setting can carry: > 0, >= 0, [0, 1), (0, 1]
 POSITIVE, NON_NEGATIVE, UNIT, FRACTION = "positive", "non-negative", "unit", "fraction"
@@ -101,19 +102,27 @@ class TrainConfig:
     metric: str = setting("metric", "What picks a trial's best epoch and the search's best trial: "
                                     "val accuracy, or val macro-F1 (f1) for imbalanced classes.",
                                     choices=METRICS, searchable=False)
-    loader_threads: int = setting("loader_threads", "Threads that build (gather and augment) "
-                                                    "training batches; 0: as many as the worker's "
-                                                    "CPU threads.",
+    loader_workers: int = setting("loader_workers", "Loader processes that build training "
+                                                    "batches on the host ahead of the step "
+                                                    "(0: automatic: none on CPUs, where OpenCV "
+                                                    "augments in the training process; two when "
+                                                    "batches stream to a GPU).",
                                                     limit=NON_NEGATIVE, searchable=False)
-    prefetch: int = setting("prefetch", "Training batches each loader thread builds ahead of the "
-                                        "one training (0: each batch is built when it is needed).",
-                                        limit=NON_NEGATIVE, searchable=False)
-    augment_device: str = setting("augment_device", "Where training images are augmented: cpu "
-                                                    "(albumentations on the loader threads) or cuda"
-                                                    " (whole batches on the GPU, when the CPUs "
-                                                    "cannot keep up; a worker without a GPU warns "
-                                                    "and augments on the CPU).",
+    prefetch: int = setting("prefetch", "Training batches each loader process builds ahead of "
+                                        "the one training.", limit=NON_NEGATIVE, searchable=False)
+    augment_device: str = setting("augment_device", "Where training images are augmented: auto "
+                                                    "(where the model trains), cuda (whole "
+                                                    "batches with tensor ops on the GPU) or cpu "
+                                                    "(OpenCV on the host, image by image; a "
+                                                    "worker without a GPU always augments so).",
                                                     choices=AUGMENT_DEVICES)
+    device_data: str = setting("device_data", "On a GPU, where the decoded training images live: "
+                                              "resident (in GPU memory: a batch is an index into "
+                                              "them), stream (on the host, copied batch by "
+                                              "batch) or auto (resident when they fit in half "
+                                              "the free GPU memory, shared out among trials on "
+                                              "one GPU). No effect on CPUs.",
+                                              choices=DEVICE_DATA, searchable=False)
     channels_last: bool = setting("channels_last", "Train in channels_last memory layout on CUDA "
                                                    "(faster convolutions); no effect on CPU.",
                                                    searchable=False)
@@ -130,6 +139,8 @@ class TrainConfig:
     seed: int = setting("seed", "Seed of the weights' training randomness (data order, "
                                 "augmentation, dropout).", searchable=False, flag=False)
     threads: int = setting("threads", "CPU threads of one worker.", searchable=False, flag=False)
+    gpu_share: float = setting("gpu_share", "Share of one GPU this run has (0.5: two trials share "
+                                            "it).", searchable=False, flag=False)
     plugins: tuple = setting("plugins", "Python module to import before models are built, e.g. "
                                         "one that registers a custom timm model (repeatable).",
                              searchable=False, cli_list=True, metavar="MODULE")
@@ -144,12 +155,15 @@ class TrainConfig:
         return cls(**{k: v for k, v in values.items() if k in names})
 
     def recipe(self) -> dict[str, Any]:
-        """What the trained model depends on: every setting but how many CPU threads ran it
-        (two runs with equal recipes are the same run, e.g. for "is it finished?")."""
+        """What the trained model depends on: every setting but where and how it ran (threads,
+        loader processes, data placement: results do not depend on them), so two runs with
+        equal recipes are the same run, e.g. for "is it finished?"."""
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in RUNTIME}
 
 
-RUNTIME = frozenset({"threads"})  # settings of where a run trains, not of what it trains
+# settings of where and how a run trains, not of what it learns
+RUNTIME = frozenset({"threads", "loader_workers", "prefetch", "pin_memory", "device_data",
+                     "gpu_share"})
 SETTINGS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}
 SEARCHABLE = frozenset(n for n, f in SETTINGS.items() if f.metadata["searchable"])
 OPTIONS = tuple(n for n, f in SETTINGS.items() if f.metadata["flag"])  # user-facing settings

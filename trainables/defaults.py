@@ -43,15 +43,17 @@ TRAIN: dict[str, Any] = {
     # (3 seeds, >= on each; RESULTS.md §5), at most one extra checkpoint per finished trial
     "keep_last": 2,
     "metric": "accuracy",
-    "loader_threads": 0,       # 0: as many as the worker's CPU threads
-    "prefetch": 2,             # batches per loader thread ahead: data waits were 0.17 % of a step
-    "augment_device": "cpu",
+    "loader_workers": 0,       # 0: automatic (trainables.batches)
+    "prefetch": 2,             # batches per loader process ahead
+    "augment_device": "auto",  # on the GPU when there is one: see trainables.batches
+    "device_data": "auto",
     "channels_last": True,     # tensor-core convolutions want NHWC; no effect on CPUs
     "pin_memory": True,
     "cudnn_benchmark": True,
     "torch_compile": False,    # the compile costs tens of seconds before the first step
     "seed": 0,
     "threads": 1,
+    "gpu_share": 1.0,
     "plugins": (),             # modules to import before a model is built (custom timm models)
 }
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from trainables.augment import eval_batches, normalize, train_batches, train_transform
+from trainables.augment import eval_batches, normalize
 from trainables.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from trainables.config import TrainConfig
 from trainables.data import ImageData
@@ -27,7 +27,7 @@ from trainables.schedules import LRSchedule
 from trainables.store import resume_path, snapshot_path
 
 if TYPE_CHECKING:
-    from trainables.gpu_augment import BatchAugment
+    from trainables.batches import TrainBatches
 
 
 def train_worker(loop_config: dict) -> None:
@@ -85,6 +85,16 @@ def fit(cfg: TrainConfig, inputs: TrialInputs, checkpoint_path: str | None = Non
             "find_unused_parameters": cfg.freeze_epochs > 0})
     loop = _Loop(cfg, model, inputs, data, device, rank, world_size)
     keeper = _Keeper(cfg, checkpoint_path, rank, data, inputs)
+    try:
+        _epochs(cfg, loop, keeper, data, inputs, report)
+    finally:
+        loop.batches.close()  # loader workers end with the run
+    keeper.finish()
+    return keeper.best
+
+
+def _epochs(cfg: TrainConfig, loop: _Loop, keeper: _Keeper, data: ImageData,
+            inputs: TrialInputs, report: Callable[[dict], None] | None) -> None:
     cost: dict[str, float] = {}
     for epoch in range(keeper.resume(loop) + 1, cfg.epochs + 1):
         metrics, val_probs = loop.epoch(epoch)
@@ -97,8 +107,6 @@ def fit(cfg: TrainConfig, inputs: TrialInputs, checkpoint_path: str | None = Non
         metrics["progress"] = epoch / cfg.epochs  # share of its schedule done (ASHA's clock)
         if report is not None:
             report(metrics)
-    keeper.finish()
-    return keeper.best
 
 
 class _Keeper:
@@ -195,9 +203,13 @@ class _Loop:
         self.device, self.rank, self.world_size = device, rank, world_size
         self.per_rank = math.ceil(len(inputs.train_idx) / world_size)
         self.n_batches = max(1, self.per_rank // cfg.batch_size)
+        # fused kernels on CUDA: one launch for the whole update, and GradScaler then hands it
+        # the inf check instead of reading it back to the host every step
+        fused = {"fused": True} if device.type == "cuda" else {}
         self.optimizer = create_optimizer_v2(
             model, opt=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
-            momentum=cfg.momentum, layer_decay=cfg.layer_decay if cfg.layer_decay < 1 else None)
+            momentum=cfg.momentum, layer_decay=cfg.layer_decay if cfg.layer_decay < 1 else None,
+            **fused)
         self.schedule = LRSchedule(cfg.scheduler, self.optimizer, epochs=cfg.epochs,
                                    updates_per_epoch=math.ceil(self.n_batches / cfg.accum_steps),
                                    warmup_epochs=cfg.warmup_epochs)
@@ -205,15 +217,13 @@ class _Loop:
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp == torch.float16
                                            and device.type == "cuda")
         self.ema = ModelEmaV3(unwrap(model), decay=cfg.ema, use_warmup=True) if cfg.ema else None
-        self.transform, self.gpu_augment = _augmentation(cfg, data.images.shape[1], device, rank)
-        self.batch_seed = 0
         self.channels_last = _memory_format(cfg, device) == torch.channels_last
-        self.pin_memory = cfg.pin_memory and device.type == "cuda"
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
         self.forward = torch.compile(model) if cfg.torch_compile else model
         self.mean = torch.tensor(inputs.mean, device=device)  # built once, not per batch
         self.std = torch.tensor(inputs.std, device=device)
+        self.batches = _batches(self, cfg, data, device)
         train_labels = data.labels[inputs.train_idx]
         self.mixup, self.criterion = _loss(cfg, data.num_classes, train_labels, device,
                                            inputs.teacher, data.labels)
@@ -234,19 +244,20 @@ class _Loop:
         frozen = epoch <= self.cfg.freeze_epochs
         for p in self.backbone:
             p.requires_grad_(not frozen)
-        order = self._order(epoch)
         start = time.perf_counter()
-        train_loss, seen, waited = self._train(order, frozen)
+        train_loss, seen, waited = self._train(epoch, frozen)
         train_s = time.perf_counter() - start
         if self.world_size > 1:
             _sync_buffers(self.model)
         metrics = {"epoch": epoch, "train_loss": train_loss,
                    "lr": self.optimizer.param_groups[-1]["lr"],
+                   "train_images": seen * self.world_size,  # what this epoch really trained
                    "train_images_per_s": seen * self.world_size / max(train_s, 1e-9),
                    "data_wait_share": waited / max(train_s, 1e-9)}
         if not len(self.inputs.val_idx):
             return metrics, np.zeros((0, self.data.num_classes), np.float32)
-        probs = predict_proba(self.evaluated, self.data.images, self.inputs.val_idx,
+        images = self.batches.dev_images if self.batches.resident else self.data.images
+        probs = predict_proba(self.evaluated, images, self.inputs.val_idx,
                               mean=self.mean, std=self.std, amp=self.amp)
         val = classification_metrics(probs, self.data.labels[self.inputs.val_idx])
         metrics |= {"val_loss": val["loss"], "val_acc": val["accuracy"], "val_f1": val["f1"]}
@@ -255,12 +266,13 @@ class _Loop:
     def _seed(self, epoch: int) -> None:
         """Each epoch's randomness (dropout, mixup, augmentation) is a function of the seed, the
         rank and the epoch alone, so a run resumed at an epoch continues as it would have."""
-        base = (self.cfg.seed * 1000 + self.rank) * 10_000 + epoch
+        base = self.epoch_seed(epoch)
         torch.manual_seed(base)
         np.random.seed(base % 2**32)  # timm's Mixup draws from numpy's global RNG
-        self.batch_seed = base  # the loader seeds each batch's augmentation from it and its place
-        if self.gpu_augment is not None:
-            self.gpu_augment.set_random_seed(base)
+
+    def epoch_seed(self, epoch: int) -> int:
+        """The seed of an epoch's randomness on this rank (augmentation parameters too)."""
+        return (self.cfg.seed * 1000 + self.rank) * 10_000 + epoch
 
     def _order(self, epoch: int) -> np.ndarray:
         """This rank's training images for the epoch: a shuffled shard, or a class-balanced draw
@@ -274,29 +286,18 @@ class _Loop:
             perm = rng.choice(n, size=self.per_rank * self.world_size, p=self.sample_weights)
         return self.inputs.train_idx[perm[self.rank::self.world_size]]
 
-    def _train(self, order: np.ndarray, frozen: bool) -> tuple[float, int, float]:
-        """One pass over `order`; returns mean loss, images seen, seconds blocked on data."""
+    def _train(self, epoch: int, frozen: bool) -> tuple[float, int, float]:
+        """One pass over the epoch's batches; returns mean loss, images seen, seconds blocked on
+        data. In steady state a step makes no host synchronisation: batches, labels, the loss
+        sum and the optimizer's inf check stay on the device."""
         cfg, model = self.cfg, self.model
         model.train()
         for bn in self.backbone_bn if frozen else ():
             bn.eval()  # a frozen backbone keeps its BatchNorm statistics too
         total, seen, waited = torch.zeros((), device=self.device), 0, 0.0
-        batches = iter(train_batches(
-            self.data.images, self.data.labels, order, batch_size=cfg.batch_size,
-            transform=self.transform, threads=cfg.loader_threads or cfg.threads,
-            prefetch=cfg.prefetch, seed=self.batch_seed, channels_last=self.channels_last,
-            pin_memory=self.pin_memory))
-        for i in range(self.n_batches):
-            tick = time.perf_counter()
-            x, y = next(batches)
-            waited += time.perf_counter() - tick
-            x = x.to(self.device, non_blocking=True)
-            if self.gpu_augment is not None:
-                x = self.gpu_augment(x)  # uint8 -> float in [0, 1], on the device
-            x = normalize(x, self.mean, self.std)
-            if self.channels_last:  # a no-op when the loader already kept HWC memory order
-                x = x.contiguous(memory_format=torch.channels_last)
-            y = y.to(self.device, non_blocking=True)
+        order = self._order(epoch) if isinstance(self.criterion, DistillLoss) else None
+        for i, (x, y, wait) in enumerate(self.batches.epoch(epoch)):
+            waited += wait
             if self.mixup is not None and len(x) % 2 == 0:
                 x, y = self.mixup(x, y)
             elif self.mixup is not None:  # timm mixup needs an even batch
@@ -348,15 +349,17 @@ class _Loop:
 
 
 @torch.no_grad()
-def predict_proba(model: nn.Module, images: np.ndarray, indices: np.ndarray | None = None, *,
+def predict_proba(model: nn.Module, images: np.ndarray | torch.Tensor,
+                  indices: np.ndarray | None = None, *,
                   mean: Sequence[float] | torch.Tensor, std: Sequence[float] | torch.Tensor,
                   amp: torch.dtype | None = None,
                   batch_size: int = 256) -> np.ndarray:
-    """Softmax probabilities (N, C) of `images[indices]`, batched, in eval mode."""
+    """Softmax probabilities (N, C) of `images[indices]` (uint8 NHWC, a numpy array or a tensor
+    already on the device), batched, in eval mode."""
     model.eval()
     device = next(model.parameters()).device
     out = []
-    for x in eval_batches(images, indices, batch_size):
+    for x in eval_batches(images, indices, batch_size, device):
         x = normalize(x.to(device, non_blocking=True), mean, std)
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             logits = model(x)
@@ -503,26 +506,30 @@ def _sync_buffers(model: nn.Module) -> None:
         dist.broadcast(buf, src=0)
 
 
-def _augmentation(cfg: TrainConfig, image_size: int, device: torch.device, rank: int
-                  ) -> tuple[Any, BatchAugment | None]:
-    """(albumentations pipeline for the loader threads, batched augmentation on the device): the
-    one `cfg.augment_device` asks for, the other None.
+def _batches(loop: _Loop, cfg: TrainConfig, data: ImageData, device: torch.device
+             ) -> TrainBatches:
+    """The run's training batches: augmented on the GPU (images resident there when they fit)
+    or with OpenCV on the host, as `cfg.augment_device` and `cfg.device_data` ask."""
+    from trainables.batch_augment import batch_transform
+    from trainables.batches import TrainBatches, fits_on_device, gpu_sharing
 
-    A worker without CUDA augments on the CPU with a warning rather than failing: the setting is
-    searchable, and the same configuration must still run on a laptop or a CPU node.
-    """
-    on_gpu = cfg.augment_device == "cuda"
-    if on_gpu and device.type != "cuda":
+    cuda = device.type == "cuda"
+    if cfg.augment_device == "cuda" and not cuda:
         warnings.warn(f"augment_device 'cuda' asked for, but this worker trains on "
-                      f"{device.type}: augmenting with albumentations on the CPU instead; set "
-                      f"augment_device to cpu, or give workers a GPU", stacklevel=3)
-        on_gpu = False
-    seed = cfg.seed * 1000 + rank
-    if on_gpu:
-        from trainables.gpu_augment import batch_transform  # imports torchvision (~1.7 s)
-
-        return None, batch_transform(cfg.augment, hflip=cfg.hflip, seed=seed)
-    return train_transform(cfg.augment, image_size, hflip=cfg.hflip, seed=seed), None
+                      f"{device.type}: augmenting with OpenCV on the CPU instead; set "
+                      f"augment_device to auto, or give workers a GPU", stacklevel=3)
+    on_gpu = cuda and cfg.augment_device in ("auto", "cuda")
+    resident = on_gpu and cfg.device_data != "stream" and (
+        cfg.device_data == "resident" or fits_on_device(
+            data.images.nbytes, torch.cuda.mem_get_info(device)[0],
+            sharing=gpu_sharing(cfg.gpu_share)))
+    workers = cfg.loader_workers or (2 if cuda and not resident else 0)
+    return TrainBatches(
+        data.images, data.labels, batch_size=cfg.batch_size, n_batches=loop.n_batches,
+        device=device, order_of=loop._order, seed_of=loop.epoch_seed, mean=loop.mean,
+        std=loop.std, channels_last=loop.channels_last,
+        augment=batch_transform(cfg.augment, hflip=cfg.hflip), tensor_augment=on_gpu,
+        resident=resident, workers=workers, prefetch=cfg.prefetch, pin_memory=cfg.pin_memory)
 
 
 def _memory_format(cfg: TrainConfig, device: torch.device) -> torch.memory_format:

@@ -52,13 +52,13 @@ def test_data_path_quick(capsys) -> None:
     assert "ratio loader/step " in out and "data_wait_share epochs 2..2 " in out
 
 
-def test_data_path_loader_threads_quick(make_folder, capsys) -> None:
+def test_data_path_loader_workers_quick(make_folder, capsys) -> None:
     data = make_folder(classes=3, per_class=14)
-    data_path.main(["--quick", "--data", str(data), "--threads", "1", "2", "--loader-only"])
+    data_path.main(["--quick", "--data", str(data), "--workers", "1", "2", "--loader-only"])
     out = capsys.readouterr().out
-    assert has_header(out, "data path") and "loader threads [1, 2]" in out
-    assert "repeat 0: loader img/s 1 thread(s) " in out and ", 2 thread(s) " in out
-    assert "ratio loader 2/1 threads " in out and "warpAffine alone 2/1 threads " in out
+    assert has_header(out, "data path") and "loader workers [1, 2]" in out
+    assert "repeat 0: loader img/s 1 worker(s) " in out and ", 2 worker(s) " in out
+    assert "ratio loader 2/1 workers " in out and "warpAffine alone 2/1 threads " in out
     assert "model step" not in out and "data_wait_share" not in out  # --loader-only
 
 

@@ -18,11 +18,13 @@ import pytest
 import torch
 
 from conftest import REPO, start_search, write_image
+from trainables.store import epochs_path
 
 pytestmark = pytest.mark.slow
 SIX = {"lr", "weight_decay", "batch_size", "dropout", "epochs", "scheduler"}
 TINY = ["--image-size", "32", "--space", "batch_size=[8,16]", "--max-epochs", "2",
         "--grace-period", "1", "--num-cpus", "2"]
+NODE_CPUS = 2  # TINY's --num-cpus: the local Ray node's CPUs
 BARE = ["--init", "random", "--no-refit"]  # for tests about other things: no warm start, refit
 
 
@@ -89,6 +91,7 @@ def test_every_trial_fine_tunes_from_the_one_warm_start(searched):
     assert ids == {init.id}
     summary = json.loads((exp / "summary.json").read_text())
     assert summary["start"]["kind"] == "warm" and summary["start"]["id"] == init.id
+    assert init.facts["threads"] == NODE_CPUS  # the warm start trains on the whole node
 
 
 def test_refit_on_train_and_val_is_the_final_model(searched):
@@ -98,9 +101,15 @@ def test_refit_on_train_and_val_is_the_final_model(searched):
     summary = json.loads((exp / "summary.json").read_text())
     refit, final = summary["refit"], summary["final"]
     assert final["model"] == "refit" and final["checkpoint"] == refit["checkpoint"]
-    assert refit["train_images"] == summary["split_sizes"]["train"] + summary["split_sizes"]["val"]
-    assert 0.0 <= refit["test"]["accuracy"] <= 1.0 and "f1" in refit["test"]
+    labelled = summary["split_sizes"]["train"] + summary["split_sizes"]["val"]
+    assert refit["train_images"] == labelled and refit["threads"] == NODE_CPUS
     ckpt = Checkpoint.load(exp / refit["checkpoint"])
+    batch = ckpt.train_config.batch_size  # what its epochs really trained: every labelled image
+    trained = [r["train_images"] for r in json.loads(epochs_path(exp / refit["checkpoint"])
+                                                       .read_text())]
+    whole = labelled if labelled <= batch else labelled // batch * batch  # full batches only
+    assert trained and set(trained) == {whole}
+    assert refit["test"]["accuracy"] >= 1 / 3 and "f1" in refit["test"]  # chance is 1/3
     chosen = Checkpoint.load(exp / summary["best_trial"]["checkpoint"])
     assert ckpt.train_config.recipe() == chosen.train_config.recipe()
     assert len(ckpt.val_indices) == 0  # no image was held out from it

@@ -27,6 +27,10 @@ def test_a_job_takes_a_whole_node():
     # several GPUs on one node: DDP, one worker per GPU, the CPUs shared out
     assert whole_node([{"CPU": 16.0, "GPU": 4.0}]) == Resources(cpus=4, gpus=1.0, workers=4)
     assert whole_node([]) == Resources(cpus=1.0)
+    # queued jobs split a CPU node, as many side by side as it has CPUs; a GPU node is not split
+    assert whole_node([{"CPU": 8.0}], jobs=2) == Resources(cpus=4.0)
+    assert whole_node([{"CPU": 2.0}], jobs=5) == Resources(cpus=1.0)
+    assert whole_node([{"CPU": 8.0, "GPU": 1.0}], jobs=3) == Resources(8.0, 1.0)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +53,7 @@ def start_and_data(make_folder):
 
 
 @pytest.mark.slow
-def test_jobs_train_on_the_whole_node_and_finished_ones_are_kept(local_ray, start_and_data,
+def test_queued_jobs_share_the_node_and_finished_ones_are_kept(local_ray, start_and_data,
                                                                   tmp_path):
     start, data, split = start_and_data
     jobs = [TrainJob(dataclasses.replace(CFG, seed=s), start.inputs(data, split.train,
@@ -57,7 +61,7 @@ def test_jobs_train_on_the_whole_node_and_finished_ones_are_kept(local_ray, star
                      tmp_path / f"job{s}" / "best.pt") for s in (0, 1)]
     results = train(jobs)
     for job, result in zip(jobs, results):
-        assert result.trained and result.resources.threads == 2  # every CPU of the node
+        assert result.trained and result.resources.threads == 1  # two jobs split the 2 CPUs
         assert [r["epoch"] for r in result.reports] == [1, 2, 3]
         assert result.best["epoch"] in (1, 2, 3) and 0 <= result.best["val_acc"] <= 1
         assert json.loads(epochs_path(job.checkpoint).read_text()) == result.reports

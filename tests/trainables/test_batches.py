@@ -1,0 +1,160 @@
+"""Training batches: what they hold does not depend on the loader workers or the placement;
+the GPU-residency decision; no host synchronisation or random draw per training step."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from trainables.batch_augment import batch_transform
+from trainables.batches import TrainBatches, fits_on_device, gpu_sharing
+from trainables.config import TrainConfig
+from trainables.data import load_data
+from trainables.inputs import TrialInputs
+from trainables.models import initial_state
+from trainables.split import draw_split
+from trainables.train import fit
+
+SIDE, BS = 32, 8
+
+
+def test_images_stay_resident_on_the_gpu_when_they_fit_their_share():
+    gib = 2**30
+    assert fits_on_device(10 * gib, 40 * gib)  # a quarter of the free memory
+    assert not fits_on_device(30 * gib, 40 * gib)  # over half of it
+    assert not fits_on_device(15 * gib, 40 * gib, sharing=2)  # two trials share the GPU
+    assert fits_on_device(9 * gib, 40 * gib, sharing=2)
+    assert [gpu_sharing(g) for g in (None, 0, 1.0, 2.0, 0.5, 0.25, 0.3)] == [1, 1, 1, 1, 2, 4, 3]
+
+
+def _batches(images, labels, workers: int, policy: str = "strong", *, tensor: bool = False,
+             resident: bool = False) -> TrainBatches:
+    rng_orders = {e: np.random.default_rng(e).permutation(len(images)) for e in range(1, 4)}
+    return TrainBatches(images, labels, batch_size=BS, n_batches=len(images) // BS,
+                        device=torch.device("cpu"), order_of=rng_orders.__getitem__,
+                        seed_of=lambda e: 100 + e, mean=torch.zeros(3).view(1, 3, 1, 1),
+                        std=torch.ones(3).view(1, 3, 1, 1), channels_last=False,
+                        augment=batch_transform(policy, hflip=True), tensor_augment=tensor,
+                        resident=resident, workers=workers, prefetch=2)
+
+
+def _images(n: int = 40) -> tuple[np.ndarray, np.ndarray]:
+    images = np.random.default_rng(0).integers(0, 256, (n, SIDE, SIDE, 3), dtype=np.uint8)
+    images.flags.writeable = False  # as Ray's object store hands them to a worker
+    return images, np.arange(n, dtype=np.int64) % 3
+
+
+def _epochs(batches: TrainBatches) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    try:
+        return [[(x.clone(), y.clone()) for x, y, _ in batches.epoch(e)] for e in (1, 2)]
+    finally:
+        batches.close()
+
+
+def test_resident_and_streamed_batches_are_the_same():
+    """Images resident on the device (gathered there) or streamed from the host (gathered by
+    loader workers, copied): the same batches, with the tensor kernels a GPU runs."""
+    images, labels = _images()
+    resident = _epochs(_batches(images, labels, 0, tensor=True, resident=True))
+    for workers in (0, 2):
+        streamed = _epochs(_batches(images, labels, workers, tensor=True))
+        for epoch_a, epoch_b in zip(resident, streamed):
+            for (xa, ya), (xb, yb) in zip(epoch_a, epoch_b):
+                assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+@pytest.mark.parametrize("policy", ["none", "strong"])
+def test_batches_do_not_depend_on_the_loader_workers(policy):
+    """A batch is a function of the seed, the epoch and its place: 0 (in this process), 1, 2
+    or 3 loader processes build the same ones, in the epoch's order, epoch after epoch."""
+    images, labels = _images()
+    runs = [_epochs(_batches(images, labels, workers, policy)) for workers in (0, 1, 2, 3)]
+    for run in runs[1:]:
+        for epoch_a, epoch_b in zip(runs[0], run):
+            assert len(epoch_a) == len(epoch_b) == 5
+            for (xa, ya), (xb, yb) in zip(epoch_a, epoch_b):
+                assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    first = runs[0][0]
+    order = np.random.default_rng(1).permutation(len(images))
+    for b, (_, y) in enumerate(first):  # labels follow the epoch's order
+        assert torch.equal(y, torch.from_numpy(labels[order[b * BS:(b + 1) * BS]]))
+    assert not torch.equal(runs[0][0][0][0], runs[0][1][0][0])  # epochs differ
+
+
+def test_a_batch_on_the_host_is_the_order_s_images():
+    images, labels = _images(21)
+    batches = _batches(images, labels, 0, "none")
+    batches.augment = None  # no augmentation: the images themselves, normalised to [0, 1]
+    batches.loader.dataset.augment = None
+    got = list(batches.epoch(1))
+    order = np.random.default_rng(1).permutation(21)
+    assert len(got) == 2  # a ragged end is dropped
+    for b, (x, _, _) in enumerate(got):
+        idx = order[b * BS:(b + 1) * BS]
+        assert torch.allclose(x * 255, torch.from_numpy(images[idx]).permute(0, 3, 1, 2).float())
+
+
+@pytest.fixture
+def tiny(make_folder) -> TrialInputs:
+    data = load_data(make_folder(classes=3, per_class=12), image_size=SIDE)
+    split = draw_split(data.labels, val_fraction=0.2, test_fraction=0.1, seed=0,
+                       class_names=data.class_names)
+    return TrialInputs(data=data, init_state=initial_state("resnet10t", 3, seed=0),
+                       train_idx=split.train, val_idx=split.val)
+
+
+BASE = TrainConfig(epochs=2, batch_size=4, threads=1, amp="off", augment="strong", hflip=True,
+                   keep_last=0)
+
+
+def _losses(cfg: TrainConfig, inputs: TrialInputs) -> list[float]:
+    reports: list[dict] = []
+    fit(cfg, inputs, None, report=reports.append)
+    return [r["train_loss"] for r in reports] + [r["val_loss"] for r in reports]
+
+
+def test_training_gives_the_same_result_with_loader_workers(tiny):
+    one = _losses(BASE, tiny)
+    assert one == _losses(dataclasses.replace(BASE, loader_workers=2, prefetch=1), tiny)
+    assert one != _losses(dataclasses.replace(BASE, seed=1), tiny)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback without CUDA")
+def test_cuda_augmentation_without_cuda_warns_and_augments_on_the_cpu(tiny):
+    with pytest.warns(UserWarning, match="augment_device 'cuda'.*on the CPU"):
+        on_cuda = _losses(dataclasses.replace(BASE, augment_device="cuda"), tiny)
+    assert on_cuda == _losses(BASE, tiny)
+
+
+def _per_run(cfg: TrainConfig, inputs: TrialInputs) -> dict[str, int]:
+    """Host reads (`.item()`) and random draws of one epoch of training, outside the
+    optimizer's own step (torch's CPU optimizers read their step counters)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    watched = ("aten::_local_scalar_dense", "aten::uniform_", "aten::random_",
+               "aten::randperm", "aten::normal_")
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fit(cfg, inputs, None)
+    counts = dict.fromkeys(watched, 0)
+    for e in prof.events():
+        if e.name in watched:
+            parent, in_optimizer = e.cpu_parent, False
+            while parent is not None:
+                in_optimizer |= parent.name.startswith("Optimizer.step")
+                parent = parent.cpu_parent
+            counts[e.name] += not in_optimizer
+    return counts
+
+
+def test_a_training_step_reads_nothing_back_and_draws_nothing(tiny):
+    """Twice the steps, the same host reads and random draws: none of them is per step (the
+    epoch's loss is read once, its augmentation parameters drawn once)."""
+    cfg = dataclasses.replace(BASE, epochs=1, augment="strong")
+    few = _per_run(dataclasses.replace(cfg, batch_size=8), tiny)
+    many = _per_run(dataclasses.replace(cfg, batch_size=4), tiny)
+    assert many == few, (few, many)
+    assert few["aten::uniform_"] >= 1  # the epoch's parameters were drawn
