@@ -76,6 +76,9 @@ def parse_args(argv: list[str] | None = None) -> EnsembleConfig:
     if cfg.group_col and not cfg.folds:
         raise UserError("--group-col only shapes the folds of --folds K; add --folds or leave "
                         "--group-col out")
+    if cfg.output and Path(cfg.output).expanduser().is_dir():
+        raise UserError(f"--output {cfg.output} is a folder; pass the path of the CSV file to "
+                        f"write, e.g. {Path(cfg.output) / 'predictions.csv'}")
     check_tta(cfg.tta)
     return cfg
 
@@ -94,6 +97,7 @@ def build(cfg: EnsembleConfig) -> int:
     if cfg.predict:  # read first: a bad path must fail before any work is done
         to_predict = read_unlabelled(cfg.predict, image_size=int(state.data.images.shape[1]),
                                      image_col=cfg.image_col)
+    uri, parent = _tracking(cfg, state)  # a store that is gone fails here, before any work
     out = state.store.ensemble_dir
     out.mkdir(exist_ok=True)
     folds = None
@@ -121,7 +125,6 @@ def build(cfg: EnsembleConfig) -> int:
     if folds is not None:
         doc |= fold_report(state, folds, pool.metric)
     write_report(out, doc, rows, chosen)
-    uri, parent = _tracking(cfg, state)
     run_id = log_to_mlflow(uri, cfg.experiment, parent, doc, rows, out)
     _explain_and_register(cfg, state, saved, chosen, uri, run_id)
     print("\n" + "\n".join(table_lines(rows, chosen)), flush=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -269,6 +270,29 @@ def load_yaml(path: str) -> dict[str, Any]:
     return doc
 
 
+def check_apart(data: str | None, experiment_dir: Path, tracking_here: bool = False) -> None:
+    """The user's images and the experiment folder must not hold one another: --overwrite would
+    delete the images, and a later search would read its own results as a class of images."""
+    if not data:
+        return
+    data_dir = Path(data).expanduser().resolve()
+    data_dir = data_dir.parent if data_dir.is_file() else data_dir  # a CSV: its folder
+    exp = experiment_dir.expanduser().resolve()
+    if exp == data_dir or exp in data_dir.parents:
+        raise UserError(f"--data {data} lies inside the experiment folder {exp}, which the "
+                        "search writes (and --overwrite deletes); pick another --experiment or "
+                        "--storage")
+    if data_dir in exp.parents:
+        raise UserError(f"the experiment folder {exp} lies inside --data {data}, so later "
+                        "searches would read results as images; pass a --storage outside the "
+                        "data folder (e.g. --storage ../runs)")
+    here = Path.cwd().resolve()
+    if tracking_here and (here == data_dir or data_dir in here.parents):
+        raise UserError(f"this folder lies inside --data {data}, and MLflow would write its "
+                        "store (mlflow.db, mlruns/) here among the images; run from outside the "
+                        "data folder or pass --tracking-uri")
+
+
 def validate(cfg: SearchConfig) -> SearchConfig:
     """Checks values a user can get wrong; returns the config with its space resolved."""
     checks = [
@@ -298,6 +322,8 @@ def validate(cfg: SearchConfig) -> SearchConfig:
         if not ok:
             raise UserError(message)
     cfg.check_common()
+    check_apart(cfg.data, cfg.experiment_dir, tracking_here=not (
+        cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")))
     if cfg.time_budget is not None:
         parse_duration(cfg.time_budget)
     for name in OPTIONS:

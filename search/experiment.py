@@ -85,7 +85,28 @@ class Experiment:
                            test_fraction=cfg.test_fraction, seed=cfg.seed,
                            predefined=data.splits, class_names=data.class_names,
                            groups=data.groups)
+        warn_missing_classes(data, split, cfg.train.metric)
         return data, split
+
+
+def warn_missing_classes(data: ImageData, split: Split, metric: str) -> None:
+    """Says when the val or test part lacks classes: its scores then cannot see them (macro F1
+    is capped at the share of classes present)."""
+    import numpy as np
+
+    for part in ("val", "test"):
+        idx = getattr(split, part)
+        if not len(idx):
+            continue
+        missing = sorted(set(range(data.num_classes)) - set(np.unique(data.labels[idx])))
+        if missing:
+            names = ", ".join(data.class_names[k] for k in missing[:5])
+            cap = (f"; its macro F1 cannot exceed {1 - len(missing) / data.num_classes:.2f}, "
+                   "which --metric f1 then selects on" if metric == "f1" and part == "val"
+                   else "")
+            log.warning("the %s part holds no image of %d class(es) (%s)%s; give it more images "
+                        "(--%s-fraction) or more images of those classes", part, len(missing),
+                        names + (", ..." if len(missing) > 5 else ""), cap, part)
 
 
 def _continued_config(cfg: SearchConfig, store: ExperimentStore) -> SearchConfig:

@@ -17,6 +17,7 @@ from ray.tune import Callback
 
 from search.results import epochs_of
 from search.space import training_values
+from trainables.errors import UserError
 from trainables.split import Split
 from trainables.store import ExperimentStore, code_version, outcome, score_column
 from trainables.tracking import (
@@ -151,8 +152,15 @@ class SearchRun:
         run = cls(uri, experiment, store)
         run.dataset = search_dataset(params)
         if saved:
+            from mlflow.exceptions import MlflowException
+
             run.run_id = saved["parent_run_id"]
-            run.client.update_run(run.run_id, status="RUNNING")
+            try:
+                run.client.update_run(run.run_id, status="RUNNING")
+            except MlflowException:
+                raise UserError(f"the MLflow store {uri} holds no run {run.run_id} of this "
+                                "search; pass the --tracking-uri the search was started with"
+                                ) from None
             return run
         created = run.client.create_run(
             run.exp_id, run_name=f"search-{time.strftime('%Y%m%d-%H%M%S')}",

@@ -20,7 +20,7 @@ import yaml
 
 from trainables.errors import UserError
 
-NOISY_LOGGERS = ("alembic", "mlflow", "urllib3", "filelock", "optuna")
+NOISY_LOGGERS = ("alembic", "mlflow", "urllib3", "filelock", "optuna", "matplotlib")
 # what the file system says when the storage cannot take our files: one sentence, not a traceback
 STORAGE_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT,
                   errno.EFBIG, errno.ENOTDIR, errno.EEXIST}

@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 # Pillow refuses images over ~179 megapixels as decompression bombs; phone photos reach 200 MP,
 # and JPEGs are decoded at a reduced scale anyway (Image.draft). Above this, an image is skipped.
 Image.MAX_IMAGE_PIXELS = 1_000_000_000
+# other formats decode at full size (3 bytes a pixel, per decoding thread): a 194 kB PNG can
+# hold 1.6 gigapixels, 10 GB decoded. Larger than this, such an image is refused.
+FULL_DECODE_PIXELS = 250_000_000
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
 SPLIT_NAMES = ("train", "val", "test")
 # folder names users give their splits (compared case-insensitively)
@@ -176,8 +179,8 @@ def labelled_rows(path: Path, image_col: str, label_col: str):
     file that is not a CSV or lacks either column."""
     import pandas as pd
 
-    try:
-        table = pd.read_csv(path)
+    try:  # as text: labels 0, 1 stay "0", "1" (not 0.0, 1.0 once a cell is empty)
+        table = pd.read_csv(path, dtype=str)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise UserError(f"cannot read CSV {path}: {exc}; check that it is a comma-separated "
                         "file with a header row") from None
@@ -185,6 +188,14 @@ def labelled_rows(path: Path, image_col: str, label_col: str):
     if missing:
         raise UserError(f"CSV {path} has no column {', '.join(map(repr, missing))} (it has "
                         f"{', '.join(map(repr, table.columns))}); pass --image-col and --label-col")
+    for col in (image_col, label_col):
+        table[col] = table[col].str.strip().replace("", None)
+    empty = {c: int(table[c].isna().sum()) for c in (image_col, label_col)}
+    if any(empty.values()):
+        first = int(table[[image_col, label_col]].isna().any(axis=1).to_numpy().argmax()) + 2
+        log.warning("CSV %s: ignoring %s (the first on line %d); fill them in to use those "
+                    "rows", path, " and ".join(f"{n} row(s) with an empty {c!r} cell"
+                                               for c, n in empty.items() if n), first)
     return table.dropna(subset=[image_col, label_col])
 
 
@@ -278,6 +289,11 @@ def decode_image(path: Path, size: int) -> np.ndarray | str:
     """One image to (size, size, 3) uint8 (shorter side resized, centre cropped), or an error."""
     try:
         with Image.open(path) as im:
+            limit = Image.MAX_IMAGE_PIXELS if im.format == "JPEG" else FULL_DECODE_PIXELS
+            if im.size[0] * im.size[1] > limit:
+                return (f"{im.size[0]}x{im.size[1]} pixels, more than the {limit:,} a "
+                        f"{im.format} may have here (it would take "
+                        f"{im.size[0] * im.size[1] * 3 / 1e9:.1f} GB to decode); downscale it")
             im.draft("RGB", (size, size))  # JPEG: decode at a reduced scale, far faster for photos
             im = _to_rgb(ImageOps.exif_transpose(im))
             w, h = im.size
@@ -315,6 +331,11 @@ def class_files(root: Path) -> list[tuple[str, Path]]:
     """
     pairs, seen = [], set()
     real_root = root.resolve()
+    for d in sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(".")):
+        hidden = sum(1 for f in d.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+        if hidden and d.name not in (".", ".."):
+            log.warning("ignoring folder %s with %d image(s): a name starting with '.' marks a "
+                        "hidden folder, not a class; rename it to use its images", d, hidden)
     for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         real = d.resolve()
         if real in seen or real == real_root or real in real_root.parents \

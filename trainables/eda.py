@@ -349,6 +349,24 @@ def main(argv: list[str] | None = None) -> int:
     return run_main(lambda: _cli(args))
 
 
+def _read_split(path: str, read_json) -> dict[str, str]:
+    """`id -> part` of a split.json, or one sentence on why the file is not one."""
+    import json
+
+    try:
+        doc = read_json(path)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"split file {path} is not JSON ({exc}); pass an experiment's "
+                        "split.json to --split") from None
+    ids = doc.get("ids") if isinstance(doc, dict) else None
+    if not isinstance(ids, dict) or not ids or not all(
+            k in SPLIT_NAMES and isinstance(v, list) and all(isinstance(i, str) for i in v)
+            for k, v in ids.items()):
+        raise UserError(f"split file {path} has no image ids by part ('ids': {{'train': [...], "
+                        "'val': [...], 'test': [...]}}); pass the split.json a search wrote")
+    return split_parts(doc)
+
+
 def _cli(args: argparse.Namespace) -> int:
     from trainables.files import read_json
 
@@ -357,7 +375,7 @@ def _cli(args: argparse.Namespace) -> int:
         if not Path(args.split).is_file():
             raise UserError(f"split file {args.split} does not exist; pass an experiment's "
                             "split.json to --split")
-        parts = split_parts(read_json(args.split))
+        parts = _read_split(args.split, read_json)
     doc = data_report(args.data, args.out, image_col=args.image_col,
                       label_col=args.label_col, parts=parts)
     print("\n".join(markdown(doc)[:8 + len(findings(doc))]))

@@ -23,6 +23,8 @@ reads a finished search) read through it.
 
 from __future__ import annotations
 
+import logging
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -40,6 +42,7 @@ if TYPE_CHECKING:
     from trainables.split import Split
     from trainables.start import Start
 
+log = logging.getLogger(__name__)
 FINISHED = ("completed", "stopped_early", "stopped_by_budget")  # trials with a usable result
 ENDED = FINISHED + ("failed",)  # trials a resumed search does not run again
 CHECKPOINT = "best.pt"  # a run's best epoch
@@ -248,8 +251,12 @@ class ExperimentStore:
         search and a build) on one folder would mix each other's split, results and summary."""
         import fcntl
 
-        self.dir.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(self.dir.parent / f".{self.name}.lock", "a+")  # noqa: SIM115 - held open
+        try:
+            self.dir.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(self.dir.parent / f".{self.name}.lock", "a+")  # noqa: SIM115
+        except OSError as exc:  # e.g. under /proc, a file in the way, no permission
+            raise UserError(f"cannot create files in the storage folder {self.dir.parent} "
+                            f"({exc.strerror or exc}); pass a writable --storage") from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -391,8 +398,27 @@ class ExperimentStore:
         return read_json(p) if p.is_file() else None
 
     def write_tracking(self, doc: dict[str, Any]) -> None:
-        write_json(self.path("mlflow.json"), doc)
+        """mlflow.json: the search's MLflow store and parent run, and where the folder was (so a
+        moved experiment finds a store that moved with it)."""
+        write_json(self.path("mlflow.json"), {**doc, "experiment_dir": str(self.dir.resolve())})
 
     def read_tracking(self) -> dict[str, Any] | None:
+        """mlflow.json, its store followed when the experiment folder was moved together with a
+        local store; a UserError when a local store it names is gone."""
         p = self.path("mlflow.json")
-        return read_json(p) if p.is_file() else None
+        if not p.is_file():
+            return None
+        doc = read_json(p)
+        uri = doc.get("tracking_uri", "")
+        scheme = next((s for s in ("sqlite:///", "file://") if uri.startswith(s)), None)
+        if scheme is None or Path(uri[len(scheme):]).exists():
+            return doc
+        old, here = doc.get("experiment_dir"), self.dir.resolve()
+        if old and Path(old) != here:
+            moved = Path(os.path.normpath(here / os.path.relpath(uri[len(scheme):], old)))
+            if moved.exists():
+                log.warning("experiment %r moved from %s: using its MLflow store at %s",
+                            self.name, old, moved)
+                return doc | {"tracking_uri": scheme + str(moved)}
+        raise UserError(f"the MLflow store {uri} of experiment {self.name!r} no longer exists "
+                        "(was it moved or deleted?); pass --tracking-uri with where it is now")

@@ -20,13 +20,34 @@ def resolve_tracking_uri(uri: str | None) -> str:
     Order: the argument, MLFLOW_TRACKING_URI, MLflow's default (sqlite:///mlflow.db here).
     """
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return "sqlite:///" + str(Path(uri[len("sqlite:///"):]).expanduser().resolve())
-    if uri.startswith("file:") and not uri.startswith("file:///"):
-        return Path(uri[len("file:"):]).expanduser().resolve().as_uri()
-    if "://" not in uri:
-        return Path(uri).expanduser().resolve().as_uri()
+    if uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///"):]).expanduser().resolve()
+        _check_writable(path.parent, uri, db=path)
+        return "sqlite:///" + str(path)
+    if uri.startswith("file:") or "://" not in uri:
+        path = Path(uri[len("file://"):] if uri.startswith("file://") else
+                    uri[len("file:"):] if uri.startswith("file:") else uri).expanduser().resolve()
+        _check_writable(path, uri)
+        return path.as_uri()
     return uri
+
+
+def _check_writable(folder: Path, uri: str, db: Path | None = None) -> None:
+    """One sentence, at once, when a local MLflow store cannot be written (MLflow itself
+    retries for minutes, then fails with a database traceback)."""
+    import tempfile
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+        if db is not None and db.exists():
+            with open(db, "ab"):
+                pass
+    except OSError as exc:
+        raise UserError(f"cannot write the MLflow store {uri} ({exc.strerror or exc} at "
+                        f"{exc.filename or folder}); pass a writable --tracking-uri or set "
+                        "MLFLOW_TRACKING_URI") from None
 
 
 def client_for(uri: str):
