@@ -54,7 +54,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.search = ["--num-samples", str(args.num_samples), "--max-epochs", str(args.max_epochs)]
     if args.quick:
         args.seeds, args.image_size, args.budget, args.top, args.holdout_top = \
-            args.seeds[:1], 32, "90", 2, 2
+            args.seeds[:1], 32, "30m", 2, 2  # 2 trials of 2 epochs end it, not the budget
         args.folds, args.pseudo_threshold = 2, 0.4
         args.search = ["--num-samples", "2", "--max-epochs", "2", "--grace-period", "2",
                        "--init", "random", "--space", "batch_size=[8]"]

@@ -70,8 +70,8 @@ def run_tune(method: str, seed: int, args: argparse.Namespace, work: Path) -> di
         space = ["--config", str(work / "wide.yaml")]
     proc = subprocess.run(
         [sys.executable, "-m", "search.run", "--data", str(args.data), "--seed", str(seed),
-         "--num-samples", "500", "--time-budget", f"{args.budget_s:g}", "--init", "random",
-         "--no-refit", "--max-epochs", str(args.max_epochs), "--image-size",
+         "--num-samples", str(args.trials), "--time-budget", f"{args.budget_s:g}",
+         "--init", "random", "--no-refit", "--max-epochs", str(args.max_epochs), "--image-size",
          str(args.image_size), "--experiment", name, "--storage", str(work / "runs"),
          "--tracking-uri", f"sqlite:///{work / 'mlflow.db'}", *space, *extra],
         cwd=work, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
@@ -117,6 +117,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--methods", nargs="+", default=["ours", "random"], choices=METHODS)
     p.add_argument("--space-kind", choices=("wide", "default"), default="wide")
     p.add_argument("--max-epochs", type=int, default=4)
+    p.add_argument("--trials", type=int, default=500,
+                   help="cap on trials per search (default: as many as the budget allows)")
     p.add_argument("--plots", type=Path, default=None, help="copy each search's pictures here")
     p.set_defaults(image_size=32)
     args = p.parse_args(argv)

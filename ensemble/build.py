@@ -18,6 +18,7 @@ from ensemble.combiners import (
     build_rows,
     choose,
     predict_members,
+    refit_rows,
     student_rows,
 )
 from ensemble.folds import fit_folds, fold_report, plan_folds
@@ -109,8 +110,8 @@ def build(cfg: EnsembleConfig) -> int:
     log.info("members: %s", ", ".join(f"{m.name} (val {m.val_acc:.4f})" for m in members))
     pool = Pool(state, predict_members(state, members, cfg.tta), cfg.tta, cfg.rounds,
                 state.store.metric, folds=folds)
-    rows = build_rows(pool) + (build_rows(pool, FOLD_COMBINERS) if folds else []) + \
-        student_rows(pool)
+    rows = refit_rows(pool) + build_rows(pool) + \
+        (build_rows(pool, FOLD_COMBINERS) if folds else []) + student_rows(pool)
     chosen = choose(rows, pool.metric, len(pool.y_val))
     saved = out / "ensemble.pt"
     chosen.artifact.save(saved)
@@ -124,7 +125,9 @@ def build(cfg: EnsembleConfig) -> int:
     doc = _report_doc(cfg, state, members, rows, chosen)
     if folds is not None:
         doc |= fold_report(state, folds, pool.metric)
+    doc["final"] = _final(state, saved, chosen)
     write_report(out, doc, rows, chosen)
+    _record_final(state, doc["final"])
     run_id = log_to_mlflow(uri, cfg.experiment, parent, doc, rows, out)
     _explain_and_register(cfg, state, saved, chosen, uri, run_id)
     print("\n" + "\n".join(table_lines(rows, chosen)), flush=True)
@@ -133,6 +136,26 @@ def build(cfg: EnsembleConfig) -> int:
     log.info("\nchosen on val: %s; saved %s; report %s; MLflow run %s; %.0f s", chosen.name,
              saved, out / "report.md", run_id, time.time() - start)
     return 0
+
+
+def _final(state: SearchState, saved: Path, chosen: Combined) -> dict:
+    """The product's one answer: the row chosen on val (the refit among the rows)."""
+    return {"model": "refit" if chosen.name == "refit" else f"ensemble ({chosen.name})",
+            "checkpoint": state.store.relative(saved), "chosen_by": "ensemble.build, on val",
+            "members": chosen.members, "test": chosen.test}
+
+
+def _record_final(state: SearchState, final: dict) -> None:
+    """summary.json names the same final model as the ensemble's report; what the search alone
+    had chosen stays under search_final."""
+    summary = state.store.read_summary()
+    if summary is None:
+        return
+    summary.setdefault("search_final", summary.get("final"))
+    summary["final"] = final
+    state.store.write_summary(summary)
+    log.info("final model: %s, test accuracy %.4f (summary.json and the ensemble report agree)",
+             final["model"], final["test"]["accuracy"])
 
 
 def _explain_and_register(cfg: EnsembleConfig, state: SearchState, saved: Path,

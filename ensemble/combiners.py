@@ -124,6 +124,7 @@ class Combined:
     test_probs: np.ndarray | None = field(repr=False, default=None)
     artifact: Vote | Checkpoint | None = field(repr=False, default=None)  # what is saved
     note: str = ""
+    prefer: int = 0  # among rows tied on val loss and size, the lower is chosen
 
     def record(self) -> dict[str, Any]:
         return {"name": self.name, "members": self.members, "weights": self.weights,
@@ -361,6 +362,52 @@ class Student(Combiner):
                              f"{pool.state.store.relative(Path(self.checkpoint).parent)}/report.md")
 
 
+class RefitRow(Combiner):
+    """The search's refit: the chosen trial's recipe retrained on train + val.
+
+    It has seen val, so its val score is not its own: the row carries its trial's val scores,
+    which is what the refit is expected to match at least (the same recipe on more images). On
+    val it then ties the trial's "best single" row, and wins the tie: one network either way,
+    trained on more data. Its test score is its own.
+    """
+
+    name = "refit"
+
+    def __init__(self, checkpoint: str | Path, trial_checkpoint: str | Path) -> None:
+        self.checkpoint, self.trial = str(checkpoint), str(trial_checkpoint)
+
+    def fit(self, pool: Pool) -> Combined:
+        images, split = pool.state.data.images, pool.state.split
+        trial = Path(self.trial).resolve()
+        source = next((p for p in pool.preds if Path(p.member.checkpoint).resolve() == trial),
+                      None)
+        if source is not None:
+            val = source.val
+        else:  # the trial is not among the members: predict its val here
+            trial_model, trial_ckpt = load_model(self.trial, torch.device("cpu"))
+            val, _ = timed_predict(trial_model, images[split.val], trial_ckpt, pool.tta)
+        model, ckpt = load_model(self.checkpoint, torch.device("cpu"))
+        test, ms = timed_predict(model, images[split.test], ckpt, pool.tta)
+        return Combined(self.name, [self.name], [1.0], ensemble_metrics(val, pool.y_val),
+                        ensemble_metrics(test, pool.y_test),
+                        sum(p.numel() for p in model.parameters()), ms, test_probs=test,
+                        artifact=Vote([self.checkpoint], [1.0], tta=pool.tta), prefer=-1,
+                        note="the chosen trial's recipe retrained on train + val; val scores "
+                             "are its trial's (the refit has seen val)")
+
+
+def refit_rows(pool: Pool) -> list[Combined]:
+    """The search's refit as a row, when it has one (of this split)."""
+    summary = pool.state.store.read_summary() or {}
+    refit, best = summary.get("refit") or {}, summary.get("best_trial") or {}
+    if not refit.get("checkpoint") or not best.get("checkpoint"):
+        return []
+    path = pool.state.store.dir / refit["checkpoint"]
+    if not path.is_file() or Checkpoint.load(path).split_hash != pool.state.split.hash:
+        return []
+    return [RefitRow(path, pool.state.store.dir / best["checkpoint"]).fit(pool)]
+
+
 COMBINERS: tuple[type[Combiner], ...] = (BestSingle, HardVote, SoftVote, WeightedVote,
                                          UniformSoup, GreedySoup, SnapshotSoup)
 FOLD_COMBINERS: tuple[type[Combiner], ...] = (FoldBestConfig, FoldSoftVote, FoldWeightedVote)
@@ -443,7 +490,7 @@ def choose(rows: list[Combined], metric: str = "accuracy", n_val: int = 0) -> Co
     p = best.val[metric]
     tol = math.sqrt(max(p * (1 - p), 0.0) / n_val) if n_val > 0 else 0.0
     tied = [r for r in usable if r.val[metric] >= p - tol]
-    return min(tied, key=lambda r: (r.val["loss"], r.params))
+    return min(tied, key=lambda r: (r.val["loss"], r.params, r.prefer))
 
 
 def skipped(name: str, why: str) -> Combined:

@@ -49,8 +49,13 @@ class BudgetPlan:
     warm_s: float
     trial_s: float
     per_slot: float = TRIALS_PER_SLOT  # full-length trials each concurrency slot has room for
+    recipe: bool = False  # no search: the recommended recipe once, on the whole machine
 
     def describe(self) -> str:
+        if self.recipe:
+            return (f"recipe only: the budget fits no search worth running, so the recommended "
+                    f"recipe trains once for {self.max_epochs} epochs on the whole machine "
+                    f"(~{self.trial_s:.0f} s), with no warm start, early stopping or refit")
         warm = f"warm start {self.warm_epochs} epoch(s) ~{self.warm_s:.0f} s, " \
             if self.warm_epochs else ""
         return (f"{warm}search ~{self.search_s:.0f} s: up to {self.num_samples} trials of at "
@@ -81,6 +86,9 @@ def plan_budget(cfg: SearchConfig, *, remaining_s: float, speed: Speed, n_train:
     epochs = longest(per_slot)
     if epochs < min(GOOD_EPOCHS, cap):
         per_slot, epochs = 1.0, longest(1.0)
+    recipe = recipe_plan(cfg, usable, epoch_solo, cap, epochs)
+    if recipe is not None:
+        return recipe
     if epochs < 1:
         per_epoch = WARM_SHARE * epoch_solo * warm + refit_epoch + epoch_trial
         need = (per_epoch + FINISH_S) / SLACK
@@ -99,9 +107,27 @@ def plan_budget(cfg: SearchConfig, *, remaining_s: float, speed: Speed, n_train:
                       epochs * epoch_trial, per_slot)
 
 
-def apply(cfg: SearchConfig, plan: BudgetPlan) -> SearchConfig:
+def recipe_plan(cfg: SearchConfig, usable: float, epoch_solo: float, cap: int,
+                search_epochs: int) -> BudgetPlan | None:
+    """The plan for a budget too small for a search: when even one trial per slot gets fewer
+    than GOOD_EPOCHS (a warm start, short trials and a refit would each be too short to beat a
+    plain script, which is what happened at a budget of one script's time), the recommended
+    recipe trains once, alone on the whole machine, as many epochs as fit (at most the cap).
+    None when a search fits, or the user asked for trials (--num-samples) or a fixed length."""
+    if search_epochs >= min(GOOD_EPOCHS, cap) or "num_samples" in cfg.given:
+        return None
+    epochs = int(min(cap, usable / epoch_solo)) if usable > 0 else 0
+    if epochs <= search_epochs:
+        return None
+    return BudgetPlan(epochs, 1, None, usable, 0.0, 0.0, epochs * epoch_solo, 1.0, recipe=True)
+
+
+def apply(cfg: SearchConfig, plan: BudgetPlan, solo_cpus: float = 1.0) -> SearchConfig:
     """The config with the plan's epochs, trials and warm start; an epochs range the user did
-    not set follows the new --max-epochs."""
+    not set follows the new --max-epochs. A recipe-only plan fixes every searched setting at its
+    recommended value and gives the one trial the whole machine (`solo_cpus`)."""
+    if plan.recipe:
+        return _recipe_config(cfg, plan, solo_cpus)
     space = dict(cfg.space)
     if space.get("epochs") == default_epochs(cfg.max_epochs):
         space["epochs"] = None
@@ -110,3 +136,18 @@ def apply(cfg: SearchConfig, plan: BudgetPlan) -> SearchConfig:
         cfg, max_epochs=plan.max_epochs, num_samples=plan.num_samples, space=space,
         warm_epochs=plan.warm_epochs or cfg.warm_epochs, grace_period=grace))
 
+
+
+def _recipe_config(cfg: SearchConfig, plan: BudgetPlan, solo_cpus: float) -> SearchConfig:
+    from search.space import recommended_value
+
+    space = {k: (recommended_value(k, v) if k != "model" else v[0])
+             if isinstance(v, (dict, list)) else v for k, v in cfg.space.items()}
+    space["epochs"] = plan.max_epochs
+    init = cfg.init
+    if init in ("auto", "warm"):  # no time for a warm start: the start it would have had
+        init = "pretrained" if cfg.pretrained or cfg.pretrained_file else "random"
+    return validate(dataclasses.replace(
+        cfg, max_epochs=plan.max_epochs, num_samples=1, space=space, init=init,
+        early_stopping="none", refit=False, max_concurrent=1, cpus_per_worker=solo_cpus,
+        grace_period=None))

@@ -324,6 +324,10 @@ def validate(cfg: SearchConfig) -> SearchConfig:
     cfg.check_common()
     check_apart(cfg.data, cfg.experiment_dir, tracking_here=not (
         cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")))
+    if cfg.tracking_uri:  # a store that cannot be written fails now, before any work
+        from trainables.tracking import resolve_tracking_uri
+
+        resolve_tracking_uri(cfg.tracking_uri)
     if cfg.time_budget is not None:
         parse_duration(cfg.time_budget)
     for name in OPTIONS:

@@ -37,7 +37,7 @@ class Refit:
 
 
 def refit(store: ExperimentStore, data, split: Split, starts: dict[str, Start],
-          selected: Checkpoint) -> Refit:
+          selected: Checkpoint, progress=None) -> Refit:
     """Trains the selected trial's configuration on train + val (`data` may be a Ray object
     ref). A refit already on disk for the same configuration (a resumed search) is not trained
     again."""
@@ -49,7 +49,7 @@ def refit(store: ExperimentStore, data, split: Split, starts: dict[str, Start],
     tick = time.time()
     job = TrainJob(train_cfg, starts[train_cfg.model].inputs(
         data, pool, np.zeros(0, np.int64), split_hash=split.hash), path, name="refit")
-    result = train([job], ray_dir=store.ray_dir)[0]
+    result = train([job], ray_dir=store.ray_dir, progress=progress)[0]
     record = {"checkpoint": store.relative(path), "epochs": train_cfg.epochs,
               "train_images": len(pool), "seconds": round(time.time() - tick, 1),
               "threads": result.resources.threads if result.resources else None,

@@ -3,16 +3,19 @@ progress lines printed while a search runs (Tune callbacks on the driver)."""
 
 from __future__ import annotations
 
+import time
+
 import pandas as pd
 from ray.tune import Callback
 
 from search.space import training_values
-from trainables.store import ExperimentStore, outcome, ranked
+from trainables.store import ExperimentStore, outcome, ranked, score_column
 
 SEARCHED = ("lr", "weight_decay", "batch_size", "dropout", "epochs", "scheduler")
 TABLE_COLUMNS = ["trial_id", "status", "epochs_run", "model", "lr", "weight_decay", "batch_size",
                  "dropout", "epochs", "scheduler", "best_val_acc", "best_val_f1",
                  "best_val_loss"]
+STATUS_EVERY_S = 60.0  # a search's status line, at least this often
 BEST = ("best_val_acc", "best_val_loss", "best_val_f1", "best_epoch")
 
 
@@ -109,12 +112,33 @@ class ResultsWriter(Callback):
 
 
 class ProgressPrinter(Callback):
-    """One short line per trial epoch and per trial end, instead of Tune's large tables."""
+    """One short line per trial epoch and per trial end, instead of Tune's large tables; and a
+    status line (time used and left, trials finished / running / planned, the best so far) at
+    each trial's end and at least every STATUS_EVERY_S."""
 
-    def __init__(self, num_samples: int, ended: int = 0) -> None:
-        self.num_samples, self.ended = num_samples, ended
+    def __init__(self, num_samples: int, ended: int = 0, clock=None,
+                 metric: str = "accuracy") -> None:
+        self.num_samples, self.ended, self.clock = num_samples, ended, clock
+        self.score, self.metric = score_column(metric), metric
+        self.best: tuple[float, str] | None = None
+        self.last_status = time.time()
+
+    def on_step_begin(self, iteration: int, trials: list, **info) -> None:
+        if self.clock is not None and time.time() - self.last_status >= STATUS_EVERY_S:
+            self.status(trials)
+
+    def status(self, trials: list) -> None:
+        running = sum(t.status == "RUNNING" for t in trials)
+        best = "" if self.best is None else \
+            f"; best val {self.metric} {self.best[0]:.4f} (trial {self.best[1]})"
+        print(self.clock.line("search", f"trials: {self.ended} finished, {running} running, "
+                                        f"{self.num_samples} planned{best}"), flush=True)
+        self.last_status = time.time()
 
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
+        score = result.get(self.score)
+        if score is not None and (self.best is None or score > self.best[0]):
+            self.best = (float(score), trial.trial_id)
         epochs = trial.config.get("epochs", "?")
         print(f"  trial {trial.trial_id} epoch {epochs_of(result)}/{epochs}: "
               f"val acc {result.get('val_acc', float('nan')):.4f} "
@@ -128,6 +152,8 @@ class ProgressPrinter(Callback):
         print(f"trial {trial.trial_id} ended after {epochs_of(last)} epoch(s): "
               f"best val acc {last.get('best_val_acc', float('nan')):.4f} "
               f"[{self.ended}/{self.num_samples} trials]", flush=True)
+        if self.clock is not None:
+            self.status(trials)
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
         self.ended += 1

@@ -41,9 +41,9 @@ def run(cfg: SearchConfig) -> int:
         store = exp.store
         tracking = stages.open_tracking(cfg, store, data, split, plan)
         data_ref = stages.place_data(data)
-        starts = stages.make_starts(cfg, store, data_ref, split, starts, tracking)
+        starts = stages.make_starts(cfg, store, data_ref, split, starts, tracking, clock)
         table = stages.trials(cfg, store, plan, data, split, data_ref, starts, tracking,
-                              stages.search_deadline(clock, budget), resumed=exp.resumed)
+                              stages.search_deadline(clock, budget), clock, resumed=exp.resumed)
         if table is None:
             return 130
         chosen = stages.select(cfg, store, table, tracking)

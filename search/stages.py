@@ -44,6 +44,20 @@ class Clock:
     def elapsed(self) -> float:
         return time.time() - self.t0
 
+    def line(self, phase: str, detail: str = "") -> str:
+        """Where the run stands: '[search | 3m12s used, 16m48s left of 20m00s] detail'."""
+        from trainables.jobs import duration
+
+        head = f"[{phase} | {duration(self.elapsed())} used"
+        left = self.seconds_left()
+        if left is not None:
+            head += f", {duration(max(0.0, left))} left of {duration(self.budget_s)}"
+        return f"{head}] {detail}".rstrip()
+
+    def say(self, phase: str):
+        """A progress callback that prints status lines of `phase` (the jobs' heartbeat)."""
+        return lambda detail: print(self.line(phase, detail), flush=True)
+
 
 # ---------------------------------------------------------------------- plan
 
@@ -76,7 +90,7 @@ def plan(cfg: SearchConfig, data: ImageData, split: Split, starts: dict[str, Sta
         cfg, remaining_s=clock.seconds_left(), speed=measured, n_train=sizes["train"],
         n_val=sizes["val"], n_test=sizes["test"], plan=resources,
         warm=len(models) if needs_warm_start(cfg, starts) else 0)
-    cfg = budget.apply(cfg, the_plan)
+    cfg = budget.apply(cfg, the_plan, solo_cpus=float(solo))
     log.info("time budget %s: %s (measured %.1f ms per training image per trial)",
              cfg.time_budget, the_plan.describe(), 1000 * measured.trial)
     return cfg, plan_for_cluster(cfg), the_plan
@@ -129,13 +143,15 @@ def place_data(data: ImageData):
 
 
 def make_starts(cfg: SearchConfig, store: ExperimentStore, data_ref, split: Split,
-                starts: dict[str, Start], tracking: SearchRun) -> dict[str, Start]:
+                starts: dict[str, Start], tracking: SearchRun, clock: Clock) -> dict[str, Start]:
     """The shared start of each architecture: warm starts trained now when the search needs
     them, every start saved as its init file."""
     from search.start import needs_warm_start, warm_starts, write_starts
 
     if needs_warm_start(cfg, starts):
-        starts, reports = warm_starts(cfg, store, data_ref, split, starts)
+        say = clock.say("warm start")
+        say("training the shared start every trial fine-tunes from")
+        starts, reports = warm_starts(cfg, store, data_ref, split, starts, progress=say)
         for model, curve in reports.items():
             tracking.log_stage("warm-start", curve, starts[model].record())
     write_starts(store, starts)
@@ -156,7 +172,8 @@ def search_deadline(clock: Clock, budget: BudgetPlan | None) -> float | None:
 
 def trials(cfg: SearchConfig, store: ExperimentStore, resources: ResourcePlan,
            data: ImageData, split: Split, data_ref, starts: dict[str, Start],
-           tracking: SearchRun, seconds: float | None, *, resumed: bool) -> pd.DataFrame | None:
+           tracking: SearchRun, seconds: float | None, clock: Clock, *,
+           resumed: bool) -> pd.DataFrame | None:
     """Runs the trials still to run on Ray Tune (Optuna proposes, ASHA stops weak ones) within
     `seconds`; returns the results table, or None when the search was interrupted."""
     from search.results import ProgressPrinter, ResultsWriter, settle
@@ -174,7 +191,8 @@ def trials(cfg: SearchConfig, store: ExperimentStore, resources: ResourcePlan,
         recorder = tracking.trial_recorder(trial_params(cfg, resources, starts),
                                            data.class_names, data.labels[split.val].tolist())
         callbacks = [recorder, ResultsWriter(store, cfg.train.metric, cont.ended),
-                     ProgressPrinter(cfg.num_samples, cont.count)]
+                     ProgressPrinter(cfg.num_samples, cont.count, clock=clock,
+                                     metric=cfg.train.metric)]
         make_tuner(cfg, resources, trainable, callbacks, cont, store,
                    time_budget_s=seconds).fit()
     out_of_time = time.time() >= deadline
@@ -291,7 +309,9 @@ def refit(cfg: SearchConfig, store: ExperimentStore, data_ref, split: Split,
                     "%.0f s): the val-selected trial is the final model", cfg.time_budget,
                     max(left, 0), budget.refit_s)
         return None
-    done = train_refit(store, data_ref, split, starts, chosen.checkpoint)
+    say = clock.say("refit")
+    say("training the chosen configuration on train + val")
+    done = train_refit(store, data_ref, split, starts, chosen.checkpoint, progress=say)
     if done.reports:
         tracking.log_stage("refit", done.reports, done.record)
     return done

@@ -74,7 +74,8 @@ def warm_config(cfg: SearchConfig, model: str) -> TrainConfig:
 
 
 def warm_starts(cfg: SearchConfig, store: ExperimentStore, data, split: Split,
-                base: dict[str, Start]) -> tuple[dict[str, Start], dict[str, list[dict]]]:
+                base: dict[str, Start], progress=None
+                ) -> tuple[dict[str, Start], dict[str, list[dict]]]:
     """Each architecture's warm start, trained on the train split (one job each, through the
     training service, so each takes a whole node), saved as its init file; returns the starts
     and each one's per-epoch reports (for MLflow). `data` may be a Ray object ref."""
@@ -90,7 +91,8 @@ def warm_starts(cfg: SearchConfig, store: ExperimentStore, data, split: Split,
         jobs.append(TrainJob(train_cfg, base[model].inputs(data, split.train, split.val,
                                                            split_hash=split.hash),
                              store.warm_checkpoint(model, primary=i == 0), name=f"warm-{model}"))
-    for (i, model), job, result in zip(todo, jobs, train(jobs, ray_dir=store.ray_dir)):
+    for (i, model), job, result in zip(todo, jobs, train(jobs, ray_dir=store.ray_dir,
+                                                                progress=progress)):
         facts = {"model": model, "epochs": job.config.epochs,
                  "val_acc": float(result.best["val_acc"]), "val_f1": float(result.best["val_f1"]),
                  "seconds": round(result.seconds, 1), "best_epoch": int(result.best["epoch"]),

@@ -126,7 +126,7 @@ def make_tuner(cfg: SearchConfig, plan: ResourcePlan, trainable, callbacks: list
     one with the trials its interruption cut short."""
     import optuna
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import FIFOScheduler
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if cfg.search_algorithm == "random":  # Optuna's random sampler over the same space
@@ -146,7 +146,10 @@ def make_tuner(cfg: SearchConfig, plan: ResourcePlan, trainable, callbacks: list
     searcher = StudySearch(space=SpaceSampler(cfg.space), metric=metrics, mode=modes,
                             sampler=sampler, points_to_evaluate=first or None,
                             study_name=STUDY, storage=study_storage(store))
-    scheduler = ASHAScheduler(**asha_settings(cfg))
+    # the recommended recipe, the yardstick of the rest, runs its whole schedule: its rung
+    # scores still count, so weaker trials are stopped against it
+    protect = 1 if first and not (cfg.resume or cfg.extend) else 0
+    scheduler = protected_asha(protect, **asha_settings(cfg))
     if cfg.early_stopping == "none":
         scheduler = FIFOScheduler()
     return tune.Tuner(
@@ -164,6 +167,39 @@ def make_tuner(cfg: SearchConfig, plan: ResourcePlan, trainable, callbacks: list
                                   failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
                                   callbacks=callbacks, verbose=0),
     )
+
+
+def protected_asha(protect: int, **settings):
+    """Ray's ASHA, except that the first `protect` trials it sees are never stopped early.
+
+    A one-cycle schedule is still near its peak learning rate at half its length, where a short
+    cosine trial is already annealed: judged at the same share of their schedules, the
+    recommended one-cycle recipe lost its rung on a dataset it later won outright when run to
+    its end (issue 24). It runs to the end now, and its scores still fill the rungs that the
+    other trials are judged against.
+    """
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    class ProtectedASHA(ASHAScheduler):
+        def __init__(self) -> None:
+            super().__init__(**settings)
+            self.protect, self.protected, self.seen = protect, set(), 0
+
+        def on_trial_add(self, tune_controller, trial) -> None:
+            super().on_trial_add(tune_controller, trial)
+            if self.seen < self.protect:
+                self.protected.add(trial.trial_id)
+            self.seen += 1
+
+        def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+            action = super().on_trial_result(tune_controller, trial, result)
+            if action == TrialScheduler.STOP and trial.trial_id in self.protected \
+                    and result.get(self._time_attr, 0) < self._max_t:
+                self._num_stopped -= 1
+                return TrialScheduler.CONTINUE
+            return action
+
+    return ProtectedASHA()
 
 
 def asha_settings(cfg: SearchConfig) -> dict[str, Any]:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -87,3 +88,9 @@ def start_search(args: list[str], cwd: Path) -> subprocess.Popen:
                             env={**os.environ, "PYTHONPATH": str(REPO)}, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def read_results(path) -> pd.DataFrame:
+    """A search's results.csv (or pareto.csv) with trial ids as text, as the product reads it: a
+    hex id of digits only ('22492228') would otherwise become a number and match nothing."""
+    return pd.read_csv(path, dtype={"trial_id": str})

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -288,7 +289,10 @@ def decode_images(files: list[Path], image_size: int,
 def decode_image(path: Path, size: int) -> np.ndarray | str:
     """One image to (size, size, 3) uint8 (shorter side resized, centre cropped), or an error."""
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():  # we name the size ourselves, in one sentence
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
+        with im:
             limit = Image.MAX_IMAGE_PIXELS if im.format == "JPEG" else FULL_DECODE_PIXELS
             if im.size[0] * im.size[1] > limit:
                 return (f"{im.size[0]}x{im.size[1]} pixels, more than the {limit:,} a "

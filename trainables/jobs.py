@@ -28,6 +28,7 @@ from trainables.store import epochs_path, finished
 
 log = logging.getLogger("trainables")
 WAIT_FOR_NODE_S = 60.0  # how long a job waits for its node's resources to be released
+PROGRESS_EVERY_S = 60.0  # how often a long training job says how far it has got
 
 
 @dataclass(frozen=True)
@@ -184,13 +185,16 @@ class JobResult:
 
 
 def train(jobs: list[TrainJob], *, ray_dir: str | Path | None = None,
-          resources: Resources | None = None) -> list[JobResult]:
+          resources: Resources | None = None,
+          progress: Callable[[str], None] | None = None) -> list[JobResult]:
     """Trains `jobs` on the connected Ray cluster; returns their results in order.
 
     A job alone takes a whole node; several share out a CPU node (`whole_node`, unless
     `resources` says otherwise) and run side by side, over a cluster's nodes too. A job whose
     run has finished with the same recipe (`finished`) is not trained again; an interrupted
     one continues after its last finished epoch. `ray_dir` holds Ray Train's state of DDP jobs.
+    While jobs train, `progress` (default: the log) hears how many have finished, once every
+    PROGRESS_EVERY_S.
     """
     import ray
 
@@ -198,14 +202,15 @@ def train(jobs: list[TrainJob], *, ray_dir: str | Path | None = None,
     if not todo:
         return [JobResult(j.checkpoint, _best_of(j.checkpoint), reports_of(j.checkpoint))
                 for j in jobs]
-    res = resources or whole_node(cluster_nodes(), jobs=len(todo))
-    _wait_for(res)
+    res = _wait_for(resources or whole_node(cluster_nodes(), jobs=len(todo)))
     put = _ObjectPutter()
     task = ray.remote(_run_job).options(num_cpus=res.cpus * res.workers if res.workers == 1
                                         else 0, num_gpus=res.gpus if res.workers == 1 else 0)
     refs = {id(j): task.remote(j.config, put.inputs(j.inputs), str(j.checkpoint), res,
                                str(ray_dir or j.checkpoint.parent / "ray"), j.name)
             for j in todo}
+    _heartbeat(list(refs.values()), [j.name or j.checkpoint.parent.name for j in todo],
+               progress or log.info)
     out = []
     for j in jobs:
         if id(j) in refs:
@@ -215,6 +220,28 @@ def train(jobs: list[TrainJob], *, ray_dir: str | Path | None = None,
         else:
             out.append(JobResult(j.checkpoint, _best_of(j.checkpoint), reports_of(j.checkpoint)))
     return out
+
+
+def _heartbeat(refs: list, names: list[str], progress: Callable[[str], None]) -> None:
+    """Waits for `refs`, saying every PROGRESS_EVERY_S how far the jobs have got."""
+    import ray
+
+    tick, pending = time.time(), refs
+    while pending:
+        _, pending = ray.wait(pending, num_returns=len(pending), timeout=PROGRESS_EVERY_S)
+        if pending:
+            what = names[0] if len(names) == 1 else f"{len(names)} jobs ({', '.join(names[:4])}" \
+                + (", ..." if len(names) > 4 else "") + ")"
+            progress(f"training {what}: {len(refs) - len(pending)} of {len(refs)} done, "
+                     f"{duration(time.time() - tick)} so far")
+
+
+def duration(seconds: float) -> str:
+    """'1h02m', '3m05s', '42s'."""
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
 def _run_job(cfg: TrainConfig, inputs: TrialInputs, checkpoint: str, res: Resources,
@@ -243,20 +270,31 @@ def reports_of(checkpoint: str | Path) -> list[dict]:
     return read_json(path) if path.is_file() else []
 
 
-def _wait_for(res: Resources) -> None:
+def _wait_for(res: Resources) -> Resources:
     """Waits (up to WAIT_FOR_NODE_S) until the cluster has a job's resources free: Ray
-    releases a finished search's trial reservations a moment after Tune returns."""
+    releases a finished search's trial reservations a moment after Tune returns. If a CPU
+    reservation is still held then (seen after DDP trials: Ray kept 1.9 of 2 CPUs for a trial
+    that had ended, and a refit asking for 2 waited forever), a one-worker CPU job asks for the
+    CPUs that are free instead, so it runs rather than hangs."""
     import ray
 
     need = {"CPU": res.cpus * res.workers, "GPU": res.gpus * res.workers}
     deadline = time.time() + WAIT_FOR_NODE_S
+    free: dict = {}
     while time.time() < deadline:
         free = ray.available_resources()
         if all(free.get(k, 0.0) + 1e-9 >= v for k, v in need.items() if v):
-            return
+            return res
         time.sleep(0.5)
+    cpus = float(free.get("CPU", 0.0))
+    if res.workers == 1 and not res.gpus and 0 < cpus < res.cpus:
+        log.warning("the cluster still holds %.2g of the %g CPUs a training job asked for after "
+                    "%.0f s; it runs on the %.2g that are free", res.cpus - cpus, res.cpus,
+                    WAIT_FOR_NODE_S, cpus)
+        return Resources(cpus=round(cpus, 2))
     log.warning("the cluster has not released %s for a training job after %.0f s; starting it "
                 "anyway (it waits for Ray to free them)", res.describe(), WAIT_FOR_NODE_S)
+    return res
 
 
 class _ObjectPutter:

@@ -17,7 +17,9 @@ pytestmark = pytest.mark.slow
 
 def test_search_efficiency_quick(make_folder, capsys) -> None:
     data = make_folder(classes=3, per_class=14)
-    search_efficiency.main(["--data", str(data), "--budget-s", "60", "--seeds", "0",
+    # 3 trials end each search, not the budget: no outcome depends on the machine's speed
+    search_efficiency.main(["--data", str(data), "--budget-s", "1800", "--trials", "3",
+                            "--seeds", "0",
                             "--image-size", "32", "--targets", "0.5", "1.01", "--max-epochs", "2",
                             "--methods", "ours", "random", "--space-kind", "wide"])
     out = capsys.readouterr().out
@@ -32,7 +34,7 @@ def test_search_efficiency_quick(make_folder, capsys) -> None:
 def test_ensemble_gain_quick(make_folder, capsys, tmp_path) -> None:
     data = make_folder(classes=3, per_class=14)
     ensemble_gain.main(["--data", str(data), "--seeds", "0", "--num-samples", "2", "--top", "2",
-                        "--image-size", "32", "--max-epochs", "2", "--budget", "90",
+                        "--image-size", "32", "--max-epochs", "2", "--budget", "30m",
                         "--keep-last", "2", "--init", "warm", "random",
                         "--keep", str(tmp_path / "kept")])
     out = capsys.readouterr().out

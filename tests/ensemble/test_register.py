@@ -149,7 +149,9 @@ def test_registered_search_model_loads_in_a_fresh_process(registered, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     summary = json.loads((registered["exp"] / "summary.json").read_text())
-    probs, names = _expected(registered["exp"] / summary["final"]["checkpoint"], files)
+    search_final = summary["search_final"]  # what the search registered (build came later)
+    assert summary["final"]["chosen_by"].startswith("ensemble.build")
+    probs, names = _expected(registered["exp"] / search_final["checkpoint"], files)
     assert np.allclose(np.array([got[f"prob_{c}"] for c in names]).T, probs, atol=1e-5)
     assert got["prediction"] == [names[i] for i in probs.argmax(1)]
 

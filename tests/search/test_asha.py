@@ -29,3 +29,37 @@ def test_rungs_scale_with_a_trials_own_epochs(epochs, expected):
     got = [next(e for e in range(1, epochs + 1) if e / epochs >= r) for r in rungs]
     assert got == expected
     assert asha_settings(parse_config([]))["time_attr"] == PROGRESS
+
+
+class _Trial:
+    def __init__(self, trial_id: str) -> None:
+        self.trial_id = trial_id
+
+
+def test_the_recommended_trial_runs_its_whole_schedule_and_still_sets_the_bar():
+    """Ray's real ASHA, fed results by hand: the first trial (the recommended recipe) is behind
+    at its rung and would be stopped, but continues; its rung score still stops a weaker one."""
+    from ray.tune.schedulers import TrialScheduler
+
+    from search.tune import protected_asha
+
+    settings = asha_settings(parse_config(["--max-epochs", "10", "--grace-period", "5",
+                                           "--reduction-factor", "2"]))
+    metric = settings["metric"]
+    scheduler = protected_asha(1, **settings)
+    recipe, strong, weak = _Trial("recipe"), _Trial("strong"), _Trial("weak")
+    for t in (recipe, strong, weak):
+        scheduler.on_trial_add(None, t)
+
+    def at_half(trial, score):
+        return scheduler.on_trial_result(None, trial, {PROGRESS: 0.5, metric: score})
+
+    assert at_half(strong, 0.9) == TrialScheduler.CONTINUE
+    assert at_half(recipe, 0.5) == TrialScheduler.CONTINUE  # plain ASHA stops it here
+    assert at_half(weak, 0.4) == TrialScheduler.STOP  # others are still stopped early
+    plain = protected_asha(0, **settings)
+    for t in (recipe, strong):
+        plain.on_trial_add(None, t)
+    plain.on_trial_result(None, strong, {PROGRESS: 0.5, metric: 0.9})
+    assert plain.on_trial_result(None, recipe, {PROGRESS: 0.5, metric: 0.5}) == \
+        TrialScheduler.STOP  # what the protection changes

@@ -42,6 +42,9 @@ def test_plan_fits_the_budget(budget, warm):
     plan = plan_budget(cfg, remaining_s=budget - 20, speed=speed, plan=PLAN, warm=int(warm),
                        **CLOTHES)
     assert plan.warm_s + plan.search_s + plan.refit_s <= budget - 20
+    if plan.recipe:  # too small for a search: see test_a_budget_of_one_script_trains_the_recipe
+        assert budget == 600 and plan.num_samples == 1 and plan.trial_s <= plan.search_s
+        return
     assert 1 <= plan.max_epochs <= 40 and plan.num_samples >= PLAN.concurrency
     assert (plan.warm_epochs is not None) == warm
     # the search gets room for about two full-length trials per slot, or one longer one where
@@ -84,3 +87,28 @@ def test_a_budget_too_small_for_one_epoch_says_so():
     with pytest.raises(UserError, match="time-budget"):
         plan_budget(cfg, remaining_s=10, speed=Speed(1 / 20, 1 / 30), plan=PLAN, warm=1,
                     **CLOTHES)
+
+
+def test_a_budget_of_one_script_trains_the_recipe_once_on_the_whole_machine():
+    """At about one plain script's time (15 epochs of clothing-small on 2 cores, ~200 s), a
+    warm start, 1-thread trials and a refit would each get ~5 epochs; the recipe alone gets all
+    of it, with every CPU."""
+    cfg = parse_config(["--data", "x", "--time-budget", "200", "--space",
+                        "lr={low: 1e-3, high: 1e-2, log: true}"])
+    speed = Speed(trial=1 / 110, solo=1 / 250)
+    plan = plan_budget(cfg, remaining_s=190, speed=speed, plan=PLAN, warm=1, **CLOTHES)
+    assert plan.recipe and plan.num_samples == 1 and plan.refit_s == 0 and not plan.warm_epochs
+    assert plan.max_epochs >= 12 and plan.trial_s <= 190 * 0.92
+    applied = apply(cfg, plan, solo_cpus=2.0)
+    assert applied.num_samples == 1 and applied.max_concurrent == 1
+    assert applied.cpus_per_worker == 2.0 and not applied.refit
+    assert applied.early_stopping == "none" and applied.init == "random"
+    assert applied.space["epochs"] == plan.max_epochs
+    assert applied.space["lr"] == 4e-3 and applied.space["scheduler"] == "onecycle"
+    assert not any(isinstance(v, (dict, list)) for v in applied.space.values())  # no search
+    # a user who asked for trials, or a budget with room for a search, gets the search
+    asked = parse_config(["--data", "x", "--time-budget", "200", "--num-samples", "4"])
+    assert not plan_budget(asked, remaining_s=190, speed=speed, plan=PLAN, warm=1,
+                           **CLOTHES).recipe
+    assert not plan_budget(cfg, remaining_s=4 * 800, speed=speed, plan=PLAN, warm=1,
+                           **CLOTHES).recipe

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import REPO, write_image
+from conftest import REPO, read_results, write_image
 
 pytestmark = pytest.mark.slow
 
@@ -50,7 +50,7 @@ def test_search_spreads_trials_over_nodes_and_ensemble_builds(cluster, tmp_path)
     proc = _run("search.run", args, tmp_path, cluster.address)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 trial(s) at once" in proc.stderr
-    table = pd.read_csv(storage / "multi" / "results.csv")
+    table = read_results(storage / "multi" / "results.csv")
     assert set(table["node_id"]) == {cluster.head_node.node_id, worker.node_id}
     for ckpt in table["checkpoint"]:
         assert (storage / "multi" / ckpt).is_file()
@@ -70,7 +70,8 @@ def test_fractional_gpus_place_trials_on_gpu_nodes_only(cluster, tmp_path):
     proc = _run("search.run", args, tmp_path, cluster.address)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "4 trial(s) at once" in proc.stderr and "0.5 GPU per worker" in proc.stderr
-    table = pd.read_csv(tmp_path / "runs" / "gpu" / "results.csv", dtype={"gpu_ids": str})
+    table = pd.read_csv(tmp_path / "runs" / "gpu" / "results.csv",
+                        dtype={"gpu_ids": str, "trial_id": str})
     assert len(table) == 4
     assert set(table["node_id"]) <= {n.node_id for n in gpu_nodes}
     assert table["gpu_ids"].notna().all()  # each trial was given a (logical) GPU by Ray

@@ -7,10 +7,9 @@ import os
 import subprocess
 import sys
 
-import pandas as pd
 import pytest
 
-from conftest import REPO, SHARED_DATA
+from conftest import REPO, SHARED_DATA, read_results
 
 pytestmark = [pytest.mark.slow, pytest.mark.shared_data,
               pytest.mark.skipif(not SHARED_DATA.is_dir(),
@@ -33,4 +32,4 @@ def test_search_on_sign_language_photos(tmp_path):
     summary = json.loads((exp / "summary.json").read_text())
     assert summary["data"]["num_images"] == 2062 and summary["data"]["num_classes"] == 10
     assert summary["test"]["accuracy"] > 0.3  # 10 classes: chance is 0.1
-    assert len(pd.read_csv(exp / "results.csv")) == 2
+    assert len(read_results(exp / "results.csv")) == 2

@@ -13,11 +13,10 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
-from conftest import REPO, start_search, write_image
+from conftest import REPO, read_results, start_search, write_image
 from trainables.store import epochs_path
 
 pytestmark = pytest.mark.slow
@@ -57,7 +56,7 @@ def searched(tmp_path_factory) -> dict:
 
 def test_search_writes_results_and_summary(searched):
     exp = searched["exp_dir"]
-    table = pd.read_csv(exp / "results.csv")
+    table = read_results(exp / "results.csv")
     assert len(table) == 3
     assert set(table["status"]) <= {"completed", "stopped_early"}
     assert SIX <= set(table.columns)
@@ -75,6 +74,20 @@ def test_search_writes_results_and_summary(searched):
     assert not set(split["test"]) & set(split["train"])
     assert (exp / "config.yaml").is_file() and (exp / "init.pt").is_file()
     assert "trials, best first" in searched["stdout"]
+    out = searched["stdout"]  # where the run stands: after each trial, and per phase
+    assert "trials: 3 finished, 0 running, 3 planned; best val accuracy " in out
+    assert "[warm start | " in out and "[refit | " in out and "[search | " in out
+
+
+def test_status_lines_give_time_used_and_left():
+    import re
+
+    from search.stages import Clock
+
+    line = Clock(time.time() - 125, 600.0).line("search", "trials: 1 finished")
+    assert re.fullmatch(r"\[search \| 2m0\ds used, 7m5\ds left of 10m00s\] trials: 1 finished",
+                        line), line
+    assert Clock(time.time(), None).line("refit").startswith("[refit | 0s used]")
 
 
 def test_every_trial_fine_tunes_from_the_one_warm_start(searched):
@@ -86,7 +99,7 @@ def test_every_trial_fine_tunes_from_the_one_warm_start(searched):
     assert init.kind == "warm" and 0.0 <= init.facts["val_acc"] <= 1.0
     warm = Checkpoint.load(exp / "warm" / "best.pt")  # the warm start's own checkpoint
     assert all(torch.equal(v, warm.model[k]) for k, v in init.state.items())
-    table = pd.read_csv(exp / "results.csv")
+    table = read_results(exp / "results.csv")
     ids = {Checkpoint.load(exp / c).init_id for c in table["checkpoint"]}
     assert ids == {init.id}
     summary = json.loads((exp / "summary.json").read_text())
@@ -116,6 +129,30 @@ def test_refit_on_train_and_val_is_the_final_model(searched):
     assert "refit on train + val" in searched["stderr"]
 
 
+def test_the_refit_is_a_row_of_the_build_and_one_answer_remains(searched, tmp_path):
+    """ensemble.build weighs the refit against the trials and their ensembles; the row it
+    chooses is the final model, in its report and in summary.json alike."""
+    import shutil
+
+    shutil.copytree(searched["exp_dir"], tmp_path / "runs" / "e2e")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "ensemble.build", "--experiment", "e2e",
+                           "--storage", str(tmp_path / "runs"), "--top", "2"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    exp = tmp_path / "runs" / "e2e"
+    report = json.loads((exp / "ensemble" / "report.json").read_text())
+    rows = {r["name"]: r for r in report["rows"]}
+    summary = json.loads((exp / "summary.json").read_text())
+    refit = rows["refit"]
+    assert refit["val"] == rows["best single"]["val"]  # its trial's, the top member's
+    assert refit["test"]["accuracy"] == pytest.approx(summary["refit"]["test"]["accuracy"],
+                                                      abs=1e-6)  # its own test score
+    assert report["chosen"] != "best single"  # the refit ties that trial on val and wins
+    assert summary["final"] == report["final"] and summary["search_final"]["model"] == "refit"
+    assert summary["final"]["test"] == rows[report["chosen"]]["test"]
+
+
 def _run_tree(client, name: str):
     """The parent run and its trial runs; stage runs (warm start, refit) are left out."""
     parent, children, _ = _run_tree_with_stages(client, name)
@@ -142,7 +179,7 @@ def test_mlflow_run_tree(searched):
     assert sorted(r.data.tags["kind"] for r in stages) == ["refit", "warm-start"]
     for stage in stages:
         assert client.get_metric_history(stage.info.run_id, "train_loss")
-    table = pd.read_csv(searched["exp_dir"] / "results.csv").set_index("trial_id")
+    table = read_results(searched["exp_dir"] / "results.csv").set_index("trial_id")
     assert parent.info.status == "FINISHED"
     assert "test_accuracy" in parent.data.metrics
     assert parent.data.params["split_hash"] == json.loads(
@@ -212,7 +249,7 @@ def test_ddp_trial_with_two_workers(tmp_path):
                  "--space", "batch_size=[8]", "--num-cpus", "2", *BARE], tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "DDP x2" in proc.stderr
-    table = pd.read_csv(tmp_path / "runs" / "ddp" / "results.csv")
+    table = read_results(tmp_path / "runs" / "ddp" / "results.csv")
     assert table["status"].tolist() == ["completed"]
     assert (tmp_path / "runs" / "ddp" / table["checkpoint"][0]).is_file()
     from mlflow import MlflowClient
@@ -230,7 +267,7 @@ def test_resume_after_interrupt_keeps_finished_trials(tmp_path):
     proc = start_search(args, tmp_path)
     results = tmp_path / "runs" / "res" / "results.csv"
     deadline = time.time() + 300
-    while not (results.is_file() and len(pd.read_csv(results)) >= 1):
+    while not (results.is_file() and len(read_results(results)) >= 1):
         assert proc.poll() is None, proc.stdout.read()[-3000:]
         assert time.time() < deadline, "no trial finished in time"
         time.sleep(0.2)
@@ -238,7 +275,7 @@ def test_resume_after_interrupt_keeps_finished_trials(tmp_path):
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, out[-3000:]
     assert "--resume" in out
-    first = pd.read_csv(results)
+    first = read_results(results)
     print(first.to_string())
     done = first[first["status"].isin(["completed", "stopped_early"])]
     assert 1 <= len(done) < 3
@@ -249,7 +286,7 @@ def test_resume_after_interrupt_keeps_finished_trials(tmp_path):
     resumed = _cli(["--resume", "--experiment", "res", "--storage", str(tmp_path / "runs")],
                    tmp_path)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    final = pd.read_csv(results)
+    final = read_results(results)
     assert len(final) == 3 and final["status"].isin(["completed", "stopped_early"]).all()
     for trial, stamp in stamps.items():  # finished trials were not trained again
         row = final[final["trial_id"] == trial].iloc[0]
@@ -297,7 +334,7 @@ def test_failing_trial_is_retried_and_does_not_stop_search(tmp_path, max_failure
         os.environ.pop("FLAKY_MARKER")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert marker.read_text() == "failed once"
-    table = pd.read_csv(tmp_path / "runs" / "flaky" / "results.csv")
+    table = read_results(tmp_path / "runs" / "flaky" / "results.csv")
     assert len(table) == 2
     assert (table["status"] == "failed").sum() == (1 if outcome == "failed" else 0)
     assert (table["status"] == "completed").sum() >= 1

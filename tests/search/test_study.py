@@ -14,7 +14,7 @@ import optuna
 import pandas as pd
 import pytest
 
-from conftest import REPO, write_image
+from conftest import REPO, read_results, write_image
 from search.config import parse_config
 from search.resume import STUDY, study_storage
 from search.study import draw, pareto_front
@@ -84,7 +84,7 @@ def test_two_architectures_searched_for_accuracy_against_latency(tmp_path):
               for m, f in (("resnet10t", "init.pt"),
                            ("mobilenetv3_small_050", "init-mobilenetv3_small_050.pt"))}
     assert Start.load(exp / "init-mobilenetv3_small_050.pt").kind == "warm"
-    table = pd.read_csv(exp / "results.csv")
+    table = read_results(exp / "results.csv")
     for row in table.itertuples():
         ckpt = Checkpoint.load(exp / row.checkpoint)
         assert ckpt.init_id == starts[row.model]  # each from its own architecture's start
@@ -92,7 +92,7 @@ def test_two_architectures_searched_for_accuracy_against_latency(tmp_path):
             assert row.lr == 0.005
     study = optuna.load_study(study_name=STUDY, storage=study_storage(ExperimentStore(exp)))
     assert len(study.trials) == 4 and len(study.directions) == 2
-    front = pd.read_csv(exp / "pareto.csv")
+    front = read_results(exp / "pareto.csv")
     assert len(front) >= 1 and (front["latency_ms"] > 0).all()
     summary = json.loads((exp / "summary.json").read_text())
     assert {p["trial_id"] for p in summary["pareto"]} == set(front["trial_id"])

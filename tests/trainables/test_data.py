@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -498,3 +499,70 @@ def test_group_column_keeps_each_group_in_one_split(make_csv, tmp_path):
     assert all(len(p) for p in parts)
     with pytest.raises(UserError, match="group column 'ward'"):
         load_data(tmp_path / "g" / "t.csv", image_size=16, group_col="ward")
+
+
+# ---------------------------------------------------------------- the probe's bad input
+
+
+def test_a_huge_png_to_predict_is_refused_before_decoding(tmp_path, caplog):
+    """Probe case 5: a 194 kB PNG of 1.6 gigapixels was decoded (10.2 GB); Pillow refuses only
+    above twice its limit. It is named and skipped without being decoded."""
+    folder = tmp_path / "predict"
+    write_image(folder / "ok.png", 0, np.random.default_rng(0))
+    _png_header_only(folder / "huge.png", 40000, 40000)
+    with caplog.at_level(logging.WARNING), warnings.catch_warnings():
+        warnings.simplefilter("error")  # and Pillow's raw DecompressionBombWarning stays out
+        images, ids = read_unlabelled(folder, image_size=16)
+    assert ids == ["ok.png"] and images.shape == (1, 16, 16, 3)
+    line = next(r.getMessage() for r in caplog.records if "huge.png" in r.getMessage())
+    assert "40000x40000 pixels" in line and "downscale it" in line
+
+
+def test_csv_empty_cells_are_named_and_numeric_labels_stay_text(tmp_path, caplog):
+    """Probe case 10: rows with an empty label or path were dropped silently, and one empty
+    cell turned labels 0, 1 into classes '0.0', '1.0'."""
+    rng = np.random.default_rng(0)
+    rows = ["image_path,target"]
+    for k in range(2):
+        for i in range(4):
+            write_image(tmp_path / f"{k}_{i}.png", k, rng)
+            rows.append(f"{k}_{i}.png,{k}")
+    rows += ["0_0.png,", ",1"]  # an empty label, an empty path
+    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
+    with caplog.at_level(logging.WARNING):
+        data = load_data(tmp_path / "train.csv", image_size=16)
+    assert data.class_names == ["0", "1"] and len(data.labels) == 8
+    line = next(r.getMessage() for r in caplog.records if "empty" in r.getMessage())
+    assert "1 row(s) with an empty 'image_path' cell" in line
+    assert "1 row(s) with an empty 'target' cell" in line and "line 10" in line
+
+
+def test_a_class_folder_starting_with_a_dot_is_named(make_folder, caplog):
+    """Probe case 12: a folder '..c' of 16 images was dropped silently."""
+    root = make_folder(classes=2, per_class=3)
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        write_image(root / "..c" / f"{i}.png", 0, rng)
+    with caplog.at_level(logging.WARNING):
+        data = load_data(root, image_size=16)
+    assert data.class_names == ["class_0", "class_1"]
+    assert any("..c with 4 image(s)" in r.getMessage() and "rename it" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_classes_missing_from_val_are_named_with_the_f1_cap(caplog):
+    """Probe case 11: with --metric f1 and one class in val, val F1 is capped at 0.33, and
+    nothing said so."""
+    from search.experiment import warn_missing_classes
+    from trainables.split import Split
+
+    data = ImageData(np.zeros((9, 4, 4, 3), np.uint8), np.array([0, 1, 2] * 3),
+                     ["a", "b", "c"], [str(i) for i in range(9)])
+    split = Split(train=np.arange(6), val=np.array([6]), test=np.array([7, 8]))
+    with caplog.at_level(logging.WARNING):
+        warn_missing_classes(data, split, "f1")
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(ln.startswith("the val part holds no image of 2 class(es) (b, c)") and
+               "cannot exceed 0.33" in ln and "--val-fraction" in ln for ln in lines), lines
+    assert any(ln.startswith("the test part holds no image of 1 class(es) (a)") and
+               "F1" not in ln for ln in lines), lines

@@ -9,8 +9,9 @@ from trainables.errors import UserError
 from trainables.models import check_model_name, create_model, initial_state, normalization
 
 
-def test_known_model_name_passes():
-    check_model_name("resnet10t")  # no exception
+def test_known_model_name_passes_and_builds():
+    check_model_name("resnet10t")  # raises for a name timm does not know
+    assert create_model("resnet10t", 3).num_classes == 3
 
 
 def test_unknown_model_suggests_close_names():
@@ -54,14 +55,9 @@ def test_weights_file_matching_no_key_is_a_user_error(tmp_path):
     source = create_model("resnet10t", 5)
     wrapped = tmp_path / "ckpt.pth"
     torch.save({"weights": source.state_dict(), "epoch": 3}, wrapped)
-    try:
-        model = create_model("resnet10t", 3, pretrained_file=str(wrapped))
-    except UserError as exc:
-        assert str(wrapped) in str(exc)
-        return
-    # accepted: then it must really have started from the file's weights
-    assert torch.equal(model.state_dict()["conv1.0.weight"],
-                       source.state_dict()["conv1.0.weight"])
+    with pytest.raises(UserError, match="matches only 0 of") as info:
+        create_model("resnet10t", 3, pretrained_file=str(wrapped))
+    assert str(wrapped) in str(info.value) and "state dict" in str(info.value)
 
 
 def test_local_weights_file_loads_with_another_head(tmp_path):
