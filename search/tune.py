@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from search.config import SearchConfig
@@ -169,37 +170,38 @@ def make_tuner(cfg: SearchConfig, plan: ResourcePlan, trainable, callbacks: list
     )
 
 
-def protected_asha(protect: int, **settings):
+class ProtectedASHA(ASHAScheduler):
     """Ray's ASHA, except that the first `protect` trials it sees are never stopped early.
 
     A one-cycle schedule is still near its peak learning rate at half its length, where a short
     cosine trial is already annealed: judged at the same share of their schedules, the
     recommended one-cycle recipe lost its rung on a dataset it later won outright when run to
     its end (issue 24). It runs to the end now, and its scores still fill the rungs that the
-    other trials are judged against.
+    other trials are judged against. (A module-level class: Tune pickles its scheduler.)
     """
-    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
-    class ProtectedASHA(ASHAScheduler):
-        def __init__(self) -> None:
-            super().__init__(**settings)
-            self.protect, self.protected, self.seen = protect, set(), 0
+    def __init__(self, protect: int = 1, **settings) -> None:
+        super().__init__(**settings)
+        self.protect, self.protected, self.seen = protect, set(), 0
 
-        def on_trial_add(self, tune_controller, trial) -> None:
-            super().on_trial_add(tune_controller, trial)
-            if self.seen < self.protect:
-                self.protected.add(trial.trial_id)
-            self.seen += 1
+    def on_trial_add(self, tune_controller, trial) -> None:
+        super().on_trial_add(tune_controller, trial)
+        if self.seen < self.protect:
+            self.protected.add(trial.trial_id)
+        self.seen += 1
 
-        def on_trial_result(self, tune_controller, trial, result: dict) -> str:
-            action = super().on_trial_result(tune_controller, trial, result)
-            if action == TrialScheduler.STOP and trial.trial_id in self.protected \
-                    and result.get(self._time_attr, 0) < self._max_t:
-                self._num_stopped -= 1
-                return TrialScheduler.CONTINUE
-            return action
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        action = super().on_trial_result(tune_controller, trial, result)
+        if action == TrialScheduler.STOP and trial.trial_id in self.protected \
+                and result.get(self._time_attr, 0) < self._max_t:
+            self._num_stopped -= 1
+            return TrialScheduler.CONTINUE
+        return action
 
-    return ProtectedASHA()
+
+def protected_asha(protect: int, **settings) -> ProtectedASHA:
+    """ASHA with `settings` that never stops the first `protect` trials early."""
+    return ProtectedASHA(protect, **settings)
 
 
 def asha_settings(cfg: SearchConfig) -> dict[str, Any]:
