@@ -127,8 +127,9 @@ class ProgressPrinter(Callback):
         if self.clock is not None and time.time() - self.last_status >= STATUS_EVERY_S:
             self.status(trials)
 
-    def status(self, trials: list) -> None:
-        running = sum(t.status == "RUNNING" for t in trials)
+    def status(self, trials: list, ended=None) -> None:
+        """`ended`: a trial Tune reports as ended while its status still says RUNNING."""
+        running = sum(t.status == "RUNNING" and t is not ended for t in trials)
         best = "" if self.best is None else \
             f"; best val {self.metric} {self.best[0]:.4f} (trial {self.best[1]})"
         print(self.clock.line("search", f"trials: {self.ended} finished, {running} running, "
@@ -153,7 +154,7 @@ class ProgressPrinter(Callback):
               f"best val acc {last.get('best_val_acc', float('nan')):.4f} "
               f"[{self.ended}/{self.num_samples} trials]", flush=True)
         if self.clock is not None:
-            self.status(trials)
+            self.status(trials, ended=trial)
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
         self.ended += 1
