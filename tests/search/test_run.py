@@ -250,9 +250,13 @@ def test_ddp_trial_with_two_workers(tmp_path):
     proc = _cli(["--data", str(data), "--num-samples", "1", "--workers-per-trial", "2",
                  "--max-epochs", "1", "--experiment", "ddp", "--storage",
                  str(tmp_path / "runs"), "--tracking-uri", uri, "--image-size", "32",
-                 "--space", "batch_size=[8]", "--num-cpus", "2", *BARE], tmp_path)
+                 "--space", "batch_size=[8]", "--num-cpus", "2", "--init", "random"], tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "DDP x2" in proc.stderr
+    # the refit after a DDP search on 2 CPUs (probe case 2: it waited forever for CPUs Ray
+    # still held for the ended trial) trains, on what the node has free
+    summary = json.loads((tmp_path / "runs" / "ddp" / "summary.json").read_text())
+    assert summary["final"]["model"] == "refit" and 1 <= summary["refit"]["threads"] <= 2
     table = read_results(tmp_path / "runs" / "ddp" / "results.csv")
     assert table["status"].tolist() == ["completed"]
     assert (tmp_path / "runs" / "ddp" / table["checkpoint"][0]).is_file()
