@@ -213,7 +213,7 @@ def _report_doc(cfg: EnsembleConfig, state: SearchState, members, rows: list[Com
 
 
 def _tracking(cfg: EnsembleConfig, state: SearchState) -> tuple[str, str | None]:
-    doc = state.store.read_tracking() or {}
+    doc = state.store.read_tracking(follow=not cfg.tracking_uri) or {}
     uri = resolve_tracking_uri(cfg.tracking_uri) if cfg.tracking_uri else \
         doc.get("tracking_uri") or resolve_tracking_uri(None)
     return uri, doc.get("parent_run_id")

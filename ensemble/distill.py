@@ -434,7 +434,7 @@ def _write_report(out: Path, doc: dict, rows: list[Combined]) -> None:
 
 def _tracking_uri(cfg: DistillConfig, state: SearchState) -> str:
     """--tracking-uri, else the search's, else MLflow's default here."""
-    tracking = state.store.read_tracking() or {}
+    tracking = state.store.read_tracking(follow=not cfg.tracking_uri) or {}
     return resolve_tracking_uri(cfg.tracking_uri) if cfg.tracking_uri else \
         tracking.get("tracking_uri") or resolve_tracking_uri(None)
 
@@ -447,7 +447,7 @@ def _log_to_mlflow(cfg: DistillConfig, state: SearchState, doc: dict, reports: l
 
     from trainables.tracking import client_for, experiment_id, flat_params, log_params
 
-    tracking = state.store.read_tracking() or {}
+    tracking = state.store.read_tracking(follow=not cfg.tracking_uri) or {}
     client = client_for(_tracking_uri(cfg, state))
     tags = {"kind": "student", **code_version()}
     if tracking.get("parent_run_id"):

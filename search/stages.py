@@ -402,7 +402,7 @@ def summary(cfg: SearchConfig, store: ExperimentStore, data: ImageData, split: S
         "pareto": chosen.front, "registered": registered,
         "split_hash": split.hash, "split_sizes": split.sizes(), "data": data.facts(),
         "trials": chosen.table["status"].value_counts().to_dict(),
-        "wall_s": round(clock.elapsed(), 1), "mlflow": store.read_tracking(),
+        "wall_s": round(clock.elapsed(), 1), "mlflow": store.read_tracking(follow=False),
         "code": code_version(),
     })
     metrics = {f"test_{k}": v for k, v in tested.final["test"].items()} | {

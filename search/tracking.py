@@ -146,7 +146,7 @@ class SearchRun:
     def open(cls, tracking_uri: str | None, experiment: str, store: ExperimentStore,
              params: dict[str, str]) -> SearchRun:
         """Reopens the run a resumed search started, or creates it and logs `params`."""
-        saved = store.read_tracking()
+        saved = store.read_tracking(follow=not tracking_uri)
         uri = saved["tracking_uri"] if saved and not tracking_uri else \
             resolve_tracking_uri(tracking_uri)
         run = cls(uri, experiment, store)

@@ -102,7 +102,7 @@ class TrainBatches:
         else:
             self.keys = _EpochKeys(self)
             self.pin_memory = pin_memory and cuda
-            self.loader = _loader(self, workers, prefetch, self.pin_memory)
+            self.loader = _loader(self, workers, prefetch)
             self.side_stream = torch.cuda.Stream() if cuda else None
 
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, float]]:
@@ -265,8 +265,7 @@ class _Slots:
         return self.images[slot, :len(y)].permute(0, 3, 1, 2), y
 
 
-def _loader(o: TrainBatches, workers: int, prefetch: int,
-            pin: bool) -> torch.utils.data.DataLoader:
+def _loader(o: TrainBatches, workers: int, prefetch: int) -> torch.utils.data.DataLoader:
     """torch's DataLoader over the epoch's batch keys: `workers` persistent processes building
     batches ahead into shared slots (each with one thread, OpenCV's included), or none (built
     in this process when asked)."""

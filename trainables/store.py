@@ -402,16 +402,17 @@ class ExperimentStore:
         moved experiment finds a store that moved with it)."""
         write_json(self.path("mlflow.json"), {**doc, "experiment_dir": str(self.dir.resolve())})
 
-    def read_tracking(self) -> dict[str, Any] | None:
+    def read_tracking(self, follow: bool = True) -> dict[str, Any] | None:
         """mlflow.json, its store followed when the experiment folder was moved together with a
-        local store; a UserError when a local store it names is gone."""
+        local store; a UserError when a local store it names is gone. `follow=False` (the user
+        named the store with --tracking-uri, or the doc is only recorded): as written."""
         p = self.path("mlflow.json")
         if not p.is_file():
             return None
         doc = read_json(p)
         uri = doc.get("tracking_uri", "")
         scheme = next((s for s in ("sqlite:///", "file://") if uri.startswith(s)), None)
-        if scheme is None or Path(uri[len(scheme):]).exists():
+        if not follow or scheme is None or Path(uri[len(scheme):]).exists():
             return doc
         old, here = doc.get("experiment_dir"), self.dir.resolve()
         if old and Path(old) != here:

@@ -322,6 +322,9 @@ def test_a_moved_folder_with_its_store_builds_and_extends(finished, tmp_path):
     (b / "work" / "mlflow.db").unlink()  # now the store is gone: one sentence, not a new store
     _one_error(_run("ensemble.build", store, b), "no longer exists", "--tracking-uri")
     assert not (b / "work" / "mlflow.db").exists()
+    given = _run("ensemble.build", [*store, "--top", "2", "--tracking-uri",  # the fix it names
+                                     f"sqlite:///{b / 'new.db'}"], b)
+    assert given.returncode == 0, given.stderr[-3000:]
 
 
 # ---------------------------------------------------------------- a worker lost mid-trial

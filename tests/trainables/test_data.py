@@ -457,15 +457,22 @@ def test_symlink_back_to_the_data_is_not_a_class(make_folder, caplog):
     assert sum("ignoring folder" in r.getMessage() for r in caplog.records) == 2
 
 
+def _csv_rows(root: Path, header: str, classes: int, per_class: int, cells) -> list[str]:
+    """Writes images root/<k>_<i>.png; the CSV's lines, `cells(k, i)` after each file name."""
+    rng = np.random.default_rng(0)
+    rows = [header]
+    for k in range(classes):
+        for i in range(per_class):
+            write_image(root / f"{k}_{i}.png", k, rng)
+            rows.append(f"{k}_{i}.png,{cells(k, i)}")
+    return rows
+
+
 def test_duplicate_csv_rows_are_used_once_and_copies_share_a_split(tmp_path, caplog):
     from trainables.split import draw_split
 
-    rng = np.random.default_rng(0)
-    rows = ["image_path,target,patient"]
-    for k in range(3):
-        for i in range(12):
-            write_image(tmp_path / f"{k}_{i}.png", k, rng)
-            rows.append(f"{k}_{i}.png,c{k},p{(k * 12 + i) // 3}")
+    rows = _csv_rows(tmp_path, "image_path,target,patient", 3, 12,
+                     lambda k, i: f"c{k},p{(k * 12 + i) // 3}")
     rows += ["0_0.png,c0,p0", "0_0.png,c0,p0", "1_1.png,c2,p4"]  # repeated; a second label
     (tmp_path / "t.csv").write_text("\n".join(rows) + "\n")
     with caplog.at_level(logging.WARNING):
@@ -521,12 +528,7 @@ def test_a_huge_png_to_predict_is_refused_before_decoding(tmp_path, caplog):
 def test_csv_empty_cells_are_named_and_numeric_labels_stay_text(tmp_path, caplog):
     """Probe case 10: rows with an empty label or path were dropped silently, and one empty
     cell turned labels 0, 1 into classes '0.0', '1.0'."""
-    rng = np.random.default_rng(0)
-    rows = ["image_path,target"]
-    for k in range(2):
-        for i in range(4):
-            write_image(tmp_path / f"{k}_{i}.png", k, rng)
-            rows.append(f"{k}_{i}.png,{k}")
+    rows = _csv_rows(tmp_path, "image_path,target", 2, 4, lambda k, i: f"{k}")
     rows += ["0_0.png,", ",1"]  # an empty label, an empty path
     (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
     with caplog.at_level(logging.WARNING):
