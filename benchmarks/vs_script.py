@@ -40,6 +40,17 @@ def run_script(data: Path, seed: int, image_size: int) -> dict:
     return {"acc": out["test_accuracy"], "f1": out["test_f1"], "s": time.time() - start}
 
 
+def _script(data: Path, seed: int, image_size: int, tmp: Path) -> dict:
+    """The script's run for this data and seed; with --keep, a rerun reads it back rather than
+    training it again (the same data, seed, image size and machine)."""
+    saved = tmp / f"script-{data.name}-{seed}-{image_size}px.json"
+    if saved.is_file():
+        return json.loads(saved.read_text())
+    out = run_script(data, seed, image_size)
+    saved.write_text(json.dumps(out))
+    return out
+
+
 def run_product(data: Path, seed: int, budget_s: float, args: argparse.Namespace,
                 work: Path) -> dict:
     common = ["--experiment", f"vs{seed}", "--storage", str(work / "runs")]
@@ -51,14 +62,16 @@ def run_product(data: Path, seed: int, budget_s: float, args: argparse.Namespace
          "--tracking-uri", f"sqlite:///{work / 'mlflow.db'}", *args.search_args, *common],
         cwd=work, env=_env(), capture_output=True, text=True, check=False)
     search_s = time.time() - start
+    _save_log(work / f"search-{seed}.log", search)
     if search.returncode:
-        raise SystemExit(f"search.run failed:\n{search.stderr[-3000:]}")
+        raise RuntimeError(f"search.run failed:\n{search.stderr[-3000:]}")
     build = subprocess.run([sys.executable, "-m", "ensemble.build", "--top", str(args.top),
                             *common], cwd=work, env=_env(), capture_output=True, text=True,
                            check=False)
     total_s = time.time() - start
+    _save_log(work / f"build-{seed}.log", build)
     if build.returncode:
-        raise SystemExit(f"ensemble.build failed:\n{build.stderr[-3000:]}")
+        raise RuntimeError(f"ensemble.build failed:\n{build.stderr[-3000:]}")
     exp = work / "runs" / f"vs{seed}"
     summary = json.loads((exp / "summary.json").read_text())
     report = json.loads((exp / "ensemble" / "report.json").read_text())
@@ -68,6 +81,10 @@ def run_product(data: Path, seed: int, budget_s: float, args: argparse.Namespace
             "ensemble": report["final"]["test"], "chosen": report["chosen"], "rows": rows,
             "search_s": search_s, "total_s": total_s, "plan": summary.get("budget"),
             "trials": summary["trials"], "start": summary.get("start")}
+
+
+def _save_log(path: Path, proc: subprocess.CompletedProcess) -> None:
+    path.write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
 
 
 def _env() -> dict:
@@ -130,17 +147,25 @@ def main(argv: list[str] | None = None) -> None:
     table: dict[tuple[str, float], list] = {}
     with work_dir(args) as tmp:
         for data in datasets:
-            data = with_test_split(data, Path(tmp))
+            data = with_test_split(data.resolve(), Path(tmp))  # the runs' cwd is elsewhere
             for seed in args.seeds:
-                script = run_script(data, seed, args.image_size)
+                script = _script(data, seed, args.image_size, Path(tmp))
                 print(f"{data.name} seed {seed}: script {script['acc']:.4f} / F1 "
                       f"{script['f1']:.4f} in {script['s']:.0f} s", flush=True)
                 for k in args.k:
                     budget = k * script["s"]
                     work = Path(tmp) / f"{data.name}-k{k:g}"
-                    ours = run_product(data, seed, budget * (1 - args.ensemble_reserve), args,
-                                       work)
+                    try:
+                        ours = run_product(data, seed, budget * (1 - args.ensemble_reserve),
+                                           args, work)
+                    except RuntimeError as e:  # one failed run must not lose the others
+                        print(f"  K={k:g}: FAILED: {e}", flush=True)
+                        continue
                     table.setdefault((data.name, k), []).append((script, ours, budget))
+                    with open(Path(tmp) / "runs.jsonl", "a") as f:
+                        f.write(json.dumps({"data": data.name, "seed": seed, "k": k,
+                                            "budget_s": budget, "script": script,
+                                            "product": ours}, default=str) + "\n")
                     _print_run(k, ours, budget)
     _table(table)
 
