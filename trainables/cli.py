@@ -216,17 +216,33 @@ def start_ray(address: str | None, num_cpus: int | None) -> bool:
            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S":
            os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"),
            "NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONWARNINGS": "ignore::FutureWarning"}
+    local = {} if address else _loopback_only()
     try:
         # workers' own output stays in Ray's session logs: a finished trial's process prints
         # expected teardown tracebacks (SystemExit in Ray's SIGTERM handler, placement group
         # clean-up) that read like failures; real failures reach the driver through Tune
         ray.init(address=address, num_cpus=None if address else num_cpus,
                  include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
-                 runtime_env={"env_vars": env})
+                 runtime_env={"env_vars": env}, **local)
     except ConnectionError as exc:
         raise UserError(f"cannot reach the Ray cluster at {address} ({exc}); check "
                         "--address/RAY_ADDRESS or leave both unset for a local Ray") from None
     return True
+
+
+def _loopback_only() -> dict:
+    """ray.init options that keep a local Ray on 127.0.0.1: by default its servers (GCS, raylet,
+    object manager, agents, metrics) listen on every interface, and a laptop's search has no
+    reason to be reachable from its network, token authentication or not. Ray binds loopback
+    only where the node IP is loopback, and on Linux it replaces a given 127.0.0.1 by the LAN
+    address unless cluster mode is off (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, read when ray is
+    imported: set here for the processes Ray starts, and on the module for this one). A
+    cluster (--address) is unchanged."""
+    from ray._private import ray_constants
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    return {"_node_ip_address": "127.0.0.1"}
 
 
 def _check_reachable(address: str, timeout: float = 5.0) -> None:

@@ -1,0 +1,74 @@
+"""The shared command-line plumbing: a local Ray that the network cannot reach."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+LISTENERS = r'''
+import json, os, ray
+from pathlib import Path
+from trainables.cli import start_ray
+
+start_ray(None, 1)
+ray.get(ray.remote(lambda: 1).remote())  # a worker process is up too
+
+def tree(root):
+    parent = {}
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                parent[int(p.name)] = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    out, todo = {root}, [root]
+    while todo:
+        me = todo.pop()
+        kids = [c for c, pp in parent.items() if pp == me and c not in out]
+        out.update(kids)
+        todo.extend(kids)
+    return out
+
+def inodes(pid):
+    found = set()
+    for fd in Path(f"/proc/{pid}/fd").glob("*"):
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            found.add(target[8:-1])
+    return found
+
+owners = {i: pid for pid in tree(os.getpid()) for i in inodes(pid)}
+listening = []
+for table in ("tcp", "tcp6"):
+    for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+        cols = line.split()
+        if cols[3] == "0A" and cols[9] in owners:  # LISTEN, owned by this Ray
+            listening.append([table, cols[1].split(":")[0], owners[cols[9]]])
+print(json.dumps(listening))
+ray.shutdown()
+'''
+# 127.0.0.1, ::1 and ::ffff:127.0.0.1 (an IPv4 loopback address on an IPv6 socket), as
+# /proc/net/tcp{,6} write them
+LOOPBACK = {"0100007F", "00000000000000000000000001000000", "0000000000000000FFFF00000100007F"}
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/net"), reason="reads /proc (Linux)")
+def test_a_local_ray_listens_on_loopback_only(tmp_path):
+    """Ray has no authentication: a search on a laptop must not open ports to its network."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
+    proc = subprocess.run([sys.executable, "-c", LISTENERS], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300, env={**env, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    listening = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(listening) >= 3, listening  # GCS, raylet, object manager at least
+    open_to_network = [x for x in listening if x[1] not in LOOPBACK]
+    assert not open_to_network, open_to_network
