@@ -9,7 +9,7 @@ import pandas as pd
 from ray.tune import Callback
 
 from search.space import training_values
-from trainables.store import ExperimentStore, outcome, ranked, score_column
+from trainables.store import ExperimentStore, outcome, ranked, resume_path, score_column
 
 SEARCHED = ("lr", "weight_decay", "batch_size", "dropout", "epochs", "scheduler")
 TABLE_COLUMNS = ["trial_id", "status", "epochs_run", "model", "lr", "weight_decay", "batch_size",
@@ -101,6 +101,9 @@ class ResultsWriter(Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         self.ended[trial.trial_id] = "TERMINATED"
+        # an ended trial keeps no resume state: Tune ends a trial at its last report, so the
+        # training loop's own clean-up after it never runs (each trial left its optimizer state)
+        resume_path(self.store.checkpoint(trial.trial_id)).unlink(missing_ok=True)
         self._write(trials)
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
