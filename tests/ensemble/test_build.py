@@ -46,10 +46,25 @@ def search(tmp_path_factory) -> dict:
     return {"work": work, "exp": work / "runs" / "ens"}
 
 
-def test_build_reports_every_row_and_saves_a_loadable_ensemble(search):
+@pytest.fixture(scope="module")
+def built(search) -> Path:
+    """`ensemble.build --top 3` on the search, once; the tests below that build again do it on a
+    copy of the experiment, so no test depends on another's order."""
     proc = _run("ensemble.build", ["--experiment", "ens", "--top", "3"], search["work"])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    out = search["exp"] / "ensemble"
+    return search["exp"] / "ensemble"
+
+
+def _copy(search: dict, tmp_path: Path, name: str) -> list[str]:
+    """A copy of the search's experiment (without its ensemble) under tmp_path/runs/name; the
+    options that name it."""
+    shutil.copytree(search["exp"], tmp_path / "runs" / name,
+                    ignore=shutil.ignore_patterns("ensemble"))
+    return ["--experiment", name, "--storage", str(tmp_path / "runs")]
+
+
+def test_build_reports_every_row_and_saves_a_loadable_ensemble(search, built):
+    out = built
     report = json.loads((out / "report.json").read_text())
     rows = {r["name"]: r for r in report["rows"]}
     assert list(rows) == ROWS
@@ -89,12 +104,12 @@ def test_build_reports_every_row_and_saves_a_loadable_ensemble(search):
     assert "members" in runs[0].data.params
 
 
-def test_soups_of_warm_started_trials(search):
+def test_soups_of_warm_started_trials(search, built):
     """Every trial fine-tuned from the search's warm start, so they (and their last epochs)
     average into soups; the report says how many ingredients each soup took."""
     from trainables.start import Start
 
-    report = json.loads((search["exp"] / "ensemble" / "report.json").read_text())
+    report = json.loads((built / "report.json").read_text())
     rows = {r["name"]: r for r in report["rows"]}
     assert Start.load(search["exp"] / "init.pt").kind == "warm"
     uniform, greedy, last = rows["uniform soup"], rows["greedy soup"], rows["last-epochs soup"]
@@ -104,14 +119,14 @@ def test_soups_of_warm_started_trials(search):
     assert 1 <= taken == len(greedy["members"]) <= offered and offered >= 3
     assert greedy["val"]["accuracy"] >= rows["best single"]["val"]["accuracy"]
     assert len(last["members"]) == 2 and all("epoch_" in m for m in last["members"])
-    soup = Checkpoint.load(search["exp"] / "ensemble" / "last-epochs_soup.pt")
+    soup = Checkpoint.load(built / "last-epochs_soup.pt")
     assert soup.soup is not None and len(soup.soup["ingredients"]) == 2
 
 
-def test_soup_checkpoint_loads_as_a_training_checkpoint(search):
+def test_soup_checkpoint_loads_as_a_training_checkpoint(built):
     from models import load_model
 
-    soup = search["exp"] / "ensemble" / "greedy_soup.pt"
+    soup = built / "greedy_soup.pt"
     model, ckpt = load_model(soup, torch.device("cpu"))
     assert ckpt.soup is not None and len(ckpt.soup["ingredients"]) >= 1
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 3)
@@ -123,11 +138,12 @@ def test_seeds_add_retrained_members_and_predict_writes_csv(search, tmp_path):
     for i in range(7):
         write_image(new / f"x{i}.jpg", i % 3, rng)
     dest = tmp_path / "sub" / "predictions.csv"
-    proc = _run("ensemble.build", ["--experiment", "ens", "--top", "2", "--seeds", "1",
-                                   "--predict", str(new), "--output", str(dest),
-                                   "--num-cpus", "2", "--tta", "shift"], search["work"])
+    exp = _copy(search, tmp_path, "seeded")
+    proc = _run("ensemble.build", [*exp, "--top", "2", "--seeds", "1", "--predict", str(new),
+                                   "--output", str(dest), "--num-cpus", "2", "--tta", "shift"],
+                search["work"])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads((search["exp"] / "ensemble" / "report.json").read_text())
+    report = json.loads((tmp_path / "runs" / "seeded" / "ensemble" / "report.json").read_text())
     assert len(report["members"]) == 4
     assert sum("seed" in m["name"] for m in report["members"]) == 2
     assert report["tta"] == ["shift"]
@@ -156,11 +172,12 @@ def test_bad_input_is_one_sentence_and_changes_nothing(search, tmp_path, args, n
     assert (report.read_bytes() if report.is_file() else None) == before
 
 
-def test_top_larger_than_trials_builds_with_what_exists(search):
-    proc = _run("ensemble.build", ["--experiment", "ens", "--top", "50"], search["work"])
+def test_top_larger_than_trials_builds_with_what_exists(search, tmp_path):
+    proc = _run("ensemble.build", [*_copy(search, tmp_path, "few"), "--top", "50"],
+                search["work"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "fewer than --top 50" in proc.stderr
-    report = json.loads((search["exp"] / "ensemble" / "report.json").read_text())
+    report = json.loads((tmp_path / "runs" / "few" / "ensemble" / "report.json").read_text())
     assert len(report["members"]) == 3
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, read_results, start_search, write_image
+from trainables.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow
 TINY = ["--image-size", "32", "--space", "batch_size=[8]", "--num-cpus", "2", "--init", "random",
@@ -356,6 +357,52 @@ def _trial_process(search_pid: int) -> int | None:
         if cmd.startswith("ray::ImplicitFunc"):
             return pid
     return None
+
+
+def _trial_epochs(out: str) -> list[int]:
+    """The epochs the driver's progress lines report, in order."""
+    return [int(ln.split(" epoch ")[1].split("/")[0]) for ln in out.splitlines()
+            if ln.startswith("  trial ") and " epoch " in ln]
+
+
+def test_a_search_interrupted_mid_epoch_resumes_its_trial_after_the_last_epoch(tmp_path):
+    """Ctrl+C while a trial is inside its third epoch, then `search.run --resume`: the trial goes
+    on after its last finished epoch (not from scratch) and ends as one completed trial."""
+    data = _images(tmp_path / "images", per_class=50)
+    args = ["--data", str(data), "--num-samples", "1", "--max-epochs", "8", "--space",
+            "epochs=8", "--experiment", "mid", "--storage", str(tmp_path / "runs"),
+            "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", *TINY, "--image-size",
+            "64"]
+    proc = start_search(args, tmp_path)
+    lines: list[str] = []
+    deadline = time.time() + 400
+    while not any(ln.startswith("  trial ") and " epoch 2/8" in ln for ln in lines):
+        line = proc.stdout.readline()
+        assert line or proc.poll() is None, "".join(lines)[-3000:]
+        lines.append(line)
+        assert time.time() < deadline, "".join(lines)[-3000:]
+    exp = tmp_path / "runs" / "mid"
+    proc.send_signal(signal.SIGINT)  # epoch 3 has begun: it is lost, epochs 1-2 are not
+    rest, _ = proc.communicate(timeout=120)
+    first = "".join(lines) + rest
+    assert proc.returncode == 130, first[-3000:]
+    saved = list(exp.rglob("resume.pt"))
+    assert saved, first[-3000:]
+    # the last finished epoch: the Ctrl+C's grace may let one more finish than was printed
+    last = int(load_checkpoint(saved[0])["epoch"])
+    assert 2 <= last < 8 and last >= max(_trial_epochs(first)), first[-3000:]
+
+    resumed = _run("search.run", ["--resume", "--experiment", "mid", "--storage",
+                                  str(tmp_path / "runs")], tmp_path)
+    out = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, out[-3000:]
+    epochs = _trial_epochs(resumed.stdout)
+    assert epochs and epochs[0] == last + 1, (last, out[-3000:])  # went on, not afresh
+    assert epochs == list(range(last + 1, 9)), epochs
+    table = read_results(exp / "results.csv")
+    assert len(table) == 1 and table["status"][0] == "completed"
+    assert table["epochs_run"][0] == 8
+    assert not list(exp.rglob("resume.pt"))  # a finished trial leaves no resume state
 
 
 def test_a_killed_trial_worker_resumes_from_its_last_epoch(tmp_path):
