@@ -128,3 +128,26 @@ def test_building_ensembles_does_not_import_ray_tune():
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def _row(name: str, acc: float, loss: float, prefer: int = 0):
+    from ensemble.combiners import Combined
+    from models.artifact import Vote
+
+    val = {"accuracy": acc, "loss": loss, "f1": acc, "ece": 0.0}
+    return Combined(name, [name], [1.0], val, dict(val), 100, 1.0, artifact=Vote([name], [1.0]),
+                    prefer=prefer)
+
+
+def test_the_refit_wins_within_one_standard_error_and_loses_beyond_it():
+    """Val figures of blood-cells-small at K = 4 (385 val images): the soup's lower NLL no longer
+    beats the refit it ties; a row more than one standard error ahead still does."""
+    from ensemble.combiners import choose
+
+    refit = _row("refit", 0.9558, 0.2171, prefer=-1)
+    soup = _row("last-epochs soup", 0.9506, 0.2071)
+    assert choose([soup, refit], n_val=385).name == "refit"
+    assert choose([soup, _row("best single", 0.9558, 0.2171)], n_val=385).name == \
+        "last-epochs soup"  # without a refit the tied rows go by NLL
+    far = _row("weighted vote", 0.99, 0.3)  # 3.4 points ahead: beyond 0.0105
+    assert choose([soup, refit, far], n_val=385).name == "weighted vote"
