@@ -80,6 +80,13 @@ def has_header(out: str, name: str) -> bool:
     return f"# {name}" in out and "commit" in out and "repeats 1" in out
 
 
+def run_module(module: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """`python -m module args` in `cwd` as a user runs it, the output captured."""
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
+                          text=True, timeout=600)
+
+
 def start_search(args: list[str], cwd: Path) -> subprocess.Popen:
     """Starts `python -m search.run` as a terminal would, so a SIGINT sent to it is a Ctrl+C:
     a suite run as a background job (`... &`, nohup) ignores SIGINT and its children inherit

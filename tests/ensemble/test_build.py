@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,19 +13,13 @@ import pytest
 import torch
 
 import ensemble
-from conftest import REPO, write_image
+from conftest import run_module, write_image
 from trainables.checkpoint import Checkpoint
 from trainables.data import load_image_data
 
 pytestmark = pytest.mark.slow
 ROWS = ["best single", "hard vote", "soft vote", "weighted vote", "uniform soup", "greedy soup",
         "last-epochs soup"]
-
-
-def _run(module: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd,
-                          env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
-                          text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +29,7 @@ def search(tmp_path_factory) -> dict:
     for k in range(3):
         for i in range(14):
             write_image(work / "images" / f"c{k}" / f"{i}.png", k, rng)
-    proc = _run("search.run", [
+    proc = run_module("search.run", [
         "--data", str(work / "images"), "--image-size", "32", "--num-samples", "3",
         "--max-epochs", "2", "--grace-period", "2", "--space", "batch_size=[8]",
         "--experiment", "ens", "--num-cpus", "2", "--no-refit", "--keep-last", "2"], work)
@@ -50,7 +41,7 @@ def search(tmp_path_factory) -> dict:
 def built(search) -> Path:
     """`ensemble.build --top 3` on the search, once; the tests below that build again do it on a
     copy of the experiment, so no test depends on another's order."""
-    proc = _run("ensemble.build", ["--experiment", "ens", "--top", "3"], search["work"])
+    proc = run_module("ensemble.build", ["--experiment", "ens", "--top", "3"], search["work"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     return search["exp"] / "ensemble"
 
@@ -139,9 +130,9 @@ def test_seeds_add_retrained_members_and_predict_writes_csv(search, tmp_path):
         write_image(new / f"x{i}.jpg", i % 3, rng)
     dest = tmp_path / "sub" / "predictions.csv"
     exp = _copy(search, tmp_path, "seeded")
-    proc = _run("ensemble.build", [*exp, "--top", "2", "--seeds", "1", "--predict", str(new),
-                                   "--output", str(dest), "--num-cpus", "2", "--tta", "shift"],
-                search["work"])
+    proc = run_module("ensemble.build", [*exp, "--top", "2", "--seeds", "1", "--predict", str(new),
+                                        "--output", str(dest), "--num-cpus", "2", "--tta", "shift"],
+                     search["work"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "runs" / "seeded" / "ensemble" / "report.json").read_text())
     assert len(report["members"]) == 4
@@ -165,7 +156,7 @@ def test_bad_input_is_one_sentence_and_changes_nothing(search, tmp_path, args, n
     args = [str(tmp_path / "empty") if a == "EMPTY" else a for a in args]
     report = search["exp"] / "ensemble" / "report.json"
     before = report.read_bytes() if report.is_file() else None
-    proc = _run("ensemble.build", args, search["work"])
+    proc = run_module("ensemble.build", args, search["work"])
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error:")
     assert needle in proc.stderr and "Traceback" not in proc.stderr
@@ -173,8 +164,8 @@ def test_bad_input_is_one_sentence_and_changes_nothing(search, tmp_path, args, n
 
 
 def test_top_larger_than_trials_builds_with_what_exists(search, tmp_path):
-    proc = _run("ensemble.build", [*_copy(search, tmp_path, "few"), "--top", "50"],
-                search["work"])
+    proc = run_module("ensemble.build", [*_copy(search, tmp_path, "few"), "--top", "50"],
+                     search["work"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "fewer than --top 50" in proc.stderr
     report = json.loads((tmp_path / "runs" / "few" / "ensemble" / "report.json").read_text())
@@ -190,7 +181,7 @@ def test_members_with_different_classes_are_refused(search, tmp_path):
     odd.save(copy / "odd.pt")
     table.loc[1, "checkpoint"] = str(copy / "odd.pt")
     table.to_csv(copy / "results.csv", index=False)
-    proc = _run("ensemble.build", ["--experiment", "mixed", "--storage", str(tmp_path / "runs"),
-                                   "--top", "3"], tmp_path)
+    proc = run_module("ensemble.build", ["--experiment", "mixed", "--storage",
+                                        str(tmp_path / "runs"), "--top", "3"], tmp_path)
     assert proc.returncode == 2
     assert "different class lists" in proc.stderr and "Traceback" not in proc.stderr

@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +14,7 @@ import pytest
 import torch
 
 import ensemble
-from conftest import REPO, write_image
+from conftest import run_module, write_image
 from ensemble.distill import main as distill_main
 from trainables.checkpoint import Checkpoint
 from trainables.data import decode_images
@@ -74,12 +71,6 @@ def test_distill_criterion_refuses_batches_out_of_order():
 # ---------------------------------------------------------------------- end to end
 
 
-def _run(module: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd,
-                          env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
-                          text=True, timeout=600)
-
-
 def _unlabelled(work: Path, split: dict) -> Path:
     """Renamed byte copies of 2 val and 2 test images, 6 new images, one file that is no image
     and one image of another size."""
@@ -106,7 +97,7 @@ def student(tmp_path_factory) -> dict:
     for k in range(3):
         for i in range(14):
             write_image(work / "images" / f"c{k}" / f"{i}.png", k, rng)
-    proc = _run("search.run", [
+    proc = run_module("search.run", [
         "--data", str(work / "images"), "--image-size", "24", "--num-samples", "2",
         "--max-epochs", "2", "--grace-period", "2", "--space", "batch_size=[8]",
         "--experiment", "kd", "--num-cpus", "2", "--no-refit", "--init", "random"], work)
@@ -117,7 +108,7 @@ def student(tmp_path_factory) -> dict:
     split = json.loads((exp / "split.json").read_text())
     args = ["--experiment", "kd", "--pseudo-label", str(_unlabelled(work, split)),
             "--pseudo-threshold", "0.01", "--epochs", "1", "--num-cpus", "2"]
-    proc = _run("ensemble.distill", args, work)
+    proc = run_module("ensemble.distill", args, work)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (folder,) = (exp / "students").iterdir()
     return {"work": work, "exp": exp, "split": split, "dir": folder, "args": args,
@@ -187,7 +178,7 @@ def test_student_loads_and_joins_the_ensemble_table(student):
 def test_a_finished_student_is_not_trained_again(student):
     path = student["dir"] / "best.pt"
     before = path.stat().st_mtime_ns
-    proc = _run("ensemble.distill", student["args"], student["work"])
+    proc = run_module("ensemble.distill", student["args"], student["work"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "already trained: reusing it" in proc.stderr
     assert path.stat().st_mtime_ns == before

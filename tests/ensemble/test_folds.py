@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +13,7 @@ import pandas as pd
 import pytest
 
 import ensemble
-from conftest import REPO, write_image
+from conftest import run_module, write_image
 from ensemble.build import main as build_main
 from ensemble.folds import draw_folds, plan_folds
 from ensemble.members import SearchState
@@ -124,24 +121,18 @@ def test_bad_folds_are_one_sentence(tmp_path, k, group_col, needle):
 # ---------------------------------------------------------------------- end to end
 
 
-def _run(module: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd,
-                          env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
-                          text=True, timeout=600)
-
-
 @pytest.fixture(scope="module")
 def folds(tmp_path_factory) -> dict:
     """A tiny search on a CSV with a group column, then one `ensemble.build --folds 3`."""
     work = tmp_path_factory.mktemp("folds")
     csv = _grouped_csv(work / "data", per_class=14)
-    proc = _run("search.run", [
+    proc = run_module("search.run", [
         "--data", str(csv), "--group-col", "patient", "--image-size", "24", "--num-samples",
         "2", "--max-epochs", "2", "--grace-period", "2", "--space", "batch_size=[8]",
         "--experiment", "cv", "--num-cpus", "2", "--no-refit", "--init", "random"], work)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    build = _run("ensemble.build", ["--experiment", "cv", "--top", "2", "--folds", "3",
-                                    "--num-cpus", "2"], work)
+    build = run_module("ensemble.build", ["--experiment", "cv", "--top", "2", "--folds", "3",
+                                         "--num-cpus", "2"], work)
     assert build.returncode == 0, build.stderr[-3000:]
     exp = work / "runs" / "cv"
     (folds_dir,) = (exp / "folds").iterdir()
@@ -217,8 +208,8 @@ def test_resume_retrains_only_the_unfinished_fold(folds):
     gone = paths[0]
     gone.unlink()  # an interrupted fold: its model never finished
     before = {p: p.stat().st_mtime_ns for p in paths[1:]}
-    proc = _run("ensemble.build", ["--experiment", "cv", "--top", "2", "--folds", "3",
-                                   "--num-cpus", "2"], folds["work"])
+    proc = run_module("ensemble.build", ["--experiment", "cv", "--top", "2", "--folds", "3",
+                                        "--num-cpus", "2"], folds["work"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "5 of 6 fold model(s) already trained, reused" in proc.stderr
     assert "0 of 6" in folds["stderr"]
