@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
 def _print_run(k: float, ours: dict, budget: float) -> None:
     print(f"  K={k:g}: final ({ours['chosen']}) {ours['ensemble']['accuracy']:.4f} / "
           f"{ours['ensemble']['f1']:.4f}; refit {_acc(ours['final'])}, val-selected trial "
-          f"{ours['trial']['accuracy']:.4f}; {ours['search_s']:.0f} s search, "
+          f"{_acc(ours['trial'])}; {ours['search_s']:.0f} s search, "
           f"{ours['total_s']:.0f} s in all (budget {budget:.0f} s); trials {ours['trials']}",
           flush=True)
     print("    rows: " + ", ".join(f"{n} {r['test']['accuracy']:.4f}"

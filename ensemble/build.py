@@ -18,6 +18,7 @@ from ensemble.combiners import (
     build_rows,
     choose,
     predict_members,
+    recipe_rows,
     refit_rows,
     student_rows,
 )
@@ -92,7 +93,10 @@ def build(cfg: EnsembleConfig) -> int:
     start = time.time()
     state = open_search(cfg.storage, cfg.experiment)
     lock = state.store.lock()  # noqa: F841 - held while building: no search may write meanwhile
-    members = top_members(state, cfg.top)
+    recipe = state.config.recipe_only
+    if recipe:
+        _check_recipe(cfg, state)
+    members = [] if recipe else top_members(state, cfg.top)
     plan = plan_folds(state, cfg.folds, cfg.group_col) if cfg.folds else None  # fail early
     to_predict = None
     if cfg.predict:  # read first: a bad path must fail before any work is done
@@ -101,18 +105,12 @@ def build(cfg: EnsembleConfig) -> int:
     uri, parent = _tracking(cfg, state)  # a store that is gone fails here, before any work
     out = state.store.ensemble_dir
     out.mkdir(exist_ok=True)
-    folds = None
-    if plan is not None:  # the top configurations, before seed retrains join the members
-        folds = fit_folds(state, plan, members, cfg.tta, address=cfg.address,
-                          num_cpus=cfg.num_cpus)
-    if cfg.seeds:
-        members += _retrain(cfg, state, members)
-    log.info("members: %s", ", ".join(f"{m.name} (val {m.val_acc:.4f})" for m in members))
-    pool = Pool(state, predict_members(state, members, cfg.tta), cfg.tta, cfg.rounds,
-                state.store.metric, folds=folds)
-    rows = refit_rows(pool) + build_rows(pool) + \
-        (build_rows(pool, FOLD_COMBINERS) if folds else []) + student_rows(pool)
-    chosen = choose(rows, pool.metric, len(pool.y_val))
+    if recipe:
+        rows, folds = recipe_rows(state, cfg.tta), None
+        chosen = rows[0]
+    else:
+        members, rows, folds = _rows(cfg, state, members, plan)
+        chosen = choose(rows, state.store.metric, len(state.split.val))
     saved = out / "ensemble.pt"
     chosen.artifact.save(saved)
     for r in rows:
@@ -124,7 +122,7 @@ def build(cfg: EnsembleConfig) -> int:
                                                              index=False)
     doc = _report_doc(cfg, state, members, rows, chosen)
     if folds is not None:
-        doc |= fold_report(state, folds, pool.metric)
+        doc |= fold_report(state, folds, state.store.metric)
     doc["final"] = _final(state, saved, chosen)
     write_report(out, doc, rows, chosen)
     _record_final(state, doc["final"])
@@ -138,10 +136,42 @@ def build(cfg: EnsembleConfig) -> int:
     return 0
 
 
+def _rows(cfg: EnsembleConfig, state: SearchState, members, plan):
+    """The fold models and seed retrains (on Ray), the members' predictions, and every row:
+    the refit, the votes and soups, the fold rows and the students. Returns the members (seed
+    retrains added), the rows and the folds (None without --folds)."""
+    folds = None
+    if plan is not None:  # the top configurations, before seed retrains join the members
+        folds = fit_folds(state, plan, members, cfg.tta, address=cfg.address,
+                          num_cpus=cfg.num_cpus)
+    if cfg.seeds:
+        members += _retrain(cfg, state, members)
+    log.info("members: %s", ", ".join(f"{m.name} (val {m.val_acc:.4f})" for m in members))
+    pool = Pool(state, predict_members(state, members, cfg.tta), cfg.tta, cfg.rounds,
+                state.store.metric, folds=folds)
+    rows = refit_rows(pool) + build_rows(pool) + \
+        (build_rows(pool, FOLD_COMBINERS) if folds else []) + student_rows(pool)
+    return members, rows, folds
+
+
+def _check_recipe(cfg: EnsembleConfig, state: SearchState) -> None:
+    """A --recipe-only experiment has one model and no trials: it can be reported, explained,
+    registered and predict with, but not retrained by seed or fold."""
+    if cfg.seeds or cfg.folds:
+        raise UserError(f"experiment {state.experiment!r} trained the recommended recipe only "
+                        "(--recipe-only, or a --time-budget that fitted no search), so it has no "
+                        "trials for --seeds or --folds to retrain; leave them out, or run a "
+                        "search with a larger --time-budget in a new --experiment")
+    log.info("experiment %r trained the recommended recipe only (no trials): its one model "
+             "is the answer, reported on test", state.experiment)
+
+
 def _final(state: SearchState, saved: Path, chosen: Combined) -> dict:
     """The product's one answer: the row chosen on val (the refit among the rows)."""
     return {"model": "refit" if chosen.name == "refit" else f"ensemble ({chosen.name})",
-            "checkpoint": state.store.relative(saved), "chosen_by": "ensemble.build, on val",
+            "checkpoint": state.store.relative(saved),
+            "chosen_by": "recipe only: the one model" if state.config.recipe_only
+            else "ensemble.build, on val",
             "members": chosen.members, "test": chosen.test}
 
 
@@ -166,7 +196,9 @@ def _explain_and_register(cfg: EnsembleConfig, state: SearchState, saved: Path,
     from trainables.tracking import client_for
 
     start, out = time.time(), state.store.model_report_dir("ensemble")
-    explain_ensemble(load(saved), state.data, state.split.val, out, f"ensemble ({chosen.name})")
+    recipe = state.config.recipe_only  # its model has trained on val: reported on test
+    explain_ensemble(load(saved), state.data, state.split.test if recipe else state.split.val,
+                     out, f"ensemble ({chosen.name})" + (" on test images" if recipe else ""))
     client_for(uri).log_artifacts(run_id, str(out), "model_report/ensemble")
     log.info("model report: %s (%.1f s)", out / "report.md", time.time() - start)
     if cfg.register:

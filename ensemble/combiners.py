@@ -408,6 +408,29 @@ def refit_rows(pool: Pool) -> list[Combined]:
     return [RefitRow(path, pool.state.store.dir / best["checkpoint"]).fit(pool)]
 
 
+def recipe_rows(state: SearchState, tta: list[str]) -> list[Combined]:
+    """A --recipe-only experiment's one row: its recipe, trained on train + val (refit/final.pt).
+    It has no trials to combine and no val score of its own; its test score is its own."""
+    from trainables.errors import UserError
+
+    refit = (state.store.read_summary() or {}).get("refit") or {}
+    path = state.store.dir / refit.get("checkpoint", "refit/final.pt")
+    if not refit or not path.is_file():
+        raise UserError(f"experiment {state.experiment!r} trains the recommended recipe only and "
+                        f"its model ({path}) is not there yet; finish it with python -m "
+                        f"search.run --resume --experiment {state.experiment} --storage "
+                        f"{state.store.dir.parent}")
+    model, ckpt = load_model(path, torch.device("cpu"))
+    test, ms = timed_predict(model, state.data.images[state.split.test], ckpt, tta)
+    nan = {k: math.nan for k in ("accuracy", "f1", "loss", "ece")}
+    return [Combined("refit", ["refit"], [1.0], nan,
+                     ensemble_metrics(test, state.data.labels[state.split.test]),
+                     sum(p.numel() for p in model.parameters()), ms, test_probs=test,
+                     artifact=Vote([str(path)], [1.0], tta=tta), prefer=-1,
+                     note="the recommended recipe trained once on train + val (recipe only: "
+                          "the budget fitted no search); no trials to combine, no val score")]
+
+
 COMBINERS: tuple[type[Combiner], ...] = (BestSingle, HardVote, SoftVote, WeightedVote,
                                          UniformSoup, GreedySoup, SnapshotSoup)
 FOLD_COMBINERS: tuple[type[Combiner], ...] = (FoldBestConfig, FoldSoftVote, FoldWeightedVote)

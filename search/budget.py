@@ -82,11 +82,14 @@ def plan_budget(cfg: SearchConfig, *, remaining_s: float, speed: Speed, n_train:
         per_epoch = WARM_SHARE * epoch_solo * warm + refit_epoch + per_slot * epoch_trial
         return int(min(cap, usable / per_epoch)) if usable > 0 else 0
 
+    recipe_epoch = (n_train + n_val) * speed.solo  # the recipe trains on train + val
+    if cfg.recipe_only:
+        return _recipe(cfg, usable, recipe_epoch, cap, remaining_s)
     per_slot = TRIALS_PER_SLOT
     epochs = longest(per_slot)
     if epochs < min(GOOD_EPOCHS, cap):
         per_slot, epochs = 1.0, longest(1.0)
-    recipe = recipe_plan(cfg, usable, epoch_solo, cap, epochs)
+    recipe = recipe_plan(cfg, usable, recipe_epoch, cap, epochs)
     if recipe is not None:
         return recipe
     if epochs < 1:
@@ -107,27 +110,39 @@ def plan_budget(cfg: SearchConfig, *, remaining_s: float, speed: Speed, n_train:
                       epochs * epoch_trial, per_slot)
 
 
-def recipe_plan(cfg: SearchConfig, usable: float, epoch_solo: float, cap: int,
+def recipe_plan(cfg: SearchConfig, usable: float, recipe_epoch: float, cap: int,
                 search_epochs: int) -> BudgetPlan | None:
     """The plan for a budget too small for a search: when even one trial per slot gets fewer
     than GOOD_EPOCHS (a warm start, short trials and a refit would each be too short to beat a
     plain script, which is what happened at a budget of one script's time), the recommended
-    recipe trains once, alone on the whole machine, as many epochs as fit (at most the cap).
-    None when a search fits, or the user asked for trials (--num-samples) or a fixed length."""
+    recipe trains once, on train + val and the whole machine, as many epochs as fit (at most
+    the cap): what a user's own script does. None when a search fits, or the user asked for
+    trials (--num-samples)."""
     if search_epochs >= min(GOOD_EPOCHS, cap) or "num_samples" in cfg.given:
         return None
-    epochs = int(min(cap, usable / epoch_solo)) if usable > 0 else 0
+    epochs = int(min(cap, usable / recipe_epoch)) if usable > 0 else 0
     if epochs <= search_epochs:
         return None
-    return BudgetPlan(epochs, 1, None, usable, 0.0, 0.0, epochs * epoch_solo, 1.0, recipe=True)
+    return BudgetPlan(epochs, 1, None, usable, 0.0, 0.0, epochs * recipe_epoch, 1.0, recipe=True)
 
 
-def apply(cfg: SearchConfig, plan: BudgetPlan, solo_cpus: float = 1.0) -> SearchConfig:
+def _recipe(cfg: SearchConfig, usable: float, recipe_epoch: float, cap: int,
+            remaining_s: float) -> BudgetPlan:
+    """--recipe-only under a budget: as many epochs as fit (at most the cap)."""
+    epochs = int(min(cap, usable / recipe_epoch)) if usable > 0 else 0
+    if epochs < 1:
+        need = (recipe_epoch + FINISH_S) / SLACK
+        raise UserError(f"--time-budget leaves {max(remaining_s, 0):.0f} s after reading the "
+                        f"data, and one epoch of the recipe needs about {need:.0f} s here; give "
+                        "a larger budget, a smaller --image-size or model, or fewer images")
+    return BudgetPlan(epochs, 1, None, usable, 0.0, 0.0, epochs * recipe_epoch, 1.0, recipe=True)
+
+
+def apply(cfg: SearchConfig, plan: BudgetPlan) -> SearchConfig:
     """The config with the plan's epochs, trials and warm start; an epochs range the user did
-    not set follows the new --max-epochs. A recipe-only plan fixes every searched setting at its
-    recommended value and gives the one trial the whole machine (`solo_cpus`)."""
+    not set follows the new --max-epochs. A recipe-only plan makes a --recipe-only config."""
     if plan.recipe:
-        return _recipe_config(cfg, plan, solo_cpus)
+        return recipe_config(cfg, plan.max_epochs)
     space = dict(cfg.space)
     if space.get("epochs") == default_epochs(cfg.max_epochs):
         space["epochs"] = None
@@ -137,17 +152,23 @@ def apply(cfg: SearchConfig, plan: BudgetPlan, solo_cpus: float = 1.0) -> Search
         warm_epochs=plan.warm_epochs or cfg.warm_epochs, grace_period=grace))
 
 
+def recipe_config(cfg: SearchConfig, epochs: int | None = None) -> SearchConfig:
+    """The --recipe-only config: every searched setting fixed at its recommended value (so
+    config.yaml says what trained), `epochs` (default: the recommended length) and the start
+    the recipe would have had without a warm start, which it has no time for."""
+    from search.space import BY_MODEL, recommended_value
 
-def _recipe_config(cfg: SearchConfig, plan: BudgetPlan, solo_cpus: float) -> SearchConfig:
-    from search.space import recommended_value
-
-    space = {k: (recommended_value(k, v) if k != "model" else v[0])
-             if isinstance(v, (dict, list)) else v for k, v in cfg.space.items()}
-    space["epochs"] = plan.max_epochs
+    model = cfg.space.get("model", cfg.train.model)
+    model = model[0] if isinstance(model, list) else model  # the user's first architecture
+    own = (cfg.space.get(BY_MODEL) or {}).get(model, {})
+    space = {k: recommended_value(k, v) if isinstance(v, (dict, list)) else v
+             for k, v in ({**cfg.space, **own}).items() if k not in (BY_MODEL, "model")}
+    space["model"] = model
+    if epochs is not None:
+        space["epochs"] = epochs
     init = cfg.init
-    if init in ("auto", "warm"):  # no time for a warm start: the start it would have had
+    if init in ("auto", "warm"):
         init = "pretrained" if cfg.pretrained or cfg.pretrained_file else "random"
     return validate(dataclasses.replace(
-        cfg, max_epochs=plan.max_epochs, num_samples=1, space=space, init=init,
-        early_stopping="none", refit=False, max_concurrent=1, cpus_per_worker=solo_cpus,
-        grace_period=None))
+        cfg, max_epochs=epochs or cfg.max_epochs, num_samples=1, space=space, init=init,
+        recipe_only=True, early_stopping="none", grace_period=None))

@@ -59,6 +59,10 @@ class SearchConfig(CommonOptions):
                                   "--max-epochs, at least 1).")
     refit: bool = opt(True, "After the search, retrain the chosen configuration on train + val "
                       "as the final model, reported on test next to the val-selected trial.")
+    recipe_only: bool = opt(False, "No search: train the recommended recipe (fitted into the "
+                            "space) once, on every labelled image (train + val) and the whole "
+                            "machine, as the final model, reported on test. What --time-budget "
+                            "chooses by itself when the budget fits no search worth running.")
     train: TrainConfig = field(default_factory=TrainConfig)  # fixed settings: flags of their own
     given: list = field(default_factory=list)  # options the user set (a budget plan keeps them)
     space: dict = opt(defaults.SPACE, "Search space, from YAML or repeated --space "

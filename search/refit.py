@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trainables.checkpoint import Checkpoint
+from trainables.config import TrainConfig
 from trainables.jobs import TrainJob, train
 from trainables.split import Split
 from trainables.start import Start
@@ -37,15 +37,15 @@ class Refit:
 
 
 def refit(store: ExperimentStore, data, split: Split, starts: dict[str, Start],
-          selected: Checkpoint, progress=None) -> Refit:
-    """Trains the selected trial's configuration on train + val (`data` may be a Ray object
-    ref). A refit already on disk for the same configuration (a resumed search) is not trained
-    again."""
-    train_cfg = selected.train_config
+          train_cfg: TrainConfig, progress=None, what: str = "the selected configuration"
+          ) -> Refit:
+    """Trains `train_cfg` (the selected trial's, or a --recipe-only run's recipe) on train +
+    val (`data` may be a Ray object ref). A refit already on disk for the same configuration (a
+    resumed search) is not trained again; an interrupted one continues."""
     pool = np.concatenate([split.train, split.val])
     path = store.refit_checkpoint
-    log.info("refit: the selected configuration on train + val (%d images), %d epoch(s)",
-             len(pool), train_cfg.epochs)
+    log.info("refit: %s on train + val (%d images), %d epoch(s)", what, len(pool),
+             train_cfg.epochs)
     tick = time.time()
     job = TrainJob(train_cfg, starts[train_cfg.model].inputs(
         data, pool, np.zeros(0, np.int64), split_hash=split.hash), path, name="refit")

@@ -2,6 +2,8 @@
 
     data -> plan -> data report -> starts -> trials -> selection -> refit -> test -> explain
     -> register -> summary
+    (--recipe-only, or a budget that fits no search: the recipe on train + val replaces trials,
+    selection and refit)
 
 Each stage is a function of what the earlier ones produced (`search.stages` holds the ones that
 are more than a call); nothing is shared through a mutable bag.
@@ -42,15 +44,20 @@ def run(cfg: SearchConfig) -> int:
         tracking = stages.open_tracking(cfg, store, data, split, plan)
         data_ref = stages.place_data(data)
         starts = stages.make_starts(cfg, store, data_ref, split, starts, tracking, clock)
-        table = stages.trials(cfg, store, plan, data, split, data_ref, starts, tracking,
-                              stages.search_deadline(clock, budget), clock, resumed=exp.resumed)
-        if table is None:
-            return 130
-        chosen = stages.select(cfg, store, table, tracking)
-        final = stages.refit(cfg, store, data_ref, split, starts, chosen, tracking, clock,
-                             budget)
+        if cfg.recipe_only:
+            chosen = None
+            final = stages.recipe(cfg, store, data_ref, split, starts, tracking, clock)
+        else:
+            table = stages.trials(cfg, store, plan, data, split, data_ref, starts, tracking,
+                                  stages.search_deadline(clock, budget), clock,
+                                  resumed=exp.resumed)
+            if table is None:
+                return 130
+            chosen = stages.select(cfg, store, table, tracking)
+            final = stages.refit(cfg, store, data_ref, split, starts, chosen, tracking, clock,
+                                 budget)
         tested = stages.test(data, split, chosen, final)
-        stages.explain(store, data, chosen, tracking)
+        stages.explain(store, data, split, chosen, final, tracking)
         registered = stages.register(cfg, store, data, split, tested, tracking)
         stages.summary(cfg, store, data, split, starts, budget, chosen, final, tested,
                        registered, tracking, clock)

@@ -71,29 +71,34 @@ def plan(cfg: SearchConfig, data: ImageData, split: Split, starts: dict[str, Sta
     from search.resources import plan_for_cluster
     from search.start import needs_warm_start
     from trainables.jobs import cluster_nodes, whole_node
-    from trainables.speed import seconds_per_image
 
+    if cfg.recipe_only and not resumed and cfg.budget_s is None:
+        cfg = budget.recipe_config(cfg)
     resources = plan_for_cluster(cfg)
     if cfg.budget_s is None or resumed:
         return cfg, resources, None
-    size = int(data.images.shape[1])
-    models = [dataclasses.replace(cfg.train, model=m) for m in starts]  # each architecture
+    models = list(starts)
     solo = whole_node(cluster_nodes()).threads
-
-    def speed(threads: int) -> float:
-        return sum(seconds_per_image(t, data.num_classes, size, threads=threads)
-                   for t in models) / len(models)
-
     sizes = split.sizes()
-    measured = budget.Speed(trial=speed(resources.threads), solo=speed(solo))
+    measured = budget.Speed(trial=speed(cfg, data, models, resources.threads),
+                            solo=speed(cfg, data, models, solo))
     the_plan = budget.plan_budget(
         cfg, remaining_s=clock.seconds_left(), speed=measured, n_train=sizes["train"],
         n_val=sizes["val"], n_test=sizes["test"], plan=resources,
         warm=len(models) if needs_warm_start(cfg, starts) else 0)
-    cfg = budget.apply(cfg, the_plan, solo_cpus=float(solo))
+    cfg = budget.apply(cfg, the_plan)
     log.info("time budget %s: %s (measured %.1f ms per training image per trial)",
              cfg.time_budget, the_plan.describe(), 1000 * measured.trial)
     return cfg, plan_for_cluster(cfg), the_plan
+
+
+def speed(cfg: SearchConfig, data: ImageData, models: list[str], threads: int) -> float:
+    """Training seconds per image with `threads` threads, averaged over the architectures."""
+    from trainables.speed import seconds_per_image
+
+    size = int(data.images.shape[1])
+    return sum(seconds_per_image(dataclasses.replace(cfg.train, model=m), data.num_classes,
+                                 size, threads=threads) for m in models) / len(models)
 
 
 # ---------------------------------------------------------------------- tracking, data report
@@ -311,9 +316,27 @@ def refit(cfg: SearchConfig, store: ExperimentStore, data_ref, split: Split,
         return None
     say = clock.say("refit")
     say("training the chosen configuration on train + val")
-    done = train_refit(store, data_ref, split, starts, chosen.checkpoint, progress=say)
+    done = train_refit(store, data_ref, split, starts, chosen.checkpoint.train_config,
+                       progress=say)
     if done.reports:
         tracking.log_stage("refit", done.reports, done.record)
+    return done
+
+
+def recipe(cfg: SearchConfig, store: ExperimentStore, data_ref, split: Split,
+           starts: dict[str, Start], tracking: SearchRun, clock: Clock):
+    """--recipe-only (or a budget that fits no search): the recommended recipe, trained once on
+    train + val on the whole machine, as a user's own script would; it is the final model."""
+    from search.refit import refit as train_refit
+
+    fixed = {k: v for k, v in cfg.space.items() if k in cfg.train.__dataclass_fields__}
+    train_cfg = dataclasses.replace(cfg.train, **fixed)
+    say = clock.say("recipe")
+    say("training the recommended recipe on train + val (no search)")
+    done = train_refit(store, data_ref, split, starts, train_cfg, progress=say,
+                       what="the recommended recipe (no search)")
+    if done.reports:
+        tracking.log_stage("recipe", done.reports, done.record)
     return done
 
 
@@ -325,12 +348,12 @@ class Tested:
     """Test figures of the val-selected trial and of the final model (the refit, else that
     trial), with the final model's test probabilities; test is used here once, to report."""
 
-    trial: dict[str, float]
+    trial: dict[str, float] | None  # None: --recipe-only, no trial
     final: dict[str, Any]  # {"model": "refit" | "best trial", "checkpoint", "test"}
     final_probs: np.ndarray
 
 
-def test(data: ImageData, split: Split, chosen: Selection, final) -> Tested:
+def test(data: ImageData, split: Split, chosen: Selection | None, final) -> Tested:
     from models import load_model
     from trainables.train import predict_proba
 
@@ -339,6 +362,10 @@ def test(data: ImageData, split: Split, chosen: Selection, final) -> Tested:
         probs = predict_proba(model, data.images, split.test, mean=ckpt.mean, std=ckpt.std)
         return classification_metrics(probs, data.labels[split.test]), probs
 
+    if chosen is None:  # --recipe-only: the recipe is the final model
+        final_test, final_probs = evaluate(final.path)
+        return Tested(None, {"model": "refit", "checkpoint": final.record["checkpoint"],
+                             "test": final_test}, final_probs)
     trial, probs = evaluate(chosen.checkpoint)
     if final is None:
         return Tested(trial, {"model": "best trial", "checkpoint": chosen.row["checkpoint"],
@@ -351,14 +378,20 @@ def test(data: ImageData, split: Split, chosen: Selection, final) -> Tested:
 # ---------------------------------------------------------------------- explain, register
 
 
-def explain(store: ExperimentStore, data: ImageData, chosen: Selection,
-            tracking: SearchRun) -> None:
-    """The best trial's model report, in the experiment folder and the parent run."""
-    from models.explain import explain_checkpoint
+def explain(store: ExperimentStore, data: ImageData, split: Split, chosen: Selection | None,
+            final, tracking: SearchRun) -> None:
+    """The best trial's model report on val, in the experiment folder and the parent run; a
+    --recipe-only run's (whose model has trained on val) on test."""
+    from models.explain import explain_checkpoint, explain_ensemble
+    from models.predict import load
 
-    start, out = time.time(), store.model_report_dir("best_trial")
-    explain_checkpoint(chosen.path, data, out, "best trial")
-    tracking.client.log_artifacts(tracking.run_id, str(out), "model_report/best_trial")
+    name = "best_trial" if chosen is not None else "recipe"
+    start, out = time.time(), store.model_report_dir(name)
+    if chosen is not None:
+        explain_checkpoint(chosen.path, data, out, "best trial")
+    else:
+        explain_ensemble(load(final.path), data, split.test, out, "recipe (on test images)")
+    tracking.client.log_artifacts(tracking.run_id, str(out), f"model_report/{name}")
     log.info("model report: %s (%.1f s)", out / "report.md", time.time() - start)
 
 
@@ -386,38 +419,44 @@ def register(cfg: SearchConfig, store: ExperimentStore, data: ImageData, split: 
 
 
 def summary(cfg: SearchConfig, store: ExperimentStore, data: ImageData, split: Split,
-            starts: dict[str, Start], budget: BudgetPlan | None, chosen: Selection, final,
+            starts: dict[str, Start], budget: BudgetPlan | None, chosen: Selection | None, final,
             tested: Tested, registered: int | None, tracking: SearchRun, clock: Clock) -> None:
     """summary.json, the parent run's result (test figures, confusion matrix, files), and the
     closing lines."""
     from search.start import starts_record
 
+    trial = chosen.row["trial_id"] if chosen else None
     store.write_summary({
-        "experiment": cfg.experiment,
-        "best_trial": chosen.row | {"checkpoint": store.relative(chosen.path)},
-        "val": chosen.val, "test": tested.trial,
+        "experiment": cfg.experiment, "recipe_only": cfg.recipe_only,
+        "best_trial": chosen.row | {"checkpoint": store.relative(chosen.path)} if chosen else None,
+        "val": chosen.val if chosen else None, "test": tested.trial,
         "refit": final.record | {"test": tested.final["test"]} if final else None,
         "final": tested.final | {"checkpoint": store.relative(tested.final["checkpoint"])},
         "start": starts_record(starts), "budget": budget.__dict__ if budget else None,
-        "pareto": chosen.front, "registered": registered,
+        "pareto": chosen.front if chosen else None, "registered": registered,
         "split_hash": split.hash, "split_sizes": split.sizes(), "data": data.facts(),
-        "trials": chosen.table["status"].value_counts().to_dict(),
+        "trials": chosen.table["status"].value_counts().to_dict() if chosen else {},
         "wall_s": round(clock.elapsed(), 1), "mlflow": store.read_tracking(follow=False),
         "code": code_version(),
     })
-    metrics = {f"test_{k}": v for k, v in tested.final["test"].items()} | {
-        f"trial_test_{k}": v for k, v in tested.trial.items()} | {
-        f"best_val_{k}": v for k, v in chosen.val.items()}
-    tracking.log_result(metrics, chosen.row["trial_id"], tested.final_probs,
-                        data.labels[split.test], data.class_names)
+    metrics = {f"test_{k}": v for k, v in tested.final["test"].items()}
+    if chosen:
+        metrics |= {f"trial_test_{k}": v for k, v in tested.trial.items()} | {
+            f"best_val_{k}": v for k, v in chosen.val.items()}
+    tracking.log_result(metrics, trial, tested.final_probs, data.labels[split.test],
+                        data.class_names)
     tracking.end("FINISHED")
-    lines = [f"\nbest trial {chosen.row['trial_id']} (chosen on val, {cfg.train.metric}): val "
-             f"accuracy {chosen.val['accuracy']:.4f}, test accuracy "
-             f"{tested.trial['accuracy']:.4f} (macro-F1 {tested.trial['f1']:.4f}) on "
-             f"{len(split.test)} test images"]
+    lines = []
+    if chosen:
+        lines.append(f"\nbest trial {trial} (chosen on val, {cfg.train.metric}): val accuracy "
+                     f"{chosen.val['accuracy']:.4f}, test accuracy "
+                     f"{tested.trial['accuracy']:.4f} (macro-F1 {tested.trial['f1']:.4f}) on "
+                     f"{len(split.test)} test images")
     if final:
         r, t = final.record, tested.final["test"]
-        lines.append(f"refit on train + val ({r['train_images']} images, final model): test "
-                     f"accuracy {t['accuracy']:.4f} (macro-F1 {t['f1']:.4f}), {r['checkpoint']}")
+        what = "the recommended recipe (no search)" if chosen is None else "refit"
+        lines.append(f"{what} on train + val ({r['train_images']} images, final model): test "
+                     f"accuracy {t['accuracy']:.4f} (macro-F1 {t['f1']:.4f}) on "
+                     f"{len(split.test)} test images, {r['checkpoint']}")
     lines.append(f"{clock.elapsed():.0f} s in all; results: {store.path('summary.json')}")
     log.info("\n".join(lines))

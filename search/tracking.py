@@ -224,15 +224,18 @@ class SearchRun:
             self.client.set_terminated(child.info.run_id,
                                        "FINISHED" if ended == "stopped_by_budget" else "KILLED")
 
-    def log_result(self, metrics: dict[str, float], best_trial: str, probs, labels,
+    def log_result(self, metrics: dict[str, float], best_trial: str | None, probs, labels,
                    class_names: list[str]) -> None:
-        """The best trial's val and test figures, its test confusion matrix, results files."""
+        """The best trial's val and test figures (a --recipe-only run has no trial), the final
+        model's test confusion matrix, results files."""
         for k, v in metrics.items():
             self.client.log_metric(self.run_id, k, v)
-        self.client.set_tag(self.run_id, "best_trial_id", best_trial)
+        if best_trial is not None:
+            self.client.set_tag(self.run_id, "best_trial_id", best_trial)
         log_prediction_pictures(self.client, self.run_id, probs, labels, class_names, "test")
         for name in ("results.csv", "summary.json"):
-            self.client.log_artifact(self.run_id, str(self.store.path(name)))
+            if self.store.path(name).is_file():
+                self.client.log_artifact(self.run_id, str(self.store.path(name)))
 
     def end(self, status: str) -> None:
         self.client.set_terminated(self.run_id, status)

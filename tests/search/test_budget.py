@@ -98,10 +98,12 @@ def test_a_budget_of_one_script_trains_the_recipe_once_on_the_whole_machine():
     speed = Speed(trial=1 / 110, solo=1 / 250)
     plan = plan_budget(cfg, remaining_s=190, speed=speed, plan=PLAN, warm=1, **CLOTHES)
     assert plan.recipe and plan.num_samples == 1 and plan.refit_s == 0 and not plan.warm_epochs
-    assert plan.max_epochs >= 12 and plan.trial_s <= 190 * 0.92
-    applied = apply(cfg, plan, solo_cpus=2.0)
-    assert applied.num_samples == 1 and applied.max_concurrent == 1
-    assert applied.cpus_per_worker == 2.0 and not applied.refit
+    assert plan.max_epochs >= 10 and plan.trial_s <= 190 * 0.92
+    # it trains on train + val: its epochs are planned on those images, with no val pass
+    per_epoch = (CLOTHES["n_train"] + CLOTHES["n_val"]) * speed.solo
+    assert plan.trial_s == pytest.approx(plan.max_epochs * per_epoch)
+    applied = apply(cfg, plan)
+    assert applied.recipe_only and applied.num_samples == 1
     assert applied.early_stopping == "none" and applied.init == "random"
     assert applied.space["epochs"] == plan.max_epochs
     assert applied.space["lr"] == 4e-3 and applied.space["scheduler"] == "onecycle"
