@@ -53,9 +53,9 @@ class BudgetPlan:
 
     def describe(self) -> str:
         if self.recipe:
-            return (f"recipe only: the budget fits no search worth running, so the recommended "
-                    f"recipe trains once for {self.max_epochs} epochs on the whole machine "
-                    f"(~{self.trial_s:.0f} s), with no warm start, early stopping or refit")
+            return (f"recipe only: the recommended recipe trains once, on train + val and the "
+                    f"whole machine, for {self.max_epochs} epochs (~{self.trial_s:.0f} s); no "
+                    f"warm start, trials or early stopping")
         warm = f"warm start {self.warm_epochs} epoch(s) ~{self.warm_s:.0f} s, " \
             if self.warm_epochs else ""
         return (f"{warm}search ~{self.search_s:.0f} s: up to {self.num_samples} trials of at "
