@@ -59,17 +59,21 @@ TRAIN: dict[str, Any] = {
 
 # ---------------------------------------------------------------------------- the recipe
 # The first trial of a search, the warm start's recipe and what a budget too small to search
-# trains: a one-cycle AdamW recipe that trains small CNNs well in few epochs on photos
-# (clothing photos, 15 epochs: 0.79 test against 0.76 for the same network trained without
-# augmentation). Clipped into the user's space; knobs without a value here take the space's
-# first choice or the range's middle.
+# trains: a one-cycle AdamW recipe that trains small CNNs well in few epochs. Chosen on the
+# suite, not on one dataset (benchmarks/recipes.py, 15 epochs on train + val, seed 0; test
+# accuracy of lr 4e-3 + strong augmentation / lr 2e-3 + strong / lr 2e-3 + light / lr 2e-3 +
+# flips only: clothing photos 0.777 / 0.790 / 0.796 / 0.761, blood-cell scans 0.942 / 0.938 /
+# 0.956 / 0.967, sign photos 0.993 / 0.988 / 0.985 / 0.990): light augmentation at 2e-3 makes
+# the fewest errors over the three; strong augmentation (colour jitter, cutout) costs the
+# microscopy scans 1.4 points. Clipped into the user's space; knobs without a value here take
+# the space's first choice or the range's middle.
 RECOMMENDED: dict[str, Any] = {
-    "lr": 4e-3,
+    "lr": 2e-3,
     "weight_decay": 0.05,
     "batch_size": 64,
     "dropout": 0.1,
     "scheduler": "onecycle",
-    "augment": "strong",
+    "augment": "light",
     "hflip": True,
     # the full length: the first trial is the plain recipe a user's own script would run, so the
     # search starts from a result it can only improve on (a short first trial on clothing photos
@@ -80,7 +84,8 @@ RECOMMENDED: dict[str, Any] = {
 # ---------------------------------------------------------------------------- the search space
 # What every search tunes unless told otherwise. Ranges suit AdamW on small images; the
 # augmentation strength and horizontal flips are searched too, because what helps photos (strong
-# augmentation, flips: +1 to +3 points on clothing photos) changes digits, letters and signs.
+# augmentation, flips: +1 to +3 points on clothing photos) changes digits, letters and signs, and
+# microscopy scans did best with flips alone (0.967 against 0.956 light, 0.942 strong).
 SPACE: dict[str, Any] = {
     # training from scratch (--init random; a warm start's children use WARM_LR, pretrained
     # weights PRETRAINED_LR): below ~1.5e-3 trials lag (clothing photos, warm-started children:
@@ -93,16 +98,17 @@ SPACE: dict[str, Any] = {
     # step and plateau schedules are searchable too; short one-cycle and cosine runs beat them,
     # and a budget of a few trials cannot afford to find that out again
     "scheduler": ["onecycle", "cosine"],
-    "augment": ["strong", "light"],
+    "augment": ["light", "strong", "none"],
     "hflip": [True, False],
 }
 # pretrained ImageNet weights want smaller steps than a warm start does
 PRETRAINED_LR: dict[str, Any] = {"low": 1e-4, "high": 3e-3, "log": True}
-# Children of a warm start step no bigger than the warm start did (its recipe is RECOMMENDED), so
-# they stay near it and their weights can be averaged: on the sign photos the uniform soup of the
-# top 5 went from -4.3 to -2.4 points of the best single model (RESULTS.md §5); --init random
-# keeps SPACE's wider range.
-WARM_LR: dict[str, Any] = SPACE["lr"] | {"high": RECOMMENDED["lr"]}
+# Children of a warm start take small steps, so they stay near it and their weights can be
+# averaged: capped at 4e-3 (the recipe's lr when this was measured), the uniform soup of the top 5
+# on the sign photos went from -4.3 to -2.4 points of the best single model (RESULTS.md §5).
+# The recipe now trains at 2e-3; the cap stays, since warm-started children on clothing photos
+# did best at 4e-3 (above). --init random keeps SPACE's wider range.
+WARM_LR: dict[str, Any] = SPACE["lr"] | {"high": 4e-3}
 
 # ---------------------------------------------------------------------------- the built-in data
 # scikit-learn's digits are not photos: a mirrored 2 is no 2, and light augmentation suffices ...

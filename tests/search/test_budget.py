@@ -106,7 +106,7 @@ def test_a_budget_of_one_script_trains_the_recipe_once_on_the_whole_machine():
     assert applied.recipe_only and applied.num_samples == 1
     assert applied.early_stopping == "none" and applied.init == "random"
     assert applied.space["epochs"] == plan.max_epochs
-    assert applied.space["lr"] == 4e-3 and applied.space["scheduler"] == "onecycle"
+    assert applied.space["lr"] == 2e-3 and applied.space["scheduler"] == "onecycle"
     assert not any(isinstance(v, (dict, list)) for v in applied.space.values())  # no search
     # a user who asked for trials, or a budget with room for a search, gets the search
     asked = parse_config(["--data", "x", "--time-budget", "200", "--num-samples", "4"])

@@ -241,7 +241,7 @@ def test_a_conditional_space_samples_valid_configs_for_each_architecture():
 def test_recommended_point_of_a_conditional_space_is_a_valid_trial():
     space = resolve_space(ARCHS, 10)
     point = recommended_point(space)
-    assert point["model"] == "resnet10t" and point["lr"] == pytest.approx(4e-3)
+    assert point["model"] == "resnet10t" and point["lr"] == pytest.approx(2e-3)
     study = optuna.create_study()
     study.enqueue_trial(point)
     trial = study.ask()
