@@ -135,7 +135,7 @@ class ProgressPrinter(Callback):
         running = sum(t.status == "RUNNING" and t is not ended for t in trials)
         best = "" if self.best is None else \
             f"; best val {self.metric} {self.best[0]:.4f} (trial {self.best[1]})"
-        print(self.clock.line("search", f"trials: {self.ended} finished, {running} running, "
+        print(self.clock.line("search", f"trials: {self.ended} finished, {running} running of "
                                         f"{self.num_samples} planned{best}"), flush=True)
         self.last_status = time.time()
 

@@ -75,7 +75,7 @@ def test_search_writes_results_and_summary(searched):
     assert (exp / "config.yaml").is_file() and (exp / "init.pt").is_file()
     assert "trials, best first" in searched["stdout"]
     out = searched["stdout"]  # where the run stands: after each trial, and per phase
-    assert "trials: 3 finished, 0 running, 3 planned; best val accuracy " in out
+    assert "trials: 3 finished, 0 running of 3 planned; best val accuracy " in out
     assert "[warm start | " in out and "[refit | " in out and "[search | " in out
 
 
