@@ -30,6 +30,7 @@ from models.artifact import Vote, load_model
 from models.predict import timed_predict
 from models.vote import hard_vote, soft_vote
 from trainables.checkpoint import Checkpoint
+from trainables.errors import UserError
 from trainables.store import rank_key
 
 log = logging.getLogger("ensemble")
@@ -411,8 +412,6 @@ def refit_rows(pool: Pool) -> list[Combined]:
 def recipe_rows(state: SearchState, tta: list[str]) -> list[Combined]:
     """A --recipe-only experiment's one row: its recipe, trained on train + val (refit/final.pt).
     It has no trials to combine and no val score of its own; its test score is its own."""
-    from trainables.errors import UserError
-
     refit = (state.store.read_summary() or {}).get("refit") or {}
     path = state.store.dir / refit.get("checkpoint", "refit/final.pt")
     if not refit or not path.is_file():

@@ -60,8 +60,8 @@ class SearchState:
 def open_search(storage: str, experiment: str) -> SearchState:
     """Reads an experiment folder written by `search.run`; a UserError lists what exists."""
     store = ExperimentStore.at(storage, experiment)
-    recipe = store.holds_search() and bool(store.read_config().get("recipe_only"))
-    if not (store.holds_search() and (store.has_results() or recipe) and store.has_data()
+    config = store.read_config() if store.holds_search() else {}
+    if not (config and (store.has_results() or config.get("recipe_only")) and store.has_data()
             and store.path("split.json").is_file()):
         raise UserError(f"no finished search named {experiment!r} in {store.dir.parent} (found: "
                         f"{', '.join(store.siblings('results.csv')) or 'none'}); pass "
@@ -73,7 +73,7 @@ def open_search(storage: str, experiment: str) -> SearchState:
                         f"but split.json is split {split.hash}: two searches wrote this folder; "
                         "rerun the search in a folder of its own (--experiment NAME)")
     results = store.read_results() if store.has_results() else pd.DataFrame()  # recipe: none
-    return SearchState(store, SearchConfig.from_dict(store.read_config()), results,
+    return SearchState(store, SearchConfig.from_dict(config), results,
                        store.read_data(), split)
 
 

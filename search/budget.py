@@ -83,13 +83,11 @@ def plan_budget(cfg: SearchConfig, *, remaining_s: float, speed: Speed, n_train:
         return int(min(cap, usable / per_epoch)) if usable > 0 else 0
 
     recipe_epoch = (n_train + n_val) * speed.solo  # the recipe trains on train + val
-    if cfg.recipe_only:
-        return _recipe(cfg, usable, recipe_epoch, cap, remaining_s)
     per_slot = TRIALS_PER_SLOT
     epochs = longest(per_slot)
     if epochs < min(GOOD_EPOCHS, cap):
         per_slot, epochs = 1.0, longest(1.0)
-    recipe = recipe_plan(cfg, usable, recipe_epoch, cap, epochs)
+    recipe = recipe_plan(cfg, usable, recipe_epoch, cap, epochs, remaining_s)
     if recipe is not None:
         return recipe
     if epochs < 1:
@@ -111,30 +109,24 @@ def plan_budget(cfg: SearchConfig, *, remaining_s: float, speed: Speed, n_train:
 
 
 def recipe_plan(cfg: SearchConfig, usable: float, recipe_epoch: float, cap: int,
-                search_epochs: int) -> BudgetPlan | None:
-    """The plan for a budget too small for a search: when even one trial per slot gets fewer
-    than GOOD_EPOCHS (a warm start, short trials and a refit would each be too short to beat a
-    plain script, which is what happened at a budget of one script's time), the recommended
-    recipe trains once, on train + val and the whole machine, as many epochs as fit (at most
-    the cap): what a user's own script does. None when a search fits, or the user asked for
-    trials (--num-samples)."""
-    if search_epochs >= min(GOOD_EPOCHS, cap) or "num_samples" in cfg.given:
+                search_epochs: int, remaining_s: float) -> BudgetPlan | None:
+    """The plan for --recipe-only, or for a budget too small for a search: when even one trial
+    per slot gets fewer than GOOD_EPOCHS (a warm start, short trials and a refit would each be
+    too short to beat a plain script, which is what happened at a budget of one script's time),
+    the recommended recipe trains once, on train + val and the whole machine, as many epochs as
+    fit (at most the cap): what a user's own script does. None when a search fits, or the user
+    asked for trials (--num-samples)."""
+    if not cfg.recipe_only and (search_epochs >= min(GOOD_EPOCHS, cap)
+                                or "num_samples" in cfg.given):
         return None
     epochs = int(min(cap, usable / recipe_epoch)) if usable > 0 else 0
-    if epochs <= search_epochs:
-        return None
-    return BudgetPlan(epochs, 1, None, usable, 0.0, 0.0, epochs * recipe_epoch, 1.0, recipe=True)
-
-
-def _recipe(cfg: SearchConfig, usable: float, recipe_epoch: float, cap: int,
-            remaining_s: float) -> BudgetPlan:
-    """--recipe-only under a budget: as many epochs as fit (at most the cap)."""
-    epochs = int(min(cap, usable / recipe_epoch)) if usable > 0 else 0
-    if epochs < 1:
+    if cfg.recipe_only and epochs < 1:
         need = (recipe_epoch + FINISH_S) / SLACK
         raise UserError(f"--time-budget leaves {max(remaining_s, 0):.0f} s after reading the "
                         f"data, and one epoch of the recipe needs about {need:.0f} s here; give "
                         "a larger budget, a smaller --image-size or model, or fewer images")
+    if not cfg.recipe_only and epochs <= search_epochs:
+        return None
     return BudgetPlan(epochs, 1, None, usable, 0.0, 0.0, epochs * recipe_epoch, 1.0, recipe=True)
 
 
@@ -152,10 +144,9 @@ def apply(cfg: SearchConfig, plan: BudgetPlan) -> SearchConfig:
         warm_epochs=plan.warm_epochs or cfg.warm_epochs, grace_period=grace))
 
 
-def recipe_config(cfg: SearchConfig, epochs: int | None = None) -> SearchConfig:
-    """The --recipe-only config: every searched setting fixed at its recommended value (so
-    config.yaml says what trained), `epochs` (default: the recommended length) and the start
-    the recipe would have had without a warm start, which it has no time for."""
+def recipe_space(cfg: SearchConfig) -> dict:
+    """The space with every searched setting fixed at its recommended value: the first
+    architecture, with its own (`by_model`) entries."""
     from search.space import BY_MODEL, recommended_value
 
     model = cfg.space.get("model", cfg.train.model)
@@ -163,7 +154,14 @@ def recipe_config(cfg: SearchConfig, epochs: int | None = None) -> SearchConfig:
     own = (cfg.space.get(BY_MODEL) or {}).get(model, {})
     space = {k: recommended_value(k, v) if isinstance(v, (dict, list)) else v
              for k, v in ({**cfg.space, **own}).items() if k not in (BY_MODEL, "model")}
-    space["model"] = model
+    return space | {"model": model}
+
+
+def recipe_config(cfg: SearchConfig, epochs: int | None = None) -> SearchConfig:
+    """The --recipe-only config: `recipe_space` (so config.yaml says what trained), `epochs`
+    (default: the recommended length) and the start the recipe would have had without a warm
+    start, which it has no time for."""
+    space = recipe_space(cfg)
     if epochs is not None:
         space["epochs"] = epochs
     init = cfg.init

@@ -82,8 +82,9 @@ def plan(cfg: SearchConfig, data: ImageData, split: Split, starts: dict[str, Sta
     sizes = split.sizes()
     # trials are timed at the smallest batch they may draw, what trains alone (the recipe, the
     # warm start, mostly the refit) at the recipe's own batch (64: 4 % faster than 32 here)
+    recipe_batch = int(budget.recipe_space(cfg).get("batch_size", cfg.train.batch_size))
     measured = budget.Speed(trial=speed(cfg, data, models, resources.threads),
-                            solo=speed(cfg, data, models, solo, batch=recipe_batch(cfg)))
+                            solo=speed(cfg, data, models, solo, batch=recipe_batch))
     the_plan = budget.plan_budget(
         cfg, remaining_s=clock.seconds_left(), speed=measured, n_train=sizes["train"],
         n_val=sizes["val"], n_test=sizes["test"], plan=resources,
@@ -105,15 +106,6 @@ def speed(cfg: SearchConfig, data: ImageData, models: list[str], threads: int,
     return sum(seconds_per_image(dataclasses.replace(cfg.train, model=m), data.num_classes,
                                  size, threads=threads, batch_size=batch)
                for m in models) / len(models)
-
-
-def recipe_batch(cfg: SearchConfig) -> int:
-    """The recommended recipe's batch size, fitted into the space."""
-    from search.space import recommended_value
-
-    spec = cfg.space.get("batch_size", cfg.train.batch_size)
-    return int(recommended_value("batch_size", spec) if isinstance(spec, (dict, list))
-               else spec)
 
 
 # ---------------------------------------------------------------------- tracking, data report
@@ -377,11 +369,7 @@ def test(data: ImageData, split: Split, chosen: Selection | None, final) -> Test
         probs = predict_proba(model, data.images, split.test, mean=ckpt.mean, std=ckpt.std)
         return classification_metrics(probs, data.labels[split.test]), probs
 
-    if chosen is None:  # --recipe-only: the recipe is the final model
-        final_test, final_probs = evaluate(final.path)
-        return Tested(None, {"model": "refit", "checkpoint": final.record["checkpoint"],
-                             "test": final_test}, final_probs)
-    trial, probs = evaluate(chosen.checkpoint)
+    trial, probs = evaluate(chosen.checkpoint) if chosen else (None, None)  # None: recipe
     if final is None:
         return Tested(trial, {"model": "best trial", "checkpoint": chosen.row["checkpoint"],
                               "test": trial}, probs)

@@ -37,6 +37,16 @@ def write_image(path: Path, cls: int, rng: np.random.Generator, size: int = 24,
     Image.fromarray(img).save(path, format=fmt)
 
 
+def image_folder(root: Path, classes: int = 3, per_class: int = 14, seed: int = 0) -> Path:
+    """`root` filled with class folders c0, c1, ... of PNGs (for module-scoped searches, which
+    cannot use the function-scoped `make_folder`)."""
+    rng = np.random.default_rng(seed)
+    for k in range(classes):
+        for i in range(per_class):
+            write_image(root / f"c{k}" / f"{i}.png", k, rng)
+    return root
+
+
 @pytest.fixture
 def make_folder(tmp_path: Path):
     """make_folder(classes=3, per_class=8, root=None) -> a folder of class folders of PNG/JPEGs."""

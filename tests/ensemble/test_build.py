@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import ensemble
-from conftest import run_module, write_image
+from conftest import image_folder, run_module, write_image
 from trainables.checkpoint import Checkpoint
 from trainables.data import load_image_data
 
@@ -25,10 +25,7 @@ ROWS = ["best single", "hard vote", "soft vote", "weighted vote", "uniform soup"
 @pytest.fixture(scope="module")
 def search(tmp_path_factory) -> dict:
     work = tmp_path_factory.mktemp("ens")
-    rng = np.random.default_rng(0)
-    for k in range(3):
-        for i in range(14):
-            write_image(work / "images" / f"c{k}" / f"{i}.png", k, rng)
+    image_folder(work / "images")
     proc = run_module("search.run", [
         "--data", str(work / "images"), "--image-size", "32", "--num-samples", "3",
         "--max-epochs", "2", "--grace-period", "2", "--space", "batch_size=[8]",

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import ensemble
-from conftest import run_module, write_image
+from conftest import image_folder, run_module, write_image
 from ensemble.distill import main as distill_main
 from trainables.checkpoint import Checkpoint
 from trainables.data import decode_images
@@ -93,10 +93,7 @@ def student(tmp_path_factory) -> dict:
     from models.artifact import Vote
 
     work = tmp_path_factory.mktemp("kd")
-    rng = np.random.default_rng(0)
-    for k in range(3):
-        for i in range(14):
-            write_image(work / "images" / f"c{k}" / f"{i}.png", k, rng)
+    image_folder(work / "images")
     proc = run_module("search.run", [
         "--data", str(work / "images"), "--image-size", "24", "--num-samples", "2",
         "--max-epochs", "2", "--grace-period", "2", "--space", "batch_size=[8]",

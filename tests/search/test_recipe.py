@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import yaml
 
-from conftest import run_module, write_image
+from conftest import image_folder, run_module
 
 pytestmark = pytest.mark.slow
 
@@ -18,12 +17,10 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def recipe(tmp_path_factory) -> dict:
     work = tmp_path_factory.mktemp("recipe")
-    rng = np.random.default_rng(0)
-    for k in range(3):
-        for i in range(12):
-            write_image(work / "images" / f"c{k}" / f"{i}.png", k, rng)
-            if i < 2:
-                write_image(work / "new" / f"{k}-{i}.png", k, rng)
+    image_folder(work / "images", per_class=12)
+    (work / "new").mkdir()
+    for f in work.glob("images/c*/[01].png"):  # 6 images to --predict
+        (work / "new" / f"{f.parent.name}-{f.name}").write_bytes(f.read_bytes())
     proc = run_module("search.run", ["--data", str(work / "images"), "--image-size", "32",
                                     "--recipe-only", "--max-epochs", "2", "--space",
                                     "batch_size=[8,16]", "--experiment", "rec", "--num-cpus", "2"],

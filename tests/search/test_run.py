@@ -12,11 +12,10 @@ import time
 import urllib.request
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, read_results, start_search, write_image
+from conftest import REPO, image_folder, read_results, start_search
 from trainables.store import epochs_path
 
 pytestmark = pytest.mark.slow
@@ -25,14 +24,6 @@ TINY = ["--image-size", "32", "--space", "batch_size=[8,16]", "--max-epochs", "2
         "--grace-period", "1", "--num-cpus", "2"]
 NODE_CPUS = 2  # TINY's --num-cpus: the local Ray node's CPUs
 BARE = ["--init", "random", "--no-refit"]  # for tests about other things: no warm start, refit
-
-
-def _folder(root: Path, classes: int = 3, per_class: int = 14) -> Path:
-    rng = np.random.default_rng(0)
-    for k in range(classes):
-        for i in range(per_class):
-            write_image(root / f"c{k}" / f"{i}.png", k, rng)
-    return root
 
 
 def _cli(args: list[str], cwd: Path, **kw) -> subprocess.CompletedProcess:
@@ -45,7 +36,7 @@ def _cli(args: list[str], cwd: Path, **kw) -> subprocess.CompletedProcess:
 def searched(tmp_path_factory) -> dict:
     """One small search through the real CLI, shared by the checks below."""
     work = tmp_path_factory.mktemp("e2e")
-    data = _folder(work / "images")
+    data = image_folder(work / "images")
     uri = f"sqlite:///{work / 'mlflow.db'}"
     proc = _cli(["--data", str(data), "--num-samples", "3", "--experiment", "e2e",
                  "--storage", str(work / "runs"), "--tracking-uri", uri, *TINY], work)
@@ -245,7 +236,7 @@ def test_mlflow_server_serves_the_tree_over_rest(searched):
 
 
 def test_ddp_trial_with_two_workers(tmp_path):
-    data = _folder(tmp_path / "images")
+    data = image_folder(tmp_path / "images")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     proc = _cli(["--data", str(data), "--num-samples", "1", "--workers-per-trial", "2",
                  "--max-epochs", "1", "--experiment", "ddp", "--storage",
@@ -268,7 +259,7 @@ def test_ddp_trial_with_two_workers(tmp_path):
 
 
 def test_resume_after_interrupt_keeps_finished_trials(tmp_path):
-    data = _folder(tmp_path / "images")
+    data = image_folder(tmp_path / "images")
     args = ["--data", str(data), "--num-samples", "3", "--max-concurrent", "1",
             "--experiment", "res", "--storage", str(tmp_path / "runs"), "--tracking-uri",
             f"sqlite:///{tmp_path / 'mlflow.db'}", "--no-refit", *TINY]
@@ -328,7 +319,7 @@ def flaky_net(pretrained=False, num_classes=10, drop_rate=0.0, **kwargs):
 @pytest.mark.parametrize("max_failures,outcome", [(1, "completed"), (0, "failed")])
 def test_failing_trial_is_retried_and_does_not_stop_search(tmp_path, max_failures, outcome):
     (tmp_path / "flaky_models.py").write_text(FLAKY)
-    data = _folder(tmp_path / "images")
+    data = image_folder(tmp_path / "images")
     marker = tmp_path / "marker"
     env_marker = {"FLAKY_MARKER": str(marker)}
     args = ["--data", str(data), "--model", "flaky_net", "--plugins", "flaky_models",
@@ -349,7 +340,7 @@ def test_failing_trial_is_retried_and_does_not_stop_search(tmp_path, max_failure
 
 
 def test_trial_that_can_never_fit_is_refused(tmp_path):
-    data = _folder(tmp_path / "images")
+    data = image_folder(tmp_path / "images")
     proc = _cli(["--data", str(data), "--cpus-per-worker", "8", "--num-cpus", "2",
                  "--storage", str(tmp_path / "runs"), "--tracking-uri",
                  f"sqlite:///{tmp_path / 'mlflow.db'}"], tmp_path)
