@@ -54,8 +54,9 @@ class BudgetPlan:
     def describe(self) -> str:
         if self.recipe:
             return (f"recipe only: the recommended recipe trains once, on train + val and the "
-                    f"whole machine, for {self.max_epochs} epochs (~{self.trial_s:.0f} s); no "
-                    f"warm start, trials or early stopping")
+                    f"whole machine, for about {self.max_epochs} epochs (~{self.trial_s:.0f} s; "
+                    f"its first epochs set the length to the time left); no warm start, trials "
+                    f"or early stopping")
         warm = f"warm start {self.warm_epochs} epoch(s) ~{self.warm_s:.0f} s, " \
             if self.warm_epochs else ""
         return (f"{warm}search ~{self.search_s:.0f} s: up to {self.num_samples} trials of at "
@@ -168,5 +169,6 @@ def recipe_config(cfg: SearchConfig, epochs: int | None = None) -> SearchConfig:
     if init in ("auto", "warm"):
         init = "pretrained" if cfg.pretrained or cfg.pretrained_file else "random"
     return validate(dataclasses.replace(
-        cfg, max_epochs=epochs or cfg.max_epochs, num_samples=1, space=space, init=init,
+        cfg, max_epochs=cfg.max_epochs if "max_epochs" in cfg.given else epochs or cfg.max_epochs,
+        num_samples=1, space=space, init=init,
         recipe_only=True, early_stopping="none", grace_period=None))

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from trainables.checkpoint import Checkpoint
 from trainables.config import TrainConfig
 from trainables.jobs import TrainJob, train
 from trainables.split import Split
@@ -44,14 +45,15 @@ def refit(store: ExperimentStore, data, split: Split, starts: dict[str, Start],
     resumed search) is not trained again; an interrupted one continues."""
     pool = np.concatenate([split.train, split.val])
     path = store.refit_checkpoint
-    log.info("refit: %s on train + val (%d images), %d epoch(s)", what, len(pool),
-             train_cfg.epochs)
+    log.info("refit: %s on train + val (%d images), %s epoch(s)", what, len(pool),
+             f"about {train_cfg.epochs}" if train_cfg.fit_by else train_cfg.epochs)
     tick = time.time()
     job = TrainJob(train_cfg, starts[train_cfg.model].inputs(
         data, pool, np.zeros(0, np.int64), split_hash=split.hash), path, name="refit")
     result = train([job], ray_dir=store.ray_dir, progress=progress)[0]
-    record = {"checkpoint": store.relative(path), "epochs": train_cfg.epochs,
+    trained = Checkpoint.load(path).train_config  # its epochs, where a deadline fitted them
+    record = {"checkpoint": store.relative(path), "epochs": trained.epochs,
               "train_images": len(pool), "seconds": round(time.time() - tick, 1),
               "threads": result.resources.threads if result.resources else None,
-              "config": dataclasses.asdict(train_cfg)}
+              "config": dataclasses.asdict(trained)}
     return Refit(path, record, result.reports)

@@ -22,7 +22,7 @@ from search.start import Start
 from search.tracking import SearchRun
 from trainables.checkpoint import Checkpoint
 from trainables.data import ImageData
-from trainables.defaults import FINISH_S, SLACK
+from trainables.defaults import FINISH_S, MAX_EPOCHS, SLACK
 from trainables.errors import UserError
 from trainables.metrics import classification_metrics
 from trainables.split import Split
@@ -338,6 +338,12 @@ def recipe(cfg: SearchConfig, store: ExperimentStore, data_ref, split: Split,
 
     fixed = {k: v for k, v in cfg.space.items() if k in cfg.train.__dataclass_fields__}
     train_cfg = dataclasses.replace(cfg.train, **fixed)
+    if clock.budget_s is not None:
+        # the plan's length is an estimate from a short timing; the run fits it to the time
+        # left, as measured on its first epochs, keeping the end for the test and the records
+        train_cfg = dataclasses.replace(
+            train_cfg, fit_by=time.time() + clock.seconds_left() - FINISH_S,
+            fit_cap=cfg.max_epochs if "max_epochs" in cfg.given else MAX_EPOCHS)
     say = clock.say("recipe")
     say("training the recommended recipe on train + val (no search)")
     done = train_refit(store, data_ref, split, starts, train_cfg, progress=say,

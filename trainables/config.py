@@ -141,6 +141,12 @@ class TrainConfig:
     threads: int = setting("threads", "CPU threads of one worker.", searchable=False, flag=False)
     gpu_share: float = setting("gpu_share", "Share of one GPU this run has (0.5: two trials share "
                                             "it).", searchable=False, flag=False)
+    fit_by: float = setting("fit_by", "A deadline (UNIX time) for the training to end by: after "
+                                      "its first epochs the run sets its epochs (at most "
+                                      "fit_cap) to what fits, as measured (0: train `epochs`).",
+                            searchable=False, flag=False)
+    fit_cap: int = setting("fit_cap", "The most epochs `fit_by` may stretch the run to (0: "
+                                      "`epochs`).", searchable=False, flag=False)
     plugins: tuple = setting("plugins", "Python module to import before models are built, e.g. "
                                         "one that registers a custom timm model (repeatable).",
                              searchable=False, cli_list=True, metavar="MODULE")
@@ -160,10 +166,19 @@ class TrainConfig:
         equal recipes are the same run, e.g. for "is it finished?"."""
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in RUNTIME}
 
+    def made(self, saved: TrainConfig) -> bool:
+        """Whether a run saved with config `saved` is a run of this config: the same recipe, or
+        (when this config fits its epochs to a deadline) the same but for `saved`'s fitted
+        epochs, which may be anything up to this config's most."""
+        want, got = self.recipe(), saved.recipe()
+        if self.fit_by and got["epochs"] <= max(self.epochs, self.fit_cap):
+            want["epochs"] = got["epochs"]
+        return want == got
+
 
 # settings of where and how a run trains, not of what it learns
 RUNTIME = frozenset({"threads", "loader_workers", "prefetch", "pin_memory", "device_data",
-                     "gpu_share"})
+                     "gpu_share", "fit_by", "fit_cap"})
 SETTINGS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}
 SEARCHABLE = frozenset(n for n, f in SETTINGS.items() if f.metadata["searchable"])
 OPTIONS = tuple(n for n, f in SETTINGS.items() if f.metadata["flag"])  # user-facing settings

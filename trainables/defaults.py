@@ -54,6 +54,8 @@ TRAIN: dict[str, Any] = {
     "seed": 0,
     "threads": 1,
     "gpu_share": 1.0,
+    "fit_by": 0.0,             # 0: train `epochs`; else fit them to this deadline (budgeted runs)
+    "fit_cap": 0,              # the most epochs a deadline may stretch a run to (0: `epochs`)
     "plugins": (),             # modules to import before a model is built (custom timm models)
 }
 

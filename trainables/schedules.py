@@ -7,6 +7,8 @@ warmup. `LRSchedule` hides the two calling conventions from the loop.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from trainables.config import SCHEDULERS
@@ -20,14 +22,17 @@ class LRSchedule:
     """
 
     def __init__(self, name: str, optimizer: torch.optim.Optimizer, *, epochs: int,
-                 updates_per_epoch: int, warmup_epochs: int = 0) -> None:
+                 updates_per_epoch: int, warmup_epochs: int = 0, lr: float | None = None
+                 ) -> None:
         from timm.scheduler import create_scheduler_v2
 
         if name not in SCHEDULERS:
             raise ValueError(f"unknown scheduler {name!r}")
-        self.name, self.updates, self.epoch = name, 0, 0
+        self.name, self.updates, self.epoch, self.optimizer = name, 0, 0, optimizer
         warmup = min(warmup_epochs, max(epochs - 1, 0))
-        lr = optimizer.param_groups[0]["lr"]
+        lr = optimizer.param_groups[0]["lr"] if lr is None else lr  # the peak
+        self.shape = {"name": name, "updates_per_epoch": updates_per_epoch,
+                      "warmup_epochs": warmup_epochs, "lr": lr}
         # warmup comes first and the schedule fills the epochs after it, so it still peaks at lr
         common = dict(num_epochs=epochs - warmup, warmup_epochs=warmup, warmup_prefix=True,
                       warmup_lr=lr * 0.01, updates_per_epoch=updates_per_epoch)
@@ -48,7 +53,7 @@ class LRSchedule:
             # patience scales with the run length: a 10-epoch trial cannot wait 10 epochs
             self.sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
                 optimizer, mode="min", factor=0.2, patience=max(1, epochs // 6))
-            self.optimizer, self.base_lrs = optimizer, [lr * s for s in scales]
+            self.base_lrs = [lr * s for s in scales]
             self.warmup_updates = warmup * updates_per_epoch
             self._set_warmup_lr()
         elif name == "step":
@@ -87,6 +92,20 @@ class LRSchedule:
             return
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
             group["lr"] = base * frac
+
+    def resize(self, epochs: int) -> None:
+        """Gives the schedule `epochs` in all and keeps its place: the updates done stay done and
+        the rest of the curve stretches or shrinks to the new end (a run that fits its length to
+        a deadline sets it after its first epochs). Reduce-on-plateau has no end to move."""
+        if self.shape["name"] == "plateau":
+            return
+        updates, epoch = self.updates, self.epoch
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch: "scheduler stepped before the optimizer"
+            self.__init__(optimizer=self.optimizer, epochs=epochs, **self.shape)
+            for _ in range(updates):
+                self.after_update()
+        self.epoch = epoch
 
     def state_dict(self) -> dict:
         """What a resumed run needs to continue the schedule where it stopped."""

@@ -85,7 +85,7 @@ def finished(checkpoint: str | Path, config: TrainConfig | None = None) -> bool:
         return True
     from trainables.checkpoint import Checkpoint
 
-    return Checkpoint.load(path).train_config.recipe() == config.recipe()
+    return config.made(Checkpoint.load(path).train_config)
 
 
 def outcome(epochs_run: int, planned: int) -> str:

@@ -22,7 +22,8 @@ def recipe(tmp_path_factory) -> dict:
     for f in work.glob("images/c*/[01].png"):  # 6 images to --predict
         (work / "new" / f"{f.parent.name}-{f.name}").write_bytes(f.read_bytes())
     proc = run_module("search.run", ["--data", str(work / "images"), "--image-size", "32",
-                                    "--recipe-only", "--max-epochs", "2", "--space",
+                                    "--recipe-only", "--max-epochs", "2", "--time-budget", "30m",
+                                    "--space",
                                     "batch_size=[8,16]", "--experiment", "rec", "--num-cpus", "2"],
                      work)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -36,6 +37,8 @@ def test_the_recipe_trains_once_on_train_and_val_with_no_trial(recipe):
     assert summary["recipe_only"] and summary["best_trial"] is None and summary["trials"] == {}
     assert summary["refit"]["train_images"] == sizes["train"] + sizes["val"]
     assert summary["refit"]["epochs"] == 2  # the recommended length: --max-epochs
+    # with a budget the run fits its length to the time left, within the user's --max-epochs
+    assert summary["refit"]["config"]["fit_cap"] == 2 and summary["refit"]["config"]["fit_by"] > 0
     assert summary["final"]["model"] == "refit" and (exp / "refit" / "final.pt").is_file()
     assert not (exp / "results.csv").exists() and not list(exp.glob("trials/*"))
     config = yaml.safe_load((exp / "config.yaml").read_text())

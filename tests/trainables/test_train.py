@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from trainables.data import ImageData, load_data
 from trainables.models import initial_state
 from trainables.schedules import SCHEDULERS, LRSchedule
 from trainables.split import Split, draw_split
-from trainables.store import resume_path
+from trainables.store import finished, resume_path
 from trainables.train import (
     TrainConfig,
     TrialInputs,
@@ -422,3 +423,76 @@ def test_onecycle_with_very_few_updates(tiny):
     fit(dataclasses.replace(BASE, batch_size=4, epochs=1, scheduler="onecycle"), inputs, None,
         report=reports.append)
     assert len(reports) == 1
+
+
+@pytest.mark.parametrize("name", ["onecycle", "cosine", "step"])
+def test_resized_schedule_continues_as_if_planned_at_that_length(name):
+    """A run fitted to a deadline changes its length after its first epochs: from there on its
+    learning rates are those of a run planned at the new length from the start."""
+    def rates(epochs: int, resize_to: int | None = None) -> list[float]:
+        opt = torch.optim.AdamW(torch.nn.Linear(2, 2).parameters(), lr=2e-3)
+        sched = LRSchedule(name, opt, epochs=epochs, updates_per_epoch=5)
+        out = []
+        for epoch in range(resize_to or epochs):
+            if epoch == 1 and resize_to:
+                sched.resize(resize_to)
+            for _ in range(5):
+                opt.step()
+                sched.after_update()
+                out.append(opt.param_groups[0]["lr"])
+        return out
+
+    planned, stretched, shrunk = rates(12), rates(7, resize_to=12), rates(20, resize_to=12)
+    assert len(stretched) == len(shrunk) == len(planned)
+    assert stretched[5:] == pytest.approx(planned[5:])
+    assert shrunk[5:] == pytest.approx(planned[5:])
+
+
+def _fitted(tiny, tmp_path, fit_by: float, **kw) -> tuple[list[dict], Checkpoint]:
+    _, split, inputs = tiny
+    everything = dataclasses.replace(inputs, train_idx=np.concatenate([split.train, split.val]),
+                                     val_idx=np.zeros(0, np.int64))
+    cfg = dataclasses.replace(BASE, batch_size=4, epochs=3, fit_by=fit_by, fit_cap=5, **kw)
+    reports: list[dict] = []
+    fit(cfg, everything, str(tmp_path / "final.pt"), report=reports.append)
+    return reports, Checkpoint.load(tmp_path / "final.pt")
+
+
+def test_a_run_with_time_to_spare_stretches_to_its_cap(tiny, tmp_path):
+    reports, ckpt = _fitted(tiny, tmp_path, fit_by=time.time() + 1e6)
+    assert [r["epoch"] for r in reports] == [1, 2, 3, 4, 5]
+    assert reports[-1]["progress"] == 1.0 and ckpt.epoch == 5
+    assert ckpt.train_config.epochs == 5  # the checkpoint says how long it trained
+    assert reports[-1]["lr"] < 0.01 * BASE.lr  # one-cycle ran to its end, not to epoch 3's
+
+
+def test_a_run_past_its_deadline_stops_after_the_epoch_it_is_in(tiny, tmp_path):
+    reports, ckpt = _fitted(tiny, tmp_path, fit_by=time.time() - 1)
+    assert [r["epoch"] for r in reports] == [1, 2] and ckpt.train_config.epochs == 2
+    assert ckpt.epoch == 2 and reports[-1]["progress"] == 1.0
+
+
+def test_a_fitted_run_resumes_at_the_length_it_had_set(tiny, tmp_path):
+    """After a crash the run continues to the length its first epochs set, whatever the new
+    deadline says, and counts as finished for the same config afterwards."""
+    class Lost(Exception):
+        pass
+
+    def crash_at_three(metrics: dict) -> None:
+        if metrics["epoch"] == 3:
+            raise Lost
+
+    _, split, inputs = tiny
+    everything = dataclasses.replace(inputs, train_idx=np.concatenate([split.train, split.val]),
+                                     val_idx=np.zeros(0, np.int64))
+    cfg = dataclasses.replace(BASE, batch_size=4, epochs=3, fit_by=time.time() + 1e6, fit_cap=5)
+    path = tmp_path / "final.pt"
+    with pytest.raises(Lost):
+        fit(cfg, everything, str(path), report=crash_at_three)
+    assert TrainConfig.from_dict(load_checkpoint(resume_path(path))["config"]).epochs == 5
+    reports: list[dict] = []
+    fit(dataclasses.replace(cfg, fit_by=time.time() - 1), everything, str(path),
+        report=reports.append)
+    assert [r["epoch"] for r in reports] == [4, 5]
+    assert Checkpoint.load(path).train_config.epochs == 5
+    assert finished(path, cfg) and not finished(path, dataclasses.replace(cfg, fit_by=0.0))
