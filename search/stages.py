@@ -21,8 +21,9 @@ from search.resources import ResourcePlan
 from search.start import Start
 from search.tracking import SearchRun
 from trainables.checkpoint import Checkpoint
+from trainables.config import TrainConfig
 from trainables.data import ImageData
-from trainables.defaults import FINISH_S, MAX_EPOCHS, SLACK
+from trainables.defaults import FINISH_S, MAX_EPOCHS, REFIT_STRETCH, SLACK
 from trainables.errors import UserError
 from trainables.metrics import classification_metrics
 from trainables.split import Split
@@ -321,10 +322,13 @@ def refit(cfg: SearchConfig, store: ExperimentStore, data_ref, split: Split,
                     "%.0f s): the val-selected trial is the final model", cfg.time_budget,
                     max(left, 0), budget.refit_s)
         return None
+    train_cfg = chosen.checkpoint.train_config
+    if left is not None:  # what the search left over stretches the refit, within REFIT_STRETCH
+        most = math.ceil(train_cfg.epochs * REFIT_STRETCH)
+        train_cfg = fit_to_clock(train_cfg, clock, min(most, epochs_cap(cfg)))
     say = clock.say("refit")
     say("training the chosen configuration on train + val")
-    done = train_refit(store, data_ref, split, starts, chosen.checkpoint.train_config,
-                       progress=say)
+    done = train_refit(store, data_ref, split, starts, train_cfg, progress=say)
     if done.reports:
         tracking.log_stage("refit", done.reports, done.record)
     return done
@@ -339,11 +343,7 @@ def recipe(cfg: SearchConfig, store: ExperimentStore, data_ref, split: Split,
     fixed = {k: v for k, v in cfg.space.items() if k in cfg.train.__dataclass_fields__}
     train_cfg = dataclasses.replace(cfg.train, **fixed)
     if clock.budget_s is not None:
-        # the plan's length is an estimate from a short timing; the run fits it to the time
-        # left, as measured on its first epochs, keeping the end for the test and the records
-        train_cfg = dataclasses.replace(
-            train_cfg, fit_by=time.time() + clock.seconds_left() - FINISH_S,
-            fit_cap=cfg.max_epochs if "max_epochs" in cfg.given else MAX_EPOCHS)
+        train_cfg = fit_to_clock(train_cfg, clock, epochs_cap(cfg))
     say = clock.say("recipe")
     say("training the recommended recipe on train + val (no search)")
     done = train_refit(store, data_ref, split, starts, train_cfg, progress=say,
@@ -351,6 +351,19 @@ def recipe(cfg: SearchConfig, store: ExperimentStore, data_ref, split: Split,
     if done.reports:
         tracking.log_stage("recipe", done.reports, done.record)
     return done
+
+
+def fit_to_clock(train_cfg: TrainConfig, clock: Clock, cap: int) -> TrainConfig:
+    """`train_cfg` with a deadline: the budget's end less the time the run's end needs (test,
+    reports, records). A plan's length is an estimate from a short timing; the run fits it to
+    the time left as measured on its first epochs, within `cap` epochs (never under its own)."""
+    return dataclasses.replace(train_cfg, fit_by=time.time() + clock.seconds_left() - FINISH_S,
+                               fit_cap=max(cap, train_cfg.epochs))
+
+
+def epochs_cap(cfg: SearchConfig) -> int:
+    """The longest a run may train: the user's --max-epochs, else the plan's MAX_EPOCHS."""
+    return cfg.max_epochs if "max_epochs" in cfg.given else MAX_EPOCHS
 
 
 # ---------------------------------------------------------------------- test

@@ -114,3 +114,21 @@ def test_a_budget_of_one_script_trains_the_recipe_once_on_the_whole_machine():
                            **CLOTHES).recipe
     assert not plan_budget(cfg, remaining_s=4 * 800, speed=speed, plan=PLAN, warm=1,
                            **CLOTHES).recipe
+
+
+def test_budgeted_runs_end_before_the_finish_and_within_their_cap():
+    """The recipe and the refit get a deadline: the budget's end less the time the run's end
+    needs, and a cap: the user's --max-epochs, else the plan's most; never below their own."""
+    import time
+
+    from search.stages import Clock, epochs_cap, fit_to_clock
+    from trainables.config import TrainConfig
+    from trainables.defaults import FINISH_S, MAX_EPOCHS
+
+    clock = Clock(t0=time.time() - 40, budget_s=100)
+    cfg = fit_to_clock(TrainConfig(epochs=9), clock, cap=30)
+    assert cfg.fit_cap == 30 and cfg.epochs == 9
+    assert cfg.fit_by == pytest.approx(time.time() + 60 - FINISH_S, abs=1)
+    assert fit_to_clock(TrainConfig(epochs=9), clock, cap=4).fit_cap == 9
+    assert epochs_cap(parse_config(["--max-epochs", "7"])) == 7
+    assert epochs_cap(parse_config([])) == MAX_EPOCHS
