@@ -100,7 +100,7 @@ def _epochs(cfg: TrainConfig, loop: _Loop, keeper: _Keeper, data: ImageData,
     epoch, last_s = resumed + 1, 0.0
     while epoch <= loop.cfg.epochs:
         if cfg.fit_by and not resumed and 1 < epoch <= FIT_AFTER + 1:
-            loop.set_epochs(_fitted_epochs(cfg, epoch, last_s, loop.world_size))
+            loop.set_epochs(_fitted_epochs(cfg, epoch, last_s, loop))
             keeper.cfg = loop.cfg
         tick = time.time()
         metrics, val_probs = loop.epoch(epoch)
@@ -125,16 +125,16 @@ FIT_AFTER = 2
 FIT_MARGIN = 0.97  # of the time left, for epochs that run slower than the one timed
 
 
-def _fitted_epochs(cfg: TrainConfig, epoch: int, last_s: float, world_size: int) -> int:
+def _fitted_epochs(cfg: TrainConfig, epoch: int, last_s: float, loop: _Loop) -> int:
     """The run's length when epoch `epoch` is next and the last took `last_s`: the epochs
     done, and as many more as end by `cfg.fit_by` (at least this one, at most the cap). All
     DDP ranks take the shortest any of them found."""
     more = int((cfg.fit_by - time.time()) * FIT_MARGIN / max(last_s, 1e-6))
     epochs = min(max(cfg.epochs, cfg.fit_cap), max(epoch, epoch - 1 + more))
-    if world_size > 1:
+    if loop.world_size > 1:
         import torch.distributed as dist
 
-        agreed = torch.tensor([epochs], dtype=torch.int64)
+        agreed = torch.tensor([epochs], dtype=torch.int64, device=loop.device)  # NCCL: on GPU
         dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
         epochs = int(agreed.item())
     return epochs
