@@ -496,3 +496,17 @@ def test_a_fitted_run_resumes_at_the_length_it_had_set(tiny, tmp_path):
     assert [r["epoch"] for r in reports] == [4, 5]
     assert Checkpoint.load(path).train_config.epochs == 5
     assert finished(path, cfg) and not finished(path, dataclasses.replace(cfg, fit_by=0.0))
+
+
+@pytest.mark.parametrize("epoch, current, left_s, expect", [
+    (2, 9, 100.0, 10),   # after epoch 1, 10 s epochs: 1 done + 9 more (97 % of 100 s) = 10
+    (2, 9, 1000.0, 30),  # time to spare: the cap
+    (3, 10, 10.0, 3),    # short of time: at least the epoch about to run
+    (4, 10, 1000.0, 10),  # late: never longer than set ...
+    (6, 12, 40.0, 8),    # ... but shorter when epochs slowed down: 5 done + 3 more
+])
+def test_a_fitted_length_grows_only_early_and_shrinks_when_time_runs_short(
+        epoch, current, left_s, expect):
+    from trainables.train import fitted_length
+
+    assert fitted_length(epoch, current, cap=30, left_s=left_s, last_s=10.0) == expect
