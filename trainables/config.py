@@ -142,8 +142,9 @@ class TrainConfig:
     gpu_share: float = setting("gpu_share", "Share of one GPU this run has (0.5: two trials share "
                                             "it).", searchable=False, flag=False)
     fit_by: float = setting("fit_by", "A deadline (UNIX time) for the training to end by: after "
-                                      "its first epochs the run sets its epochs (at most "
-                                      "fit_cap) to what fits, as measured (0: train `epochs`).",
+                                      "each epoch the run sets its epochs (at most fit_cap; "
+                                      "longer only after its first two) to what fits, as "
+                                      "measured (0: train `epochs`).",
                             searchable=False, flag=False)
     fit_cap: int = setting("fit_cap", "The most epochs `fit_by` may stretch the run to (0: "
                                       "`epochs`).", searchable=False, flag=False)
