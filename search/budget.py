@@ -77,7 +77,7 @@ def plan_budget(cfg: SearchConfig, *, remaining_s: float, speed: Speed, n_train:
     epoch_solo = (n_train + EVAL_COST * n_val) * speed.solo
     refit_epoch = (n_train + n_val) * speed.solo if cfg.refit else 0.0
     usable = remaining_s * SLACK - FINISH_S - EVAL_COST * n_test * speed.solo
-    cap = cfg.max_epochs if "max_epochs" in cfg.given else MAX_EPOCHS
+    cap = epochs_cap(cfg)
 
     def longest(per_slot: float) -> int:
         per_epoch = WARM_SHARE * epoch_solo * warm + refit_epoch + per_slot * epoch_trial
@@ -107,6 +107,12 @@ def plan_budget(cfg: SearchConfig, *, remaining_s: float, speed: Speed, n_train:
         trials = min(trials, cfg.num_samples)
     return BudgetPlan(epochs, trials, warm_len, search_s, refit_s, warm_s,
                       epochs * epoch_trial, per_slot)
+
+
+def epochs_cap(cfg: SearchConfig) -> int:
+    """The longest a run may train: the user's --max-epochs, else MAX_EPOCHS (the plan's
+    trials, the recipe and a refit stretched into time left over)."""
+    return cfg.max_epochs if "max_epochs" in cfg.given else MAX_EPOCHS
 
 
 def recipe_plan(cfg: SearchConfig, usable: float, recipe_epoch: float, cap: int,

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from search.budget import BudgetPlan
+from search.budget import BudgetPlan, epochs_cap
 from search.config import SearchConfig
 from search.resources import ResourcePlan
 from search.start import Start
@@ -23,7 +23,7 @@ from search.tracking import SearchRun
 from trainables.checkpoint import Checkpoint
 from trainables.config import TrainConfig
 from trainables.data import ImageData
-from trainables.defaults import FINISH_S, MAX_EPOCHS, REFIT_STRETCH, SLACK
+from trainables.defaults import FINISH_S, REFIT_STRETCH, SLACK
 from trainables.errors import UserError
 from trainables.metrics import classification_metrics
 from trainables.split import Split
@@ -359,11 +359,6 @@ def fit_to_clock(train_cfg: TrainConfig, clock: Clock, cap: int) -> TrainConfig:
     the time left as measured on its first epochs, within `cap` epochs (never under its own)."""
     return dataclasses.replace(train_cfg, fit_by=time.time() + clock.seconds_left() - FINISH_S,
                                fit_cap=max(cap, train_cfg.epochs))
-
-
-def epochs_cap(cfg: SearchConfig) -> int:
-    """The longest a run may train: the user's --max-epochs, else the plan's MAX_EPOCHS."""
-    return cfg.max_epochs if "max_epochs" in cfg.given else MAX_EPOCHS
 
 
 # ---------------------------------------------------------------------- test

@@ -121,7 +121,8 @@ def test_budgeted_runs_end_before_the_finish_and_within_their_cap():
     needs, and a cap: the user's --max-epochs, else the plan's most; never below their own."""
     import time
 
-    from search.stages import Clock, epochs_cap, fit_to_clock
+    from search.budget import epochs_cap
+    from search.stages import Clock, fit_to_clock
     from trainables.config import TrainConfig
     from trainables.defaults import FINISH_S, MAX_EPOCHS
 
