@@ -41,6 +41,12 @@ class SearchConfig(CommonOptions):
                              choices=("skip", "error"))
     image_size: int | None = opt(None, "Side in pixels images are decoded to once (default: 32 "
                                   "for the digits, 64 for --data).")
+    data_path: str = opt("auto", "Where the decoded images live: memory (one copy in Ray's "
+                         "object store, read zero-copy by every trial), stream (decoded once "
+                         "over the cluster's CPUs into a cache under --storage that trials read "
+                         "batch by batch: for data larger than memory), or auto: stream when the "
+                         "decoded size exceeds half the object store of the smallest node.",
+                         choices=("auto", "memory", "stream"))
     val_fraction: float = opt(SEARCH["val_fraction"], "Share of the images held out for "
                               "validation (model selection).")
     test_fraction: float = opt(SEARCH["test_fraction"], "Share of the images held out for the "

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 from search.config import SearchConfig, validate
+from trainables.cache import Decoding
+from trainables.cli import start_ray
 from trainables.config import OPTIONS
 from trainables.data import ImageData, load_data
 from trainables.errors import UserError
@@ -35,6 +37,10 @@ class Experiment:
     store: ExperimentStore
     resumed: bool
     lock: IO[Any] | None = field(default=None, repr=False)
+    started_ray: bool = False  # Ray was started here to decode (the search must shut it down)
+
+    def _start_ray(self, cfg: SearchConfig) -> None:
+        self.started_ray = start_ray(cfg.address, cfg.num_cpus) or self.started_ray
 
     @classmethod
     def open(cls, cfg: SearchConfig) -> tuple[Experiment, SearchConfig]:
@@ -73,14 +79,18 @@ class Experiment:
         self.store.write_split(split, data.ids)
 
     def data_and_split(self, cfg: SearchConfig) -> tuple[ImageData, Split]:
-        """Decodes the data once (a resumed search reads its data.npz) and draws the split."""
+        """Decodes the data once (a resumed search reads its data.npz) and draws the split.
+        Data that goes to the decoded cache (--data-path) is decoded over the Ray cluster,
+        which is started for it here."""
         if self.resumed and self.store.has_data():
             return self.store.read_data(), self.store.read_split()
         log.info("reading %s at %d px ...", cfg.data or "the built-in digits",
                  cfg.resolved_image_size)
+        decoding = Decoding(cfg.data_path, self.store.dir.parent,
+                            start_cluster=lambda: self._start_ray(cfg))
         data = load_data(cfg.data, image_size=cfg.resolved_image_size, image_col=cfg.image_col,
                          label_col=cfg.label_col, on_bad_image=cfg.on_bad_image,
-                         group_col=cfg.group_col)
+                         group_col=cfg.group_col, decoding=decoding)
         split = draw_split(data.labels, val_fraction=cfg.val_fraction,
                            test_fraction=cfg.test_fraction, seed=cfg.seed,
                            predefined=data.splits, class_names=data.class_names,

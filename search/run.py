@@ -36,7 +36,7 @@ def run(cfg: SearchConfig) -> int:
     exp, cfg = Experiment.open(cfg)
     data, split = exp.data_and_split(cfg)  # bad data fails here, before anything is written
     starts = base_starts(cfg, exp.store, data.num_classes, resumed=exp.resumed)  # and weights
-    owns_ray = start_ray(cfg.address, cfg.num_cpus)
+    owns_ray = start_ray(cfg.address, cfg.num_cpus) or exp.started_ray
     try:
         cfg, plan, budget = stages.plan(cfg, data, split, starts, clock, resumed=exp.resumed)
         exp.create(cfg, data, split)  # only once the search is sure to start

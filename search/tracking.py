@@ -38,7 +38,8 @@ log = logging.getLogger("search")
 VIEW_NAME = "search: searched params and val score"  # the runs-page view each search saves
 
 TRIAL_METRICS = ("train_loss", "val_loss", "val_acc", "val_f1", "lr", "train_images_per_s",
-                 "data_wait_share", "best_val_acc", "best_val_loss", "best_val_f1")
+                 "data_wait_share", "peak_memory_mb", "best_val_acc", "best_val_loss",
+                 "best_val_f1")
 
 
 class TrialRecorder(Callback):

@@ -55,9 +55,12 @@ def normalize(x: torch.Tensor, mean: Sequence[float] | torch.Tensor,
     `mean`/`std` are per-channel lists (as checkpoints store them) or tensors; either is moved to
     the batch's device and broadcast over (N, C, H, W).
     """
-    x = x if x.is_floating_point() else x.float().div_(255.0)
+    own = not x.is_floating_point()
+    x = x.float().div_(255.0) if own else x
     mean = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     std = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    if own:  # a batch of our own: in place, one float copy of it at a time, not three
+        return x.sub_(mean).div_(std)
     return (x - mean) / std
 
 

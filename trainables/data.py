@@ -2,8 +2,9 @@
 
 Every source returns an `ImageData`: images (N, H, W, 3) uint8, integer labels, class names and an
 id per image. The arrays are put into Ray's object store once and read zero-copy by every trial,
-so no JPEG is decoded per trial or per epoch. A lazy reader for data larger than memory can slot
-in behind the same fields later.
+so no JPEG is decoded per trial or per epoch. Data larger than memory is decoded once over the
+cluster into a decoded cache on disk instead, and `images` is then a `trainables.cache.DiskImages`
+that reads the rows asked for (same fields, same bytes; see that module).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from trainables.cache import Decoding, streamed
 from trainables.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -40,7 +42,8 @@ class ImageData:
     """A decoded, labelled image set.
 
     Attributes:
-        images: (N, H, W, 3) uint8 array at the training resolution.
+        images: (N, H, W, 3) uint8 array at the training resolution (a `DiskImages` reading
+            from the decoded cache when the data is streamed).
         labels: (N,) int64 class indices into `class_names`.
         class_names: Sorted class names.
         ids: One id per image (path relative to the data root, or an index for built-in data).
@@ -73,6 +76,7 @@ class ImageData:
             "min_class_count": int(counts.min()),
             "max_class_count": int(counts.max()),
             "predefined_split": ",".join(sorted(self.splits)) or "none",
+            "data_path": "stream" if streamed(self.images) else "memory",
         }
 
 
@@ -84,10 +88,13 @@ def load_data(
     label_col: str = "target",
     on_bad_image: str = "skip",
     group_col: str | None = None,
+    decoding: Decoding | None = None,
 ) -> ImageData:
     """Reads the built-in digits (path None), a folder of class folders, or a CSV.
 
     A folder holding `train/` (and optionally `val/`, `test/`) class folders keeps that split.
+    `decoding` decides whether the images are decoded into memory (the default) or into a
+    decoded cache on disk that trials stream from (`trainables.cache`).
     """
     if path is None:
         return load_digits(image_size)
@@ -100,8 +107,9 @@ def load_data(
             raise UserError(f"data path {path} is a file but not a .csv; pass a CSV with "
                             "image-path and label columns or a folder of class folders")
         return read_csv(path, image_size=image_size, image_col=image_col, label_col=label_col,
-                        on_bad_image=on_bad_image, group_col=group_col)
-    return read_image_folder(path, image_size=image_size, on_bad_image=on_bad_image)
+                        on_bad_image=on_bad_image, group_col=group_col, decoding=decoding)
+    return read_image_folder(path, image_size=image_size, on_bad_image=on_bad_image,
+                             decoding=decoding)
 
 
 def load_digits(image_size: int) -> ImageData:
@@ -124,7 +132,8 @@ def load_digits(image_size: int) -> ImageData:
     )
 
 
-def read_image_folder(root: Path, *, image_size: int, on_bad_image: str = "skip") -> ImageData:
+def read_image_folder(root: Path, *, image_size: int, on_bad_image: str = "skip",
+                      decoding: Decoding | None = None) -> ImageData:
     """Reads `root/<class>/*`, or split folders `root/{train,val,test}/<class>/*`.
 
     Split folders go by the names users give them, in any case: train/ or training/; val/,
@@ -134,7 +143,8 @@ def read_image_folder(root: Path, *, image_size: int, on_bad_image: str = "skip"
     parts = split_folders(root)
     if not parts:
         files = class_files(root)
-        return _decode_labelled(files, root, image_size, on_bad_image, str(root))
+        return _decode_labelled(files, root, image_size, on_bad_image, str(root),
+                                decoding=decoding)
     if "train" not in parts:
         raise UserError(f"{root} has {', '.join(p.name + '/' for p in parts.values())} but no "
                         "train/ folder; add train/<class>/ folders or pass a folder of class "
@@ -156,7 +166,7 @@ def read_image_folder(root: Path, *, image_size: int, on_bad_image: str = "skip"
         files += per_part[p]
         owner += [p] * len(per_part[p])
     return _decode_labelled(files, root, image_size, on_bad_image, str(root), class_names,
-                            extra=np.array(owner))
+                            extra=np.array(owner), decoding=decoding)
 
 
 def split_folders(root: Path) -> dict[str, Path]:
@@ -201,7 +211,8 @@ def labelled_rows(path: Path, image_col: str, label_col: str):
 
 
 def read_csv(path: Path, *, image_size: int, image_col: str, label_col: str,
-             on_bad_image: str = "skip", group_col: str | None = None) -> ImageData:
+             on_bad_image: str = "skip", group_col: str | None = None,
+             decoding: Decoding | None = None) -> ImageData:
     """Reads a CSV with an image-path column and a label column (paths relative to the CSV)."""
     table = labelled_rows(path, image_col, label_col)
     if table.empty:
@@ -215,7 +226,7 @@ def read_csv(path: Path, *, image_size: int, image_col: str, label_col: str,
     files = [(lab, path.parent / str(p)) for lab, p in zip(labels, table[image_col])]
     groups = table[group_col].astype(str).tolist() if group_col else None
     return _decode_labelled(files, path.parent, image_size, on_bad_image, str(path),
-                            groups=groups)
+                            groups=groups, decoding=decoding)
 
 
 def _without_duplicate_rows(table, path: Path, image_col: str, label_col: str):
@@ -357,11 +368,15 @@ def class_files(root: Path) -> list[tuple[str, Path]]:
 
 def _decode_labelled(files: list[tuple[str, Path]], root: Path, image_size: int,
                      on_bad_image: str, source: str, class_names: list[str] | None = None,
-                     extra: np.ndarray | None = None, groups: list[str] | None = None
-                     ) -> ImageData:
+                     extra: np.ndarray | None = None, groups: list[str] | None = None,
+                     decoding: Decoding | None = None) -> ImageData:
     class_names = class_names or sorted_classes({c for c, _ in files})
     index = {c: i for i, c in enumerate(class_names)}
-    images, kept = decode_images([f for _, f in files], image_size, on_bad_image)
+    paths = [f for _, f in files]
+    if decoding is not None and decoding.stream(len(paths), image_size):
+        images, kept = decoding.decode(paths, image_size, on_bad_image, decode_image)
+    else:
+        images, kept = decode_images(paths, image_size, on_bad_image)
     if not kept:
         raise UserError(f"none of the {len(files)} images under {source} could be read; "
                         "check the files")
@@ -416,18 +431,29 @@ def relative_id(path: Path, root: Path) -> str:
 
 
 def save_image_data(data: ImageData, path: str | Path) -> None:
-    """Caches decoded data (uncompressed .npz) so resume and ensembles skip decoding."""
+    """Caches decoded data (uncompressed .npz) so resume and ensembles skip decoding; streamed
+    data keeps its images in its decoded cache, and the .npz names them."""
+    from trainables.cache import streamed
     from trainables.files import atomic_write
 
+    images = {"images": data.images}
+    if streamed(data.images):
+        images = {"images_file": np.array(data.images.path), "images_rows": data.images.rows}
     atomic_write(path, lambda f: np.savez(
-        f, images=data.images, labels=data.labels,
+        f, **images, labels=data.labels,
         class_names=np.array(data.class_names, dtype=str), ids=np.array(data.ids, dtype=str),
         source=np.array(data.source), **{f"split_{k}": v for k, v in data.splits.items()}))
 
 
 def load_image_data(path: str | Path) -> ImageData:
     with np.load(path, allow_pickle=False) as z:
-        return ImageData(images=z["images"], labels=z["labels"],
+        if "images_file" in z.files:
+            from trainables.cache import DiskImages
+
+            images = DiskImages(str(z["images_file"]), z["images_rows"])
+        else:
+            images = z["images"]
+        return ImageData(images=images, labels=z["labels"],
                          class_names=z["class_names"].tolist(), ids=z["ids"].tolist(),
                          splits={k[6:]: z[k] for k in z.files if k.startswith("split_")},
                          source=str(z["source"]))

@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -266,6 +267,7 @@ class _Loop:
         self.forward = torch.compile(model) if cfg.torch_compile else model
         self.mean = torch.tensor(inputs.mean, device=device)  # built once, not per batch
         self.std = torch.tensor(inputs.std, device=device)
+        self.start_memory_mb = peak_memory_mb()  # before a batch of data is read
         self.batches = _batches(self, cfg, data, device)
         train_labels = data.labels[inputs.train_idx]
         self.mixup, self.criterion = _loss(cfg, data.num_classes, train_labels, device,
@@ -296,7 +298,8 @@ class _Loop:
                    "lr": self.optimizer.param_groups[-1]["lr"],
                    "train_images": seen * self.world_size,  # what this epoch really trained
                    "train_images_per_s": seen * self.world_size / max(train_s, 1e-9),
-                   "data_wait_share": waited / max(train_s, 1e-9)}
+                   "data_wait_share": waited / max(train_s, 1e-9),
+                   "start_memory_mb": self.start_memory_mb, "peak_memory_mb": peak_memory_mb()}
         if not len(self.inputs.val_idx):
             return metrics, np.zeros((0, self.data.num_classes), np.float32)
         images = self.batches.dev_images if self.batches.resident else self.data.images
@@ -561,6 +564,7 @@ def _batches(loop: _Loop, cfg: TrainConfig, data: ImageData, device: torch.devic
     or with OpenCV on the host, as `cfg.augment_device` and `cfg.device_data` ask."""
     from trainables.batch_augment import batch_transform
     from trainables.batches import TrainBatches, fits_on_device, gpu_sharing
+    from trainables.cache import streamed
 
     cuda = device.type == "cuda"
     if cfg.augment_device == "cuda" and not cuda:
@@ -569,7 +573,7 @@ def _batches(loop: _Loop, cfg: TrainConfig, data: ImageData, device: torch.devic
                       f"augment_device to auto, or give workers a GPU", stacklevel=3)
     on_gpu = cuda and cfg.augment_device in ("auto", "cuda")
     resident = on_gpu and cfg.device_data != "stream" and (
-        cfg.device_data == "resident" or fits_on_device(
+        cfg.device_data == "resident" or not streamed(data.images) and fits_on_device(
             data.images.nbytes, torch.cuda.mem_get_info(device)[0],
             sharing=gpu_sharing(cfg.gpu_share)))
     workers = cfg.loader_workers or (2 if cuda and not resident else 0)
@@ -587,6 +591,14 @@ def _memory_format(cfg: TrainConfig, device: torch.device) -> torch.memory_forma
     if cfg.channels_last and device.type == "cuda":
         return torch.channels_last
     return torch.preserve_format
+
+
+def peak_memory_mb() -> float:
+    """The most memory this process has held so far (its peak resident set), in MB."""
+    import resource
+
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS
+    return round(kb / (1024 if sys.platform != "darwin" else 1024 * 1024), 1)
 
 
 def default_device() -> torch.device:
