@@ -96,7 +96,9 @@ class SearchConfig(CommonOptions):
                                 "trials at each rung.")
     start_with_default: bool = opt(True, "Run a recommended configuration (one-cycle AdamW, "
                                    "fitted into the space) as the first trial, so even a small "
-                                   "budget has a strong baseline to beat.")
+                                   "budget has a strong baseline to beat, and (where "
+                                   "augmentation is searched) the same with flips only as the "
+                                   "second, so the search measures first which the data wants.")
     time_budget: str | None = opt(None, "Wall-clock budget of the whole run, e.g. 20m, 1h30m, "
                                   "900s or 900 (seconds): the trials, their epochs, the warm "
                                   "start and the refit are planned from the measured training "

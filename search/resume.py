@@ -72,7 +72,9 @@ def continuation(store: ExperimentStore) -> Continuation:
 
 def _interrupted_params(store: ExperimentStore) -> list[dict]:
     """Params of the study's trials still marked running (the driver stopped before Tune told
-    the study how they ended); they are marked failed and proposed again."""
+    the study how they ended), then of those enqueued that never started (a search's first
+    points); they are marked failed and proposed again, in that order. (Left waiting, an
+    enqueued trial would be served before the interrupted ones proposed again.)"""
     import optuna
     from optuna.trial import TrialState
 
@@ -83,12 +85,16 @@ def _interrupted_params(store: ExperimentStore) -> list[dict]:
         study = optuna.load_study(study_name=STUDY, storage=study_storage(store))
     except KeyError:  # the database exists but no trial was ever proposed
         return []
-    pending = []
+    pending, waiting = [], []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
         if t.state == TrialState.RUNNING:
             study.tell(t.number, state=TrialState.FAIL)
             pending.append(dict(t.params))
-    return pending
+        else:
+            waiting.append(dict(t.system_attrs.get("fixed_params", {})))
+    for _ in waiting:  # ask() starts the oldest waiting trial: end each as failed
+        study.tell(study.ask(), state=TrialState.FAIL)
+    return pending + [p for p in waiting if p]
 
 
 def adopt_folder(store: ExperimentStore, trial_id: str, config: dict) -> None:

@@ -12,7 +12,7 @@ from ray.tune.search.optuna import OptunaSearch
 from search.config import SearchConfig
 from search.resources import ResourcePlan
 from search.resume import STUDY, Continuation, study_storage
-from search.space import SpaceSampler, recommended_point, training_values
+from search.space import SpaceSampler, first_points, training_values
 from trainables.config import TrainConfig
 from trainables.inputs import TrialInputs
 from trainables.jobs import Resources, fit_with
@@ -142,7 +142,7 @@ def make_tuner(cfg: SearchConfig, plan: ResourcePlan, trainable, callbacks: list
     # That is deliberate: the partial score is lower than a full run's would be, which is what
     # the sampler should learn (ASHA stopped it for being behind at its rung).
     first = cont.pending if cfg.resume or cfg.extend else \
-        [recommended_point(cfg.space)] if cfg.start_with_default else []
+        first_points(cfg.space) if cfg.start_with_default else []
     metrics, modes = objectives(cfg)
     searcher = StudySearch(space=SpaceSampler(cfg.space), metric=metrics, mode=modes,
                             sampler=sampler, points_to_evaluate=first or None,

@@ -40,6 +40,20 @@ def test_a_continuation_keeps_ended_trials_and_reruns_interrupted_ones(tmp_path)
     assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL"]
 
 
+def test_enqueued_points_that_never_started_come_after_the_interrupted_ones(tmp_path):
+    """A search stopped during its first trial leaves its second first point enqueued: proposed
+    again after the interrupted trial, not served before it."""
+    store = _left_by_an_interrupted_search(tmp_path)
+    study = optuna.load_study(study_name=STUDY, storage=study_storage(store))
+    (running,) = [t.params for t in study.trials if t.state.name == "RUNNING"]
+    study.enqueue_trial({"lr": 0.5})
+    cont = continuation(store)
+    assert cont.pending == [running, {"lr": 0.5}]
+    states = [t.state.name for t in optuna.load_study(
+        study_name=STUDY, storage=study_storage(store)).trials]
+    assert "WAITING" not in states and "RUNNING" not in states
+
+
 def test_a_rerun_trial_takes_over_the_interrupted_one_s_folder(tmp_path):
     store = _left_by_an_interrupted_search(tmp_path)
     continuation(store)

@@ -15,6 +15,7 @@ from optuna.distributions import (
 from search.space import (
     SEARCHABLE,
     SpaceSampler,
+    first_points,
     recommended_point,
     resolve_space,
 )
@@ -185,6 +186,17 @@ def test_every_searchable_name_is_a_train_setting():
 def test_recommended_point_in_the_default_space():
     point = recommended_point(resolve_space(DEFAULT_SPACE, 10))
     assert point == {k: v for k, v in RECOMMENDED.items() if k != "epochs"} | {"epochs": 10}
+
+
+def test_a_search_first_measures_the_recipe_against_flips_only():
+    space = resolve_space(DEFAULT_SPACE, 10)
+    recipe, flips = first_points(space)
+    assert recipe == recommended_point(space) and recipe["augment"] == "light"
+    assert flips == recipe | {"augment": "none"} and flips["hflip"] is True
+    for fixed in ({**DEFAULT_SPACE, "augment": "light"},  # not searched: nothing to measure
+                  {**DEFAULT_SPACE, "augment": ["light", "strong"]}):  # flips only not offered
+        assert first_points(resolve_space(fixed, 10)) == [recommended_point(
+            resolve_space(fixed, 10))]
 
 
 def test_recommended_point_is_fitted_into_a_users_space():
