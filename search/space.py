@@ -89,6 +89,16 @@ def recommended_point(space: dict[str, Any]) -> dict[str, Any]:
     return point
 
 
+def shortest_epochs(space: dict[str, Any], fixed: int) -> int:
+    """The fewest epochs a trial of `space` may train (`fixed`, the training setting, when the
+    space does not search epochs), over every architecture's own entry."""
+    specs = [space.get("epochs", fixed)] + [own["epochs"] for own in
+                                            (space.get(BY_MODEL) or {}).values()
+                                            if "epochs" in own]
+    return max(1, min(int(s["low"]) if isinstance(s, dict) else
+                      int(min(s)) if isinstance(s, list) else int(s) for s in specs))
+
+
 def first_points(space: dict[str, Any]) -> list[dict[str, Any]]:
     """The trials a new search starts with: the recommended recipe, then, where the space
     searches augmentation, the same recipe with flips only.

@@ -4,21 +4,27 @@ start and resume."""
 from __future__ import annotations
 
 import dataclasses
+import logging
+import time
 from typing import Any
 
+import numpy as np
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from search.config import SearchConfig
 from search.resources import ResourcePlan
 from search.resume import STUDY, Continuation, study_storage
-from search.space import SpaceSampler, first_points, training_values
+from search.space import SpaceSampler, first_points, shortest_epochs, training_values
 from trainables.config import TrainConfig
 from trainables.inputs import TrialInputs
 from trainables.jobs import Resources, fit_with
 from trainables.split import Split
 from trainables.start import Start
 from trainables.store import ExperimentStore, score_column
+
+log = logging.getLogger("search")
 
 PROGRESS = "progress"  # share of its own epochs a trial has done: ASHA's clock
 
@@ -42,9 +48,34 @@ def objectives(cfg: SearchConfig) -> tuple[str | list[str], str | list[str]]:
 
 class StudySearch(OptunaSearch):
     """Ray's OptunaSearch, also writing each Tune trial id into its Optuna trial (user attribute
-    `trial_id`), so the study in optuna.db can be read back against results.csv."""
+    `trial_id`), so the study in optuna.db can be read back against results.csv.
+
+    With a deadline (a budgeted search) it proposes no trial that could not even run the
+    shortest schedule the space allows (`min_epochs`, at the pace the trials have shown so far)
+    before it: such a trial would be cut off mid-schedule, a partial result that reaches no
+    final model, and its time goes to the refit instead (which fits its length to the time
+    left)."""
+
+    def __init__(self, *args, deadline: float | None = None, min_epochs: int = 1,
+                 **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.deadline, self.min_epochs = deadline, min_epochs
+        self.epoch_s: list[float] = []
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        super().on_trial_result(trial_id, result)
+        if result.get("time_this_iter_s"):
+            self.epoch_s.append(float(result["time_this_iter_s"]))
 
     def suggest(self, trial_id: str):
+        if self.deadline is not None and self.epoch_s:
+            need = self.min_epochs * float(np.median(self.epoch_s))
+            left = self.deadline - time.time()
+            if left < need:
+                log.info("no further trial: the shortest (%d epochs, ~%.0f s at the trials' "
+                         "pace) would not end in the %.0f s the search has left; that time goes "
+                         "to the refit", self.min_epochs, need, max(0.0, left))
+                return Searcher.FINISHED
         config = super().suggest(trial_id)
         ot_trial = self._ot_trials.get(trial_id)  # Ray keeps its Optuna trials here
         if ot_trial is not None:
@@ -146,7 +177,10 @@ def make_tuner(cfg: SearchConfig, plan: ResourcePlan, trainable, callbacks: list
     metrics, modes = objectives(cfg)
     searcher = StudySearch(space=SpaceSampler(cfg.space), metric=metrics, mode=modes,
                             sampler=sampler, points_to_evaluate=first or None,
-                            study_name=STUDY, storage=study_storage(store))
+                            study_name=STUDY, storage=study_storage(store),
+                            deadline=None if time_budget_s is None else
+                            time.time() + time_budget_s,
+                            min_epochs=shortest_epochs(cfg.space, cfg.train.epochs))
     # the recommended recipe, the yardstick of the rest, runs its whole schedule: its rung
     # scores still count, so weaker trials are stopped against it
     protect = 1 if first and not (cfg.resume or cfg.extend) else 0

@@ -63,3 +63,34 @@ def test_the_recommended_trial_runs_its_whole_schedule_and_still_sets_the_bar():
     plain.on_trial_result(None, strong, {PROGRESS: 0.5, metric: 0.9})
     assert plain.on_trial_result(None, recipe, {PROGRESS: 0.5, metric: 0.5}) == \
         TrialScheduler.STOP  # what the protection changes
+
+
+def test_a_budgeted_search_starts_no_trial_that_cannot_run_its_shortest_schedule(tmp_path):
+    """Near the search's deadline the sampler says it is finished rather than start a trial
+    that would be cut off mid-schedule; with time left, or no deadline, it proposes."""
+    import time
+
+    import optuna
+    from ray.tune.search import Searcher
+
+    from search.space import SpaceSampler, shortest_epochs
+    from search.tune import StudySearch
+
+    cfg = parse_config(["--max-epochs", "12"])
+    assert shortest_epochs(cfg.space, cfg.train.epochs) == 6  # half of --max-epochs
+    assert shortest_epochs({**cfg.space, "epochs": [4, 9]}, 3) == 4
+    assert shortest_epochs({"lr": 0.1}, 3) == 3
+
+    def searcher(deadline):
+        s = StudySearch(space=SpaceSampler(cfg.space), metric="best_val_acc", mode="max",
+                        sampler=optuna.samplers.RandomSampler(seed=0), deadline=deadline,
+                        min_epochs=6, study_name=f"s{deadline}",
+                        storage=optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'o.db'}"))
+        assert isinstance(s.suggest("a"), dict)  # no pace measured yet: it proposes
+        s.on_trial_result("a", {"time_this_iter_s": 10.0, "best_val_acc": 0.5,
+                                "training_iteration": 1})
+        return s
+
+    assert searcher(time.time() + 30).suggest("b") == Searcher.FINISHED  # 6 x 10 s > 30 s
+    assert isinstance(searcher(time.time() + 600).suggest("b"), dict)
+    assert isinstance(searcher(None).suggest("b"), dict)
