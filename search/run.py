@@ -53,7 +53,7 @@ def run(cfg: SearchConfig) -> int:
                                   resumed=exp.resumed)
             if table is None:
                 return 130
-            chosen = stages.select(cfg, store, table, tracking)
+            chosen = stages.select(cfg, store, table, data, tracking)
             final = stages.refit(cfg, store, data_ref, split, starts, chosen, tracking, clock,
                                  budget)
         tested = stages.test(data, split, chosen, final)
