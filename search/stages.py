@@ -194,6 +194,7 @@ def trials(cfg: SearchConfig, store: ExperimentStore, resources: ResourcePlan,
     from search.tune import make_trainable, make_tuner, place_inputs
 
     deadline = math.inf if seconds is None else time.time() + seconds - 1.0
+    ended_for_time = False
     cont = continuation(store) if resumed else fresh()
     if resumed:
         log.info("continuing %s: %d trial(s) ended and are kept, %d interrupted one(s) run again "
@@ -206,9 +207,11 @@ def trials(cfg: SearchConfig, store: ExperimentStore, resources: ResourcePlan,
         callbacks = [recorder, ResultsWriter(store, cfg.train.metric, cont.ended),
                      ProgressPrinter(cfg.num_samples, cont.count, clock=clock,
                                      metric=cfg.train.metric)]
-        make_tuner(cfg, resources, trainable, callbacks, cont, store,
-                   time_budget_s=seconds).fit()
-    out_of_time = time.time() >= deadline
+        searcher, tuner = make_tuner(cfg, resources, trainable, callbacks, cont, store,
+                                     time_budget_s=seconds)
+        tuner.fit()
+        ended_for_time = searcher.out_of_time
+    out_of_time = time.time() >= deadline or ended_for_time
     table = settle(store, out_of_time)
     tracking.close_open_trial_runs(table)
     if not out_of_time and unfinished(cfg, table):

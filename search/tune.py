@@ -61,6 +61,7 @@ class StudySearch(OptunaSearch):
         super().__init__(*args, **kwargs)
         self.deadline, self.min_epochs = deadline, min_epochs
         self.epoch_s: list[float] = []
+        self.out_of_time = False  # it ended the search: no trial fits the time left
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         super().on_trial_result(trial_id, result)
@@ -75,6 +76,7 @@ class StudySearch(OptunaSearch):
                 log.info("no further trial: the shortest (%d epochs, ~%.0f s at the trials' "
                          "pace) would not end in the %.0f s the search has left; that time goes "
                          "to the refit", self.min_epochs, need, max(0.0, left))
+                self.out_of_time = True
                 return Searcher.FINISHED
         config = super().suggest(trial_id)
         ot_trial = self._ot_trials.get(trial_id)  # Ray keeps its Optuna trials here
@@ -152,10 +154,10 @@ def make_trainable(cfg: SearchConfig, plan: ResourcePlan, inputs: dict[str, Tria
 
 def make_tuner(cfg: SearchConfig, plan: ResourcePlan, trainable, callbacks: list,
                cont: Continuation, store: ExperimentStore, time_budget_s: float | None = None):
-    """A Tuner over the trials still to run: Optuna TPE proposes (its study lives in the
-    experiment's optuna.db, so a continued search keeps the sampler's history), ASHA stops weak
-    trials, Tune runs them. A new search starts with the recommended configuration; a continued
-    one with the trials its interruption cut short."""
+    """The searcher and a Tuner over the trials still to run: Optuna TPE proposes (its study
+    lives in the experiment's optuna.db, so a continued search keeps the sampler's history),
+    ASHA stops weak trials, Tune runs them. A new search starts with the recommended
+    configuration; a continued one with the trials its interruption cut short."""
     import optuna
     from ray import tune
     from ray.tune.schedulers import FIFOScheduler
@@ -187,7 +189,7 @@ def make_tuner(cfg: SearchConfig, plan: ResourcePlan, trainable, callbacks: list
     scheduler = protected_asha(protect, **asha_settings(cfg))
     if cfg.early_stopping == "none":
         scheduler = FIFOScheduler()
-    return tune.Tuner(
+    return searcher, tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
                                     num_samples=max(1, cfg.num_samples - cont.count),
