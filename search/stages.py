@@ -275,15 +275,24 @@ def select(cfg: SearchConfig, store: ExperimentStore, table: pd.DataFrame, data:
         raise UserError(f"no trial of {cfg.experiment!r} finished{_first_error(store)}; fix "
                         "the cause and run again (results.csv and the trial errors above say "
                         "more)")
-    best = _recipe_unless_clearly_beaten(cfg, usable, data)
+    best = _recipe_unless_clearly_beaten(cfg, usable, data, _recipe_trial(cfg, store))
     val = {"accuracy": float(best["best_val_acc"]), "loss": float(best["best_val_loss"]),
            "f1": float(best["best_val_f1"])}
     return Selection(table, best.to_dict(), Checkpoint.load(best["checkpoint"]),
                      best["checkpoint"], val, _pictures_and_front(cfg, store, tracking))
 
 
-def _recipe_unless_clearly_beaten(cfg: SearchConfig, usable: pd.DataFrame,
-                                  data: ImageData) -> pd.Series:
+def _recipe_trial(cfg: SearchConfig, store: ExperimentStore) -> str | None:
+    """The trial id of the recommended recipe: the study's first trial, when the search
+    started with it."""
+    from search.study import load_study
+
+    study = load_study(store) if cfg.start_with_default else None
+    return study.trials[0].user_attrs.get("trial_id") if study and study.trials else None
+
+
+def _recipe_unless_clearly_beaten(cfg: SearchConfig, usable: pd.DataFrame, data: ImageData,
+                                  recipe_id: str | None) -> pd.Series:
     """The top row of `usable` (ranked), or the recommended recipe's row when the top trial
     leads it on val accuracy by no more than one standard error of the paired difference: of
     the val images exactly one of the two gets right (b for the leader, c for the recipe), the
@@ -293,16 +302,10 @@ def _recipe_unless_clearly_beaten(cfg: SearchConfig, usable: pd.DataFrame,
     recipe is the better bet then: it is the one measured over the whole suite. On clothing
     photos flips only led light augmentation by 1 val image of 341, and its refit made 2.7
     points more test errors than the recipe's (RESULTS.md §0d)."""
-    from search.space import recommended_point
-
     best = usable.iloc[0]
-    if not cfg.start_with_default or cfg.train.metric != "accuracy" or "," in cfg.objective:
+    if recipe_id is None or cfg.train.metric != "accuracy" or "," in cfg.objective:
         return best
-    point = {k: v for k, v in recommended_point(cfg.space).items() if k in usable.columns}
-    match = np.ones(len(usable), bool)
-    for k, v in point.items():
-        match &= np.array([_same(x, v) for x in usable[k]])
-    recipe = usable[match]
+    recipe = usable[usable["trial_id"] == recipe_id]
     if recipe.empty or recipe.index[0] == best.name:
         return best
     top, base = Checkpoint.load(best["checkpoint"]), Checkpoint.load(recipe.iloc[0]["checkpoint"])
@@ -318,17 +321,6 @@ def _recipe_unless_clearly_beaten(cfg: SearchConfig, usable: pd.DataFrame,
              "within one standard error (%.1f): the recipe stays the choice", best["trial_id"],
              recipe.iloc[0]["trial_id"], b - c, len(y), math.sqrt(b + c))
     return recipe.iloc[0]
-
-
-def _same(x: Any, v: Any) -> bool:
-    if isinstance(v, bool) or isinstance(x, bool):
-        return str(x).lower() == str(v).lower()
-    if isinstance(v, (int, float)):
-        try:
-            return math.isclose(float(x), float(v), rel_tol=1e-6)
-        except (TypeError, ValueError):
-            return False
-    return str(x) == str(v)
 
 
 def _pictures_and_front(cfg: SearchConfig, store: ExperimentStore,

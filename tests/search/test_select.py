@@ -43,7 +43,7 @@ def test_the_recipe_stays_unless_clearly_beaten(tmp_path):
         rows = [_trial(tmp_path, "other", leader_right, labels, other),
                 _trial(tmp_path, "recipe", base, labels, recipe)]
         table = pd.DataFrame(rows)  # ranked: the leader first
-        return _recipe_unless_clearly_beaten(cfg, table, data)["trial_id"]
+        return _recipe_unless_clearly_beaten(cfg, table, data, "recipe")["trial_id"]
 
     close = base.copy()
     close[:3] = True  # 3 more right ...
@@ -53,6 +53,6 @@ def test_the_recipe_stays_unless_clearly_beaten(tmp_path):
     clear[:8] = True  # a lead of 8 images, sqrt(8) = 2.8
     assert chosen(clear) == "other"
     assert _recipe_unless_clearly_beaten(  # no recommended first trial: val decides alone
-        dataclasses.replace(cfg, start_with_default=False), pd.DataFrame(
-            [_trial(tmp_path, "other", close, labels, other),
-             _trial(tmp_path, "recipe", base, labels, recipe)]), data)["trial_id"] == "other"
+        cfg, pd.DataFrame([_trial(tmp_path, "other", close, labels, other),
+                           _trial(tmp_path, "recipe", base, labels, recipe)]), data,
+        None)["trial_id"] == "other"
