@@ -35,6 +35,8 @@ def run(cfg: SearchConfig) -> int:
     clock = stages.Clock(time.time(), cfg.budget_s)
     exp, cfg = Experiment.open(cfg)
     data, split = exp.data_and_split(cfg)  # bad data fails here, before anything is written
+    if not exp.resumed:
+        cfg = stages.suit_data(cfg, data)
     starts = base_starts(cfg, exp.store, data.num_classes, resumed=exp.resumed)  # and weights
     owns_ray = start_ray(cfg.address, cfg.num_cpus) or exp.started_ray
     try:

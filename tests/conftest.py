@@ -111,3 +111,24 @@ def read_results(path) -> pd.DataFrame:
     """A search's results.csv (or pareto.csv) with trial ids as text, as the product reads it: a
     hex id of digits only ('22492228') would otherwise become a number and match nothing."""
     return pd.read_csv(path, dtype={"trial_id": str})
+
+
+def upright_scenes(n: int, side: int = 32, seed: int = 0) -> np.ndarray:
+    """(n, side, side, 3) uint8 'photos' with an up: a bright sky over darker ground with
+    horizontal furrows, each at its own horizon and brightness."""
+    rng = np.random.default_rng(seed)
+    yy = np.mgrid[0:side, 0:side][0]
+    out = []
+    for _ in range(n):
+        horizon = rng.integers(side // 3, 2 * side // 3)
+        ground = 80 + 40 * rng.random() + 30 * np.sin(yy / 1.5 + rng.random() * 6)
+        grey = np.where(yy < horizon, 200 + 30 * rng.random(), ground)
+        grey = grey + rng.normal(0, 4, (side, side))
+        out.append(np.repeat(grey.clip(0, 255)[..., None], 3, -1))
+    return np.stack(out).astype(np.uint8)
+
+
+def every_way(images: np.ndarray) -> np.ndarray:
+    """Each image in all 8 orientations of the square: a set without an up or down."""
+    return np.concatenate([np.rot90(s, k, (1, 2)) for s in (images, images[:, ::-1])
+                           for k in range(4)])

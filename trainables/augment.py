@@ -17,25 +17,30 @@ from trainables.config import POLICIES
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no version check over the network
 
 
-def train_transform(policy: str, image_size: int, *, hflip: bool = False, seed: int = 0):
+def train_transform(policy: str, image_size: int, *, hflip: bool = False,
+                    dihedral: bool = False, seed: int = 0):
     """A label-preserving albumentations pipeline, or None for `policy='none'`.
 
     `light` suits most data (small shifts, scale, rotation, brightness/contrast); `strong` adds
     colour jitter, blur and cutout. Flips are off by default because they change the meaning of
-    digits, letters and hand signs; turn them on with `hflip` for natural photos.
+    digits, letters and hand signs; turn them on with `hflip` for natural photos. `dihedral` adds
+    quarter turns and vertical flips, for images without an up or down (microscopy, aerial), in
+    place of the small shifts, turns and scalings (blood-cell scans made fewer errors with the
+    exact symmetries alone than with both).
     """
     import albumentations as A
 
     if policy not in POLICIES:
         raise ValueError(f"unknown augmentation policy {policy!r}")
-    if policy == "none" and not hflip:
+    if policy == "none" and not hflip and not dihedral:
         return None
     ops = [A.HorizontalFlip(p=0.5)] if hflip else []
+    ops += [A.RandomRotate90(p=1.0), A.VerticalFlip(p=0.5)] if dihedral else []
     if policy in ("light", "strong"):
-        ops += [
-            A.Affine(translate_percent=(-0.1, 0.1), scale=(0.9, 1.1), rotate=(-10, 10), p=0.8),
-            A.RandomBrightnessContrast(0.2, 0.2, p=0.5),
-        ]
+        if not dihedral:  # the exact symmetries take the place of the small affine jitter
+            ops += [A.Affine(translate_percent=(-0.1, 0.1), scale=(0.9, 1.1), rotate=(-10, 10),
+                             p=0.8)]
+        ops += [A.RandomBrightnessContrast(0.2, 0.2, p=0.5)]
     if policy == "strong":
         hole = max(1, image_size // 4)
         ops += [
@@ -80,3 +85,37 @@ def eval_batches(images: np.ndarray | torch.Tensor, indices: np.ndarray | None =
     for s in range(0, n, batch_size):
         idx = slice(s, s + batch_size) if indices is None else indices[s:s + batch_size]
         yield torch.from_numpy(np.array(images[idx])).permute(0, 3, 1, 2)  # own, writable copy
+
+
+# Whether images have an up and a down, measured on the decoded data: photos of things and
+# scenes (clothing, hands, digits) have more horizontal than vertical edges, or a mean image that a
+# quarter turn changes; microscopy, aerial and texture images have neither. At 64 px (vertical /
+# horizontal gradient energy; the mean image's change under a quarter turn, in units of the
+# images' own contrast): blood-cell scans 1.01 and 0.08, clothing photos 0.81 and 0.23, sign
+# photos 0.56 and 0.62, scikit-learn's digits 0.55 and 0.81, uniform noise 1.00 and 0.05.
+ISOTROPIC_GRADIENTS = (0.9, 1.1)
+ISOTROPIC_MEAN_TURN = 0.1  # beyond chance: the mean of n images moves ~1.13 / sqrt(n) anyway
+ORIENTATION_SAMPLE = 2000
+
+
+def orientation(images: np.ndarray, seed: int = 0) -> dict[str, float | bool]:
+    """How much the images have an up and a down: `gradients` (mean |d/dy| over mean |d/dx|,
+    1 when no direction is favoured), `mean_turn` (how much a quarter turn changes the mean
+    image, relative to the images' mean contrast) and `free` (both say there is no up or down,
+    so quarter turns and vertical flips keep the images' meaning). Reads at most
+    ORIENTATION_SAMPLE images; images that are not square are never free."""
+    n = len(images)
+    rows = np.arange(n) if n <= ORIENTATION_SAMPLE else np.sort(
+        np.random.default_rng(seed).choice(n, ORIENTATION_SAMPLE, replace=False))
+    grey = np.asarray(images[rows], dtype=np.float32).mean(-1)  # (n, h, w)
+    if not len(grey) or grey.shape[1] != grey.shape[2] or grey.shape[1] < 2:
+        return {"gradients": float("nan"), "mean_turn": float("nan"), "free": False}
+    dy = float(np.abs(np.diff(grey, axis=1)).mean())
+    dx = float(np.abs(np.diff(grey, axis=2)).mean())
+    mean = grey.mean(0)
+    contrast = float(grey.std(axis=(1, 2)).mean())
+    turn = float(np.abs(mean - np.rot90(mean)).mean()) / max(contrast, 1e-6)
+    gradients = dy / max(dx, 1e-6)
+    free = (ISOTROPIC_GRADIENTS[0] <= gradients <= ISOTROPIC_GRADIENTS[1]
+            and turn <= ISOTROPIC_MEAN_TURN + 1.13 / np.sqrt(len(grey)))
+    return {"gradients": round(gradients, 3), "mean_turn": round(turn, 3), "free": bool(free)}

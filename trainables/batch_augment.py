@@ -6,8 +6,10 @@ threads cannot keep up, and per-image Python holds the GIL. Here every random pa
 epoch is drawn at once on the CPU from one seeded generator (`draw`) and copied to the device
 once; a batch then only slices them (`Params.rows`) and applies a handful of batched kernels:
 
-- geometry (flip, shift, scale, rotation) as one affine sampling grid per image
-  (`affine_grid` + `grid_sample`; a flip is a mirrored grid, exact at pixel centres);
+- geometry (flip, shift, scale, rotation, or with `dihedral` one of the 8 symmetries of the
+  square in place of shift, scale and rotation) as one affine sampling grid per image
+  (`affine_grid` + `grid_sample`; flips and quarter turns map pixel centres onto pixel centres,
+  so they copy pixels exactly);
 - every colour change (brightness/contrast, and for `strong` colour jitter) as one affine map
   of RGB per image, `x -> M x + v + u * mean_grey(x)`: brightness and contrast scale and shift,
   saturation mixes with the grey image, and hue turns colours about the grey axis (the YIQ
@@ -34,14 +36,15 @@ from trainables.config import POLICIES
 GREY = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as albumentations' and torchvision's grayscale
 
 
-def batch_transform(policy: str, *, hflip: bool = False) -> BatchAugment | None:
-    """The batched counterpart of `train_transform(policy, ..., hflip=hflip)`, or None when that
-    would be None (`policy='none'` without flips)."""
+def batch_transform(policy: str, *, hflip: bool = False, dihedral: bool = False
+                    ) -> BatchAugment | None:
+    """The batched counterpart of `train_transform(policy, ..., hflip=hflip,
+    dihedral=dihedral)`, or None when that would be None (`policy='none'` without flips)."""
     if policy not in POLICIES:
         raise ValueError(f"unknown augmentation policy {policy!r}")
-    if policy == "none" and not hflip:
+    if policy == "none" and not hflip and not dihedral:
         return None
-    return BatchAugment(policy, hflip=hflip)
+    return BatchAugment(policy, hflip=hflip, dihedral=dihedral)
 
 
 @dataclass
@@ -73,10 +76,10 @@ class Params:
 class BatchAugment:
     """A policy's augmentation of uint8 NCHW batches, with per-image parameters from `draw`."""
 
-    def __init__(self, policy: str, *, hflip: bool = False) -> None:
+    def __init__(self, policy: str, *, hflip: bool = False, dihedral: bool = False) -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown augmentation policy {policy!r}")
-        self.policy, self.hflip = policy, hflip
+        self.policy, self.hflip, self.dihedral = policy, hflip, dihedral
         self.light = policy in ("light", "strong")
         self.strong = policy == "strong"
 
@@ -87,18 +90,22 @@ class BatchAugment:
         `generator` (so a seed gives the same parameters on any device)."""
         u = torch.rand(n, 26, generator=generator, dtype=torch.float64)
         theta = self._geometry(u[:, 0:6], side)
+        if self.dihedral:  # drawn after the rest, so the other parameters stay as they were
+            theta = _dihedral(torch.rand(n, 2, generator=generator, dtype=torch.float64)) @ theta
         colour, shift = self._colour(u[:, 6:14])
         blur = self._blur(u[:, 14:16])
         holes = self._holes(u[:, 16:26], side)
         return Params(theta.float(), colour.float(), shift.float(), blur.float(), holes.float(),
-                      geometric=self.light or self.hflip)
+                      geometric=self.light or self.hflip or self.dihedral)
 
     def _geometry(self, u: torch.Tensor, side: int) -> torch.Tensor:
         """albumentations' HorizontalFlip(0.5) and Affine(translate ±10 %, scale 0.9-1.1,
         rotate ±10°, p=0.8), bilinear, black borders: the inverse map of each output pixel."""
         n = len(u)
         flip = (u[:, 0] < 0.5) if self.hflip else torch.zeros(n, dtype=torch.bool)
-        on = (u[:, 1] < 0.8) if self.light else torch.zeros(n, dtype=torch.bool)
+        # with the exact symmetries (`dihedral`), the policy's small affine jitter is left out
+        on = (u[:, 1] < 0.8) if self.light and not self.dihedral else torch.zeros(
+            n, dtype=torch.bool)
         angle = torch.deg2rad(_span(u[:, 2], -10, 10)) * on
         scale = torch.where(on, _span(u[:, 3], 0.9, 1.1), 1.0)
         # ±10 % of the side in whole pixels, rounded towards zero as albumentations does, then in
@@ -161,7 +168,7 @@ class BatchAugment:
         """uint8 NCHW -> float NCHW in [0, 1], on the batch's device; `p` holds its rows."""
         x = x.float().div_(255.0)
         if p.geometric:
-            if self.light:
+            if self.light or self.dihedral:
                 grid = F.affine_grid(p.theta, list(x.shape), align_corners=False)
                 x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros",
                                   align_corners=False)
@@ -186,7 +193,7 @@ class BatchAugment:
         n, side = len(x), x.shape[1]
         out = np.empty_like(x) if out is None else out
         theta = p.theta.numpy()
-        flip_only = p.geometric and not self.light
+        flip_only = p.geometric and not self.light and not self.dihedral
         # the grid's inverse map in pixels (align_corners=False): p_in = A (p_out + 0.5 - s/2)
         # + (s/2)(b + 1) - 0.5, as cv2's WARP_INVERSE_MAP wants it
         half = side / 2
@@ -236,6 +243,18 @@ class BatchAugment:
         y = torch.addcmul(offset, m[:, :, 0], x[:, 0:1])  # three multiply-adds beat a bmm
         y.addcmul_(m[:, :, 1], x[:, 1:2]).addcmul_(m[:, :, 2], x[:, 2:3])
         return y.clamp_(0.0, 1.0)
+
+
+def _dihedral(u: torch.Tensor) -> torch.Tensor:
+    """(n, 2, 2) maps of the image grid: one of the 8 symmetries of the square per image (a
+    quarter turn k = 0-3 times, then a vertical flip or not), all equally likely. They move pixel
+    centres onto pixel centres, so sampling through them copies pixels exactly."""
+    k = torch.floor(u[:, 0] * 4).clamp_(max=3)
+    cos = torch.round(torch.cos(k * math.pi / 2))
+    sin = torch.round(torch.sin(k * math.pi / 2))
+    flip = torch.where(u[:, 1] < 0.5, -1.0, 1.0).to(u.dtype)
+    turn = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)
+    return turn @ torch.diag_embed(torch.stack([torch.ones_like(flip), flip], -1))
 
 
 def _blur(x: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:

@@ -76,6 +76,12 @@ class TrainConfig:
                                       choices=POLICIES)
     hflip: bool = setting("hflip", "Add random horizontal flips (off: they change digits, letters "
                                    "and hand signs).")
+    dihedral: bool = setting("dihedral", "Augment with random quarter turns and vertical flips "
+                                         "(the 8 symmetries of the square, exact: no borders, no "
+                                         "resampling) in place of the policy's small shifts, "
+                                         "turns and scalings: for images without an up or "
+                                         "down, such as microscopy, aerial or texture images "
+                                         "(on by itself when the data has no up or down).")
     class_weight: str = setting("class_weight", "Class weights of the loss, against imbalance: "
                                                 "none, sqrt (inverse square root of class "
                                                 "frequency) or balanced (inverse frequency).",

@@ -34,6 +34,7 @@ TRAIN: dict[str, Any] = {
                                # AVX512-BF16 alone bf16 was slower than fp32: 99 vs 107 img/s)
     "augment": "light",
     "hflip": False,            # flips change digits, letters and hand signs
+    "dihedral": False,         # quarter turns change photos of anything with an up
     "class_weight": "none",
     "sampler": "none",
     "freeze_epochs": 0,

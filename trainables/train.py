@@ -581,8 +581,9 @@ def _batches(loop: _Loop, cfg: TrainConfig, data: ImageData, device: torch.devic
         data.images, data.labels, batch_size=cfg.batch_size, n_batches=loop.n_batches,
         device=device, order_of=loop._order, seed_of=loop.epoch_seed, mean=loop.mean,
         std=loop.std, channels_last=loop.channels_last,
-        augment=batch_transform(cfg.augment, hflip=cfg.hflip), tensor_augment=on_gpu,
-        resident=resident, workers=workers, prefetch=cfg.prefetch, pin_memory=cfg.pin_memory)
+        augment=batch_transform(cfg.augment, hflip=cfg.hflip, dihedral=cfg.dihedral),
+        tensor_augment=on_gpu, resident=resident, workers=workers, prefetch=cfg.prefetch,
+        pin_memory=cfg.pin_memory)
 
 
 def _memory_format(cfg: TrainConfig, device: torch.device) -> torch.memory_format:

@@ -4,10 +4,13 @@ albumentations policies they follow do."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
+from conftest import every_way, upright_scenes
 from trainables.augment import train_transform
 from trainables.batch_augment import BatchAugment, batch_transform
 
@@ -18,13 +21,15 @@ def _draw(aug: BatchAugment, n: int, seed: int = 0):
     return aug.draw(n, SIDE, torch.Generator().manual_seed(seed))
 
 
-def _tensor(policy: str, x: torch.Tensor, *, hflip: bool = False, seed: int = 0) -> torch.Tensor:
-    aug = batch_transform(policy, hflip=hflip)
+def _tensor(policy: str, x: torch.Tensor, *, hflip: bool = False, seed: int = 0,
+            dihedral: bool = False) -> torch.Tensor:
+    aug = batch_transform(policy, hflip=hflip, dihedral=dihedral)
     return aug(x, _draw(aug, len(x), seed))
 
 
-def _opencv(policy: str, x: torch.Tensor, *, hflip: bool = False, seed: int = 0) -> torch.Tensor:
-    aug = batch_transform(policy, hflip=hflip)
+def _opencv(policy: str, x: torch.Tensor, *, hflip: bool = False, seed: int = 0,
+            dihedral: bool = False) -> torch.Tensor:
+    aug = batch_transform(policy, hflip=hflip, dihedral=dihedral)
     out = aug.apply_numpy(x.permute(0, 2, 3, 1).contiguous().numpy(), _draw(aug, len(x), seed))
     return torch.from_numpy(out).permute(0, 3, 1, 2).float() / 255
 
@@ -68,12 +73,14 @@ def _centroids(x: torch.Tensor) -> torch.Tensor:
     return torch.stack([(w * ys).sum((1, 2)), (w * xs).sum((1, 2))], 1) / w.sum((1, 2))[:, None]
 
 
-@pytest.mark.parametrize("policy", ["none", "light", "strong"])
-def test_the_tensor_and_the_opencv_kernels_agree(policy):
+@pytest.mark.parametrize("policy, dihedral", [("none", False), ("light", False),
+                                              ("strong", False), ("light", True)])
+def test_the_tensor_and_the_opencv_kernels_agree(policy, dihedral):
     """One set of parameters, two implementations: the GPU's and the host's batches differ by
     uint8 rounding only (a wrong pixel convention would move whole images)."""
     x = _smooth(64)
-    a, b = _tensor(policy, x, hflip=True, seed=5), _opencv(policy, x, hflip=True, seed=5)
+    a = _tensor(policy, x, hflip=True, seed=5, dihedral=dihedral)
+    b = _opencv(policy, x, hflip=True, seed=5, dihedral=dihedral)
     diff = (a - b).abs()
     assert a.shape == b.shape == x.shape and a.dtype == torch.float32
     assert float(diff.mean()) < 0.003 and float(diff.flatten().quantile(0.99)) < 0.01
@@ -98,6 +105,21 @@ def test_flips_mirror_some_images_and_keep_the_others():
         mirrored = torch.isclose(out, x.flip(-1).float() / 255).flatten(1).all(1)
         assert bool((plain ^ mirrored).all())  # each image is one or the other
         assert 0 < int(mirrored.sum()) < 32
+
+
+def test_dihedral_gives_each_image_one_of_the_eight_exact_symmetries():
+    """Quarter turns and vertical flips copy pixels exactly, on both kernels, and every one of the
+    8 symmetries of the square turns up."""
+    x = _images(64)
+    symmetries = [x.rot90(k, (2, 3)) for k in range(4)]
+    symmetries += [s.flip(2) for s in symmetries]
+    for out in (_tensor("none", x, dihedral=True), _opencv("none", x, dihedral=True)):
+        which = torch.stack([(out * 255).round().to(torch.uint8).eq(s).flatten(1).all(1)
+                             for s in symmetries], 1)
+        assert bool(which.any(1).all())  # each image is exactly one of them
+        assert bool(which.any(0).all())  # and each of them occurs
+    assert batch_transform("none", dihedral=True) is not None
+    assert train_transform("none", SIDE, dihedral=True) is not None
 
 
 def test_affine_moves_content_as_albumentations_does():
@@ -152,3 +174,28 @@ def test_a_batch_slice_of_the_epoch_draw_is_the_batch_s_parameters():
     rows = epoch.rows(8, 16)
     assert torch.equal(rows.theta, part.theta[8:16]) and torch.equal(rows.holes,
                                                                      part.holes[8:16])
+
+
+def test_orientation_tells_images_with_an_up_from_the_same_turned_every_way():
+    from trainables.augment import orientation
+
+    scenes = upright_scenes(60)
+    turned = every_way(scenes)
+    upright, free = orientation(scenes), orientation(turned)
+    assert not upright["free"] and upright["gradients"] > 1.1  # furrows: more d/dy than d/dx
+    assert free["free"] and abs(free["gradients"] - 1) < 0.01 and free["mean_turn"] < 0.01
+    assert not orientation(np.concatenate([scenes] * 8 + [turned]))["free"]  # half upright
+    assert not orientation(scenes[:, :, :20])["free"]  # not square: no quarter turns
+
+
+@pytest.mark.skipif(not (Path(__file__).parents[3] / "shared" / "data").is_dir(),
+                    reason="needs ../shared/data (blood-cells-small, clothing-small), which only "
+                           "the project's own machines have")
+def test_orientation_on_the_suite_blood_scans_have_no_up_clothing_photos_do():
+    from trainables.augment import orientation
+    from trainables.data import load_data
+
+    data = Path(__file__).parents[3] / "shared" / "data"
+    blood = load_data(data / "blood-cells-small" / "test", image_size=64)
+    clothing = load_data(data / "clothing-small" / "test", image_size=64)
+    assert orientation(blood.images)["free"] and not orientation(clothing.images)["free"]

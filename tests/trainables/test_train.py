@@ -166,6 +166,7 @@ def test_same_seed_same_result_with_mixup(tiny):
     {"augment": "strong", "hflip": True},
     {"augment": "none", "scheduler": "plateau", "warmup_epochs": 1},
     {"amp": "bf16"},
+    {"augment": "light", "dihedral": True},
 ], ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()))
 def test_training_options_run(tiny, extra):
     _, _, inputs = tiny
