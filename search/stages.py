@@ -23,7 +23,7 @@ from search.tracking import SearchRun
 from trainables.checkpoint import Checkpoint
 from trainables.config import TrainConfig
 from trainables.data import ImageData
-from trainables.defaults import FINISH_S, REFIT_STRETCH, SLACK
+from trainables.defaults import FINISH_S, REFIT_STRETCH, SLACK, SPACE
 from trainables.errors import UserError
 from trainables.metrics import classification_metrics
 from trainables.split import Split
@@ -74,7 +74,6 @@ def suit_data(cfg: SearchConfig, data: ImageData) -> SearchConfig:
     0.9673, with light's brightness changes 0.9603, light's shifts and turns (the recipe) 0.9556
     on seed 0, both together 0.9463 on seed 0."""
     from trainables.augment import orientation
-    from trainables.defaults import SPACE
 
     if ({"dihedral", "augment"} & set(cfg.given) or "dihedral" in cfg.space
             or cfg.train.dihedral):
