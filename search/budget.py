@@ -50,6 +50,7 @@ class BudgetPlan:
     trial_s: float
     per_slot: float = TRIALS_PER_SLOT  # full-length trials each concurrency slot has room for
     recipe: bool = False  # no search: the recommended recipe once, on the whole machine
+    end_s: float = FINISH_S  # the run's end: test predictions, reports, records, shutdown
 
     def describe(self) -> str:
         if self.recipe:
@@ -76,7 +77,8 @@ def plan_budget(cfg: SearchConfig, *, remaining_s: float, speed: Speed, n_train:
     epoch_trial = (n_train + EVAL_COST * n_val) * speed.trial  # one epoch of one trial
     epoch_solo = (n_train + EVAL_COST * n_val) * speed.solo
     refit_epoch = (n_train + n_val) * speed.solo if cfg.refit else 0.0
-    usable = remaining_s * SLACK - FINISH_S - EVAL_COST * n_test * speed.solo
+    end_s = FINISH_S + EVAL_COST * n_test * speed.solo
+    usable = remaining_s * SLACK - end_s
     cap = epochs_cap(cfg)
 
     def longest(per_slot: float) -> int:
@@ -90,7 +92,7 @@ def plan_budget(cfg: SearchConfig, *, remaining_s: float, speed: Speed, n_train:
         per_slot, epochs = 1.0, longest(1.0)
     recipe = recipe_plan(cfg, usable, recipe_epoch, cap, epochs, remaining_s)
     if recipe is not None:
-        return recipe
+        return dataclasses.replace(recipe, end_s=end_s)
     if epochs < 1:
         per_epoch = WARM_SHARE * epoch_solo * warm + refit_epoch + epoch_trial
         need = (per_epoch + FINISH_S) / SLACK
@@ -106,7 +108,7 @@ def plan_budget(cfg: SearchConfig, *, remaining_s: float, speed: Speed, n_train:
     if "num_samples" in cfg.given:
         trials = min(trials, cfg.num_samples)
     return BudgetPlan(epochs, trials, warm_len, search_s, refit_s, warm_s,
-                      epochs * epoch_trial, per_slot)
+                      epochs * epoch_trial, per_slot, end_s=end_s)
 
 
 def epochs_cap(cfg: SearchConfig) -> int:

@@ -48,7 +48,8 @@ def run(cfg: SearchConfig) -> int:
         starts = stages.make_starts(cfg, store, data_ref, split, starts, tracking, clock)
         if cfg.recipe_only:
             chosen = None
-            final = stages.recipe(cfg, store, data_ref, split, starts, tracking, clock)
+            final = stages.recipe(cfg, store, data_ref, split, starts, tracking, clock,
+                                  budget)
         else:
             table = stages.trials(cfg, store, plan, data, split, data_ref, starts, tracking,
                                   stages.search_deadline(clock, budget), clock,

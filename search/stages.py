@@ -117,16 +117,26 @@ def plan(cfg: SearchConfig, data: ImageData, split: Split, starts: dict[str, Sta
     # trials are timed at the smallest batch they may draw, what trains alone (the recipe, the
     # warm start, mostly the refit) at the recipe's own batch (64: 4 % faster than 32 here)
     recipe_batch = int(budget.recipe_space(cfg).get("batch_size", cfg.train.batch_size))
-    measured = budget.Speed(trial=speed(cfg, data, models, resources.threads),
-                            solo=speed(cfg, data, models, solo, batch=recipe_batch))
-    the_plan = budget.plan_budget(
-        cfg, remaining_s=clock.seconds_left(), speed=measured, n_train=sizes["train"],
-        n_val=sizes["val"], n_test=sizes["test"], plan=resources,
-        warm=len(models) if needs_warm_start(cfg, starts) else 0)
+    solo_s = speed(cfg, data, models, solo, batch=recipe_batch)
+
+    def plan_at(measured: budget.Speed) -> budget.BudgetPlan:
+        return budget.plan_budget(
+            cfg, remaining_s=clock.seconds_left(), speed=measured, n_train=sizes["train"],
+            n_val=sizes["val"], n_test=sizes["test"], plan=resources,
+            warm=len(models) if needs_warm_start(cfg, starts) else 0)
+
+    # a trial (fewer threads) trains no faster than the whole machine: when even that speed
+    # leaves no room for a search, the trials' own timing (~3 s) would only confirm it
+    measured = budget.Speed(trial=solo_s, solo=solo_s)
+    the_plan = plan_at(measured)
+    if not the_plan.recipe:
+        measured = budget.Speed(trial=speed(cfg, data, models, resources.threads), solo=solo_s)
+        the_plan = plan_at(measured)
     cfg = budget.apply(cfg, the_plan)
-    log.info("time budget %s: %s (measured %.1f ms per training image per trial, %.1f alone "
-             "on the machine)", cfg.time_budget, the_plan.describe(), 1000 * measured.trial,
-             1000 * measured.solo)
+    pace = f"{1000 * measured.solo:.1f} ms per training image alone on the machine"
+    if not the_plan.recipe or measured.trial != measured.solo:
+        pace = f"{1000 * measured.trial:.1f} ms per training image per trial, " + pace
+    log.info("time budget %s: %s (measured %s)", cfg.time_budget, the_plan.describe(), pace)
     return cfg, plan_for_cluster(cfg), the_plan
 
 
@@ -212,7 +222,7 @@ def search_deadline(clock: Clock, budget: BudgetPlan | None) -> float | None:
     the budget plan gives the search, keeping the refit's time free."""
     if budget is None:
         return None
-    left = clock.seconds_left() - budget.refit_s / SLACK - FINISH_S
+    left = clock.seconds_left() - budget.refit_s / SLACK - budget.end_s
     return max(10.0, min(budget.search_s, left))
 
 
@@ -404,7 +414,8 @@ def refit(cfg: SearchConfig, store: ExperimentStore, data_ref, split: Split,
     train_cfg = chosen.checkpoint.train_config
     if left is not None:  # what the search left over stretches the refit, within REFIT_STRETCH
         most = math.ceil(train_cfg.epochs * REFIT_STRETCH)
-        train_cfg = fit_to_clock(train_cfg, clock, min(most, epochs_cap(cfg)))
+        train_cfg = fit_to_clock(train_cfg, clock, min(most, epochs_cap(cfg)),
+                                 budget.end_s if budget else FINISH_S)
     say = clock.say("refit")
     say("training the chosen configuration on train + val")
     done = train_refit(store, data_ref, split, starts, train_cfg, progress=say)
@@ -414,7 +425,8 @@ def refit(cfg: SearchConfig, store: ExperimentStore, data_ref, split: Split,
 
 
 def recipe(cfg: SearchConfig, store: ExperimentStore, data_ref, split: Split,
-           starts: dict[str, Start], tracking: SearchRun, clock: Clock):
+           starts: dict[str, Start], tracking: SearchRun, clock: Clock,
+           budget: BudgetPlan | None = None):
     """--recipe-only (or a budget that fits no search): the recommended recipe, trained once on
     train + val on the whole machine, as a user's own script would; it is the final model."""
     from search.refit import refit as train_refit
@@ -422,7 +434,8 @@ def recipe(cfg: SearchConfig, store: ExperimentStore, data_ref, split: Split,
     fixed = {k: v for k, v in cfg.space.items() if k in cfg.train.__dataclass_fields__}
     train_cfg = dataclasses.replace(cfg.train, **fixed)
     if clock.budget_s is not None:
-        train_cfg = fit_to_clock(train_cfg, clock, epochs_cap(cfg))
+        train_cfg = fit_to_clock(train_cfg, clock, epochs_cap(cfg),
+                                 budget.end_s if budget else FINISH_S)
     say = clock.say("recipe")
     say("training the recommended recipe on train + val (no search)")
     done = train_refit(store, data_ref, split, starts, train_cfg, progress=say,
@@ -432,11 +445,13 @@ def recipe(cfg: SearchConfig, store: ExperimentStore, data_ref, split: Split,
     return done
 
 
-def fit_to_clock(train_cfg: TrainConfig, clock: Clock, cap: int) -> TrainConfig:
-    """`train_cfg` with a deadline: the budget's end less the time the run's end needs (test,
-    reports, records). A plan's length is an estimate from a short timing; the run fits it to
-    the time left as measured on its first epochs, within `cap` epochs (never under its own)."""
-    return dataclasses.replace(train_cfg, fit_by=time.time() + clock.seconds_left() - FINISH_S,
+def fit_to_clock(train_cfg: TrainConfig, clock: Clock, cap: int,
+                 end_s: float = FINISH_S) -> TrainConfig:
+    """`train_cfg` with a deadline: the budget's end less `end_s`, the time the run's end needs
+    (test predictions, reports, records: the plan's estimate). A plan's length is an estimate
+    from a short timing; the run fits it to the time left as measured on its first epochs,
+    within `cap` epochs (never under its own)."""
+    return dataclasses.replace(train_cfg, fit_by=time.time() + clock.seconds_left() - end_s,
                                fit_cap=max(cap, train_cfg.epochs))
 
 

@@ -47,6 +47,8 @@ def test_the_recipe_trains_once_on_train_and_val_with_no_trial(recipe):
     assert config["space"]["batch_size"] == 8 and config["space"]["scheduler"] == "onecycle"
     assert not any(isinstance(v, (dict, list)) for v in config["space"].values())
     assert "recommended recipe (no search)" in recipe["log"]
+    # a plan that leaves no room for trials at the whole machine's speed times no trial
+    assert "ms per training image alone" in recipe["log"] and "per trial" not in recipe["log"]
     assert (exp / "model_report" / "recipe" / "report.md").is_file()
 
 
