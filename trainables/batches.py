@@ -105,13 +105,16 @@ class TrainBatches:
             self.loader = _loader(self, workers, prefetch)
             self.side_stream = torch.cuda.Stream() if cuda else None
 
-    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, float]]:
+    def epoch(self, epoch: int, count: int | None = None
+              ) -> Iterator[tuple[torch.Tensor, torch.Tensor, float]]:
+        """The epoch's batches, or its first `count` (a fitted run's last epoch ends early)."""
+        count = self.n_batches if count is None else min(count, self.n_batches)
         order = self.order_of(epoch)
         params = self._params(epoch, len(order)) if self.tensor_augment else None
         if self.resident:
             idx = torch.from_numpy(np.ascontiguousarray(order)).to(self.device,
                                                                    non_blocking=True)
-            for b in range(self.n_batches):
+            for b in range(count):
                 rows = slice(b * self.batch_size, (b + 1) * self.batch_size)
                 sel = idx[rows]
                 x = self.dev_images.index_select(0, sel).permute(0, 3, 1, 2)
@@ -120,17 +123,17 @@ class TrainBatches:
         self.keys.epoch = epoch
         batches = iter(self.loader)
         ahead, waited = self._copy(batches, epoch)
-        for b in range(self.n_batches):
+        for b in range(count):
             x, y = ahead
             if self.side_stream is not None:  # the copy ran on the side stream
                 torch.cuda.current_stream().wait_stream(self.side_stream)
                 x.record_stream(torch.cuda.current_stream())
                 y.record_stream(torch.cuda.current_stream())
-            if b + 1 < self.n_batches:  # the next batch travels while this one trains
+            if b + 1 < count:  # the next batch travels while this one trains
                 ahead, wait_next = self._copy(batches, epoch)
             rows = slice(b * self.batch_size, (b + 1) * self.batch_size)
             yield self._finish(x, params, rows), y, waited
-            waited = wait_next if b + 1 < self.n_batches else 0.0
+            waited = wait_next if b + 1 < count else 0.0
 
     def close(self) -> None:
         """Stops the loader workers (a persistent loader keeps them between epochs)."""

@@ -155,6 +155,10 @@ class TrainConfig:
                             searchable=False, flag=False)
     fit_cap: int = setting("fit_cap", "The most epochs `fit_by` may stretch the run to (0: "
                                       "`epochs`).", searchable=False, flag=False)
+    last_share: float = setting("last_share", "Share of the last epoch's batches the run trains: "
+                                              "a run fitted to a deadline ends mid-epoch rather "
+                                              "than up to an epoch early (1: all of them).",
+                                limit=FRACTION, searchable=False, flag=False)
     plugins: tuple = setting("plugins", "Python module to import before models are built, e.g. "
                                         "one that registers a custom timm model (repeatable).",
                              searchable=False, cli_list=True, metavar="MODULE")
@@ -177,10 +181,10 @@ class TrainConfig:
     def made(self, saved: TrainConfig) -> bool:
         """Whether a run saved with config `saved` is a run of this config: the same recipe, or
         (when this config fits its epochs to a deadline) the same but for `saved`'s fitted
-        epochs, which may be anything up to this config's most."""
+        length (epochs and last epoch's share), which may be anything up to this config's most."""
         want, got = self.recipe(), saved.recipe()
         if self.fit_by and got["epochs"] <= max(self.epochs, self.fit_cap):
-            want["epochs"] = got["epochs"]
+            want["epochs"], want["last_share"] = got["epochs"], got["last_share"]
         return want == got
 
 

@@ -57,6 +57,7 @@ TRAIN: dict[str, Any] = {
     "gpu_share": 1.0,
     "fit_by": 0.0,             # 0: train `epochs`; else fit them to this deadline (budgeted runs)
     "fit_cap": 0,              # the most epochs a deadline may stretch a run to (0: `epochs`)
+    "last_share": 1.0,         # of the last epoch's batches trained (a fitted run's end)
     "plugins": (),             # modules to import before a model is built (custom timm models)
 }
 

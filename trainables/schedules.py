@@ -21,7 +21,7 @@ class LRSchedule:
     validation; each schedule uses the one it needs.
     """
 
-    def __init__(self, name: str, optimizer: torch.optim.Optimizer, *, epochs: int,
+    def __init__(self, name: str, optimizer: torch.optim.Optimizer, *, epochs: float,
                  updates_per_epoch: int, warmup_epochs: int = 0, lr: float | None = None
                  ) -> None:
         from timm.scheduler import create_scheduler_v2
@@ -39,7 +39,7 @@ class LRSchedule:
         # layer decay (timm) gives param groups an lr_scale; torch's schedulers need it spelled out
         scales = [g.get("lr_scale", 1.0) for g in optimizer.param_groups]
         if name == "onecycle":
-            total = epochs * updates_per_epoch
+            total = round(epochs * updates_per_epoch)  # a fitted run's last epoch may be partial
             pct = warmup / epochs if warmup else 0.25
             # torch divides by the length of each phase: both need at least one step
             pct = min(max(pct, 0.01, 1.5 / max(total, 1)), 0.9)
@@ -52,7 +52,7 @@ class LRSchedule:
         elif name == "plateau":
             # patience scales with the run length: a 10-epoch trial cannot wait 10 epochs
             self.sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
-                optimizer, mode="min", factor=0.2, patience=max(1, epochs // 6))
+                optimizer, mode="min", factor=0.2, patience=max(1, int(epochs) // 6))
             self.base_lrs = [lr * s for s in scales]
             self.warmup_updates = warmup * updates_per_epoch
             self._set_warmup_lr()
@@ -93,10 +93,11 @@ class LRSchedule:
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
             group["lr"] = base * frac
 
-    def resize(self, epochs: int) -> None:
-        """Gives the schedule `epochs` in all and keeps its place: the updates done stay done and
-        the rest of the curve stretches or shrinks to the new end (a run that fits its length to
-        a deadline sets it after its first epochs). Reduce-on-plateau has no end to move."""
+    def resize(self, epochs: float) -> None:
+        """Gives the schedule `epochs` in all (a fraction: the last epoch ends early) and keeps
+        its place: the updates done stay done and the rest of the curve stretches or shrinks to
+        the new end (a run that fits its length to a deadline sets it after its first epochs).
+        Reduce-on-plateau has no end to move."""
         if self.shape["name"] == "plateau":
             return
         updates, epoch = self.updates, self.epoch

@@ -101,7 +101,7 @@ def _epochs(cfg: TrainConfig, loop: _Loop, keeper: _Keeper, data: ImageData,
     epoch, last_s = resumed + 1, 0.0
     while epoch <= loop.cfg.epochs:
         if cfg.fit_by and not resumed and epoch > 1:
-            loop.set_epochs(_fitted_epochs(cfg, epoch, last_s, loop))
+            loop.set_length(_fitted_length(cfg, epoch, last_s, loop))
             keeper.cfg = loop.cfg
         tick = time.time()
         metrics, val_probs = loop.epoch(epoch)
@@ -118,36 +118,38 @@ def _epochs(cfg: TrainConfig, loop: _Loop, keeper: _Keeper, data: ImageData,
 
 
 # A run given a deadline (`fit_by`) sets its length after each of its first FIT_AFTER epochs,
-# from how long the last one took, whole (the first also times the model's inference cost, so it
-# errs long): the budget plan's speed is a short synthetic timing made before the run, which read
-# 15 % slow against the real loop on blood-cell scans, and its margins left a fifth of the budget
-# unused. Later epochs only shorten it, when epochs slow down (a refit on blood-cell scans went
-# from 263 to ~220 images/s over 23 epochs and ended 15 s late): moving the end late in a
-# schedule bends it, and overrunning the budget is worse.
+# from how long the last one took (the first also times the model's inference cost, so it errs
+# long), to the batch: its last epoch may end early (whole epochs left up to one unused, ~11 s
+# of a 3-minute budget on blood-cell scans). The budget plan's speed is a short synthetic timing
+# made before the run, which read 15 % slow against the real loop on blood-cell scans, and its
+# margins left a fifth of the budget unused. Later epochs only shorten it, when epochs slow
+# down (a refit on blood-cell scans went from 263 to ~220 images/s over 23 epochs and ended 15 s
+# late): moving the end late in a schedule bends it, and overrunning the budget is worse.
 FIT_AFTER = 2
 FIT_MARGIN = 0.97  # of the time left, for epochs that run slower than the one timed
 
 
-def fitted_length(epoch: int, current: int, cap: int, left_s: float, last_s: float) -> int:
-    """A fitted run's length when epoch `epoch` is next, `left_s` remain before its deadline and
-    the last epoch took `last_s`: the epochs done and as many more as fit (at least this one, at
-    most `cap`); after FIT_AFTER epochs never longer than `current`."""
-    more = int(left_s * FIT_MARGIN / max(last_s, 1e-6))
-    epochs = min(cap, max(epoch, epoch - 1 + more))
-    return epochs if epoch <= FIT_AFTER + 1 else min(epochs, current)
+def fitted_length(epoch: int, current: float, cap: int, left_s: float, last_s: float) -> float:
+    """A fitted run's length in epochs (a fraction: its last epoch ends early) when epoch
+    `epoch` is next, `left_s` remain before its deadline and the last epoch took `last_s`: the
+    epochs done and as much more as fits (at least this whole epoch, at most `cap`); after
+    FIT_AFTER epochs never longer than `current`."""
+    more = left_s * FIT_MARGIN / max(last_s, 1e-6)
+    length = min(float(cap), max(float(epoch), epoch - 1 + more))
+    return length if epoch <= FIT_AFTER + 1 else min(length, current)
 
 
-def _fitted_epochs(cfg: TrainConfig, epoch: int, last_s: float, loop: _Loop) -> int:
+def _fitted_length(cfg: TrainConfig, epoch: int, last_s: float, loop: _Loop) -> float:
     """`fitted_length` for `cfg.fit_by` now; all DDP ranks take the shortest any found."""
-    epochs = fitted_length(epoch, loop.cfg.epochs, max(cfg.epochs, cfg.fit_cap),
+    length = fitted_length(epoch, loop.length, max(cfg.epochs, cfg.fit_cap),
                            cfg.fit_by - time.time(), last_s)
     if loop.world_size > 1:
         import torch.distributed as dist
 
-        agreed = torch.tensor([epochs], dtype=torch.int64, device=loop.device)  # NCCL: on GPU
+        agreed = torch.tensor([length], dtype=torch.float64, device=loop.device)  # NCCL: on GPU
         dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
-        epochs = int(agreed.item())
-    return epochs
+        length = float(agreed.item())
+    return length
 
 
 class _Keeper:
@@ -174,7 +176,7 @@ class _Keeper:
         saved = TrainConfig.from_dict(state["config"])
         if not self.cfg.made(saved):
             return 0  # another configuration's leftovers: start afresh
-        loop.set_epochs(saved.epochs)  # the length a deadline gave it, if it had one
+        loop.set_length(saved.epochs - 1 + saved.last_share)  # what a deadline gave it, if any
         self.cfg = loop.cfg
         loop.load_state(state)
         self.best = dict(state["best"])
@@ -254,8 +256,9 @@ class _Loop:
             model, opt=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
             momentum=cfg.momentum, layer_decay=cfg.layer_decay if cfg.layer_decay < 1 else None,
             **fused)
-        self.schedule = LRSchedule(cfg.scheduler, self.optimizer, epochs=cfg.epochs,
-                                   updates_per_epoch=math.ceil(self.n_batches / cfg.accum_steps),
+        self.updates_per_epoch = math.ceil(self.n_batches / cfg.accum_steps)
+        self.schedule = LRSchedule(cfg.scheduler, self.optimizer, epochs=self._schedule_epochs(),
+                                   updates_per_epoch=self.updates_per_epoch,
                                    warmup_epochs=cfg.warmup_epochs)
         self.amp = amp_dtype(cfg.amp, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp == torch.float16
@@ -342,13 +345,14 @@ class _Loop:
             bn.eval()  # a frozen backbone keeps its BatchNorm statistics too
         total, seen, waited = torch.zeros((), device=self.device), 0, 0.0
         order = self._order(epoch) if isinstance(self.criterion, DistillLoss) else None
-        for i, (x, y, wait) in enumerate(self.batches.epoch(epoch)):
+        batches = self.batches_in(epoch)
+        for i, (x, y, wait) in enumerate(self.batches.epoch(epoch, batches)):
             waited += wait
             if self.mixup is not None and len(x) % 2 == 0:
                 x, y = self.mixup(x, y)
             elif self.mixup is not None:  # timm mixup needs an even batch
                 y = nn.functional.one_hot(y, self.data.num_classes).float()
-            step_now = (i + 1) % cfg.accum_steps == 0 or i + 1 == self.n_batches
+            step_now = (i + 1) % cfg.accum_steps == 0 or i + 1 == batches
             sync = contextlib.nullcontext()
             if self.world_size > 1 and not step_now:
                 sync = model.no_sync()  # accumulate locally; all-reduce once per update
@@ -375,11 +379,30 @@ class _Loop:
         if self.ema is not None:
             self.ema.update(unwrap(self.model), step=self.schedule.updates)
 
-    def set_epochs(self, epochs: int) -> None:
-        """The run's length from now on; the schedule stretches or shrinks to it."""
-        if epochs != self.cfg.epochs:
-            self.cfg = dataclasses.replace(self.cfg, epochs=epochs)
-            self.schedule.resize(epochs)
+    @property
+    def length(self) -> float:
+        """The run's length in epochs, its last one's share included."""
+        return self.cfg.epochs - 1 + self.cfg.last_share
+
+    def batches_in(self, epoch: int) -> int:
+        """Batches the epoch trains: all of them, but the last epoch's share in the last."""
+        if epoch < self.cfg.epochs or self.cfg.last_share >= 1:
+            return self.n_batches
+        return max(1, round(self.cfg.last_share * self.n_batches))
+
+    def _schedule_epochs(self) -> float:
+        """The schedule's length: whole epochs, and the last one's updates."""
+        last = math.ceil(self.batches_in(self.cfg.epochs) / self.cfg.accum_steps)
+        return self.cfg.epochs - 1 + last / self.updates_per_epoch
+
+    def set_length(self, length: float) -> None:
+        """The run's length from now on, in epochs (a fraction ends the last one early, to the
+        batch); the schedule stretches or shrinks to it."""
+        epochs = max(1, math.ceil(length - 1e-9))
+        share = min(1.0, max(1, round((length - epochs + 1) * self.n_batches)) / self.n_batches)
+        if (epochs, share) != (self.cfg.epochs, self.cfg.last_share):
+            self.cfg = dataclasses.replace(self.cfg, epochs=epochs, last_share=share)
+            self.schedule.resize(self._schedule_epochs())
 
     def state(self) -> dict:
         """Everything an interrupted run needs to continue (see `_Keeper.save_resume`)."""

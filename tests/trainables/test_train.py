@@ -500,14 +500,32 @@ def test_a_fitted_run_resumes_at_the_length_it_had_set(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("epoch, current, left_s, expect", [
-    (2, 9, 100.0, 10),   # after epoch 1, 10 s epochs: 1 done + 9 more (97 % of 100 s) = 10
-    (2, 9, 1000.0, 30),  # time to spare: the cap
-    (3, 10, 10.0, 3),    # short of time: at least the epoch about to run
+    (2, 9, 100.0, 10.7),  # after epoch 1, 10 s epochs: 1 done + 9.7 more (97 % of 100 s)
+    (2, 9, 1000.0, 30),   # time to spare: the cap
+    (3, 10, 10.0, 3),     # short of time: at least the whole epoch about to run
     (4, 10, 1000.0, 10),  # late: never longer than set ...
-    (6, 12, 40.0, 8),    # ... but shorter when epochs slowed down: 5 done + 3 more
+    (6, 12, 40.0, 8.88),  # ... but shorter when epochs slowed down: 5 done + 3.88 more
 ])
 def test_a_fitted_length_grows_only_early_and_shrinks_when_time_runs_short(
         epoch, current, left_s, expect):
     from trainables.train import fitted_length
 
-    assert fitted_length(epoch, current, cap=30, left_s=left_s, last_s=10.0) == expect
+    got = fitted_length(epoch, current, cap=30, left_s=left_s, last_s=10.0)
+    assert got == pytest.approx(expect)
+
+
+def test_a_run_whose_last_epoch_is_partial_trains_that_share_and_ends_its_schedule(
+        tiny, tmp_path):
+    """A fitted run ends mid-epoch rather than up to an epoch early: its last epoch trains its
+    share of the batches and the one-cycle schedule still runs to its end there."""
+    _, split, inputs = tiny
+    everything = dataclasses.replace(inputs, train_idx=np.concatenate([split.train, split.val]),
+                                     val_idx=np.zeros(0, np.int64))
+    cfg = dataclasses.replace(BASE, batch_size=4, epochs=3, last_share=0.5)
+    reports: list[dict] = []
+    fit(cfg, everything, str(tmp_path / "final.pt"), report=reports.append)
+    full = reports[0]["train_images"]  # whole batches of 4
+    assert [r["train_images"] for r in reports] == [full, full, round(full / 4 / 2) * 4]
+    # one-cycle ended with the last batch (with whole epochs it would be at ~10 % of its peak)
+    assert reports[-1]["lr"] < 0.01 * BASE.lr
+    assert Checkpoint.load(tmp_path / "final.pt").train_config.last_share == 0.5
