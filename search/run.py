@@ -19,20 +19,22 @@ from search import stages
 from search.config import SearchConfig, parse_config
 from search.experiment import Experiment
 from search.start import base_starts
-from trainables.cli import run_main, start_ray
+from trainables.cli import process_start, run_main, start_ray
 
 log = logging.getLogger("search")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; user mistakes end in one sentence and exit code 2, never a traceback."""
-    return run_main(lambda: run(parse_config(argv)))
+    started = process_start()
+    return run_main(lambda: run(parse_config(argv), started))
 
 
-def run(cfg: SearchConfig) -> int:
+def run(cfg: SearchConfig, started: float | None = None) -> int:
     """Runs (or resumes) one search and writes its results; returns the exit code (130 when
-    interrupted: the search continues with --resume)."""
-    clock = stages.Clock(time.time(), cfg.budget_s)
+    interrupted: the search continues with --resume). `started`: when the command started
+    (its --time-budget counts from then), else now."""
+    clock = stages.Clock(started or time.time(), cfg.budget_s)
     exp, cfg = Experiment.open(cfg)
     data, split = exp.data_and_split(cfg)  # bad data fails here, before anything is written
     if not exp.resumed:

@@ -72,3 +72,14 @@ def test_a_local_ray_listens_on_loopback_only(tmp_path):
     assert len(listening) >= 3, listening  # GCS, raylet, object manager at least
     open_to_network = [x for x in listening if x[1] not in LOOPBACK]
     assert not open_to_network, open_to_network
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads Linux's /proc")
+def test_a_budget_counts_from_the_command_start_not_from_after_its_imports():
+    """`--time-budget` counts the start-up too: the start of a process 2 s old reads 2 s ago
+    (to /proc's second), not now."""
+    code = ("import time; time.sleep(2); from trainables.cli import process_start; "
+            "print(time.time() - process_start())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO)}, check=True).stdout
+    assert 1.0 <= float(out) < 60
