@@ -98,10 +98,10 @@ def _epochs(cfg: TrainConfig, loop: _Loop, keeper: _Keeper, data: ImageData,
             inputs: TrialInputs, report: Callable[[dict], None] | None) -> None:
     cost: dict[str, float] = {}
     resumed = keeper.resume(loop)
-    epoch, last_s = resumed + 1, 0.0
+    epoch, times = resumed + 1, []
     while epoch <= loop.cfg.epochs:
         if cfg.fit_by and not resumed and epoch > 1:
-            loop.set_length(_fitted_length(cfg, epoch, last_s, loop))
+            loop.set_length(_fitted_length(cfg, epoch, times, loop))
             keeper.cfg = loop.cfg
         tick = time.time()
         metrics, val_probs = loop.epoch(epoch)
@@ -114,35 +114,43 @@ def _epochs(cfg: TrainConfig, loop: _Loop, keeper: _Keeper, data: ImageData,
         metrics["progress"] = epoch / loop.cfg.epochs  # share of its schedule done (ASHA's clock)
         if report is not None:
             report(metrics)
-        epoch, last_s = epoch + 1, time.time() - tick
+        epoch = epoch + 1
+        times.append(time.time() - tick)
 
 
-# A run given a deadline (`fit_by`) sets its length after each of its first FIT_AFTER epochs,
-# from how long the last one took (the first also times the model's inference cost, so it errs
-# long), to the batch: its last epoch may end early (whole epochs left up to one unused, ~11 s
-# of a 3-minute budget on blood-cell scans). The budget plan's speed is a short synthetic timing
-# made before the run, which read 15 % slow against the real loop on blood-cell scans, and its
-# margins left a fifth of the budget unused. Later epochs only shorten it, when epochs slow
-# down (a refit on blood-cell scans went from 263 to ~220 images/s over 23 epochs and ended 15 s
+# A run given a deadline (`fit_by`) sets its length after each epoch of its first half (at least
+# its first FIT_AFTER epochs) from the pace of its last epochs (the first also times the model's
+# inference cost, so it counts only alone: epochs of a K = 1 run on blood-cell scans went from
+# 12.1 s to 10.3 s, and a length set after the first two left 17 s unused), to the batch: its
+# last epoch may end early (whole epochs left up to one unused, ~11 s of a 3-minute budget on
+# blood-cell scans). The budget plan's speed is a short synthetic timing made before the run,
+# which read 15 % slow against the real loop on blood-cell scans, and its margins left a fifth
+# of the budget unused. In its second half a run's length only shortens, when epochs slow down
+# (a refit on blood-cell scans went from 263 to ~220 images/s over 23 epochs and ended 15 s
 # late): moving the end late in a schedule bends it, and overrunning the budget is worse.
 FIT_AFTER = 2
-FIT_MARGIN = 0.97  # of the time left, for epochs that run slower than the one timed
+FIT_GROW = 0.5  # share of the run during which its length may still grow
+FIT_MARGIN = 0.97  # of the time left, for epochs that run slower than the ones timed
 
 
-def fitted_length(epoch: int, current: float, cap: int, left_s: float, last_s: float) -> float:
+def fitted_length(epoch: int, current: float, cap: int, left_s: float,
+                  times: list[float]) -> float:
     """A fitted run's length in epochs (a fraction: its last epoch ends early) when epoch
-    `epoch` is next, `left_s` remain before its deadline and the last epoch took `last_s`: the
-    epochs done and as much more as fits (at least this whole epoch, at most `cap`); after
-    FIT_AFTER epochs never longer than `current`."""
-    more = left_s * FIT_MARGIN / max(last_s, 1e-6)
+    `epoch` is next, `left_s` remain before its deadline and its epochs so far took `times`:
+    the epochs done and as much more as fits (at least this whole epoch, at most `cap`). In its
+    first half (and its first FIT_AFTER epochs) at the mean pace of its last three epochs (the
+    first only alone); later at the last epoch's pace and never longer than `current`."""
+    early = epoch <= FIT_AFTER + 1 or epoch - 1 < FIT_GROW * current
+    recent = (times[1:] or times)[-3:] if early else times[-1:]
+    more = left_s * FIT_MARGIN / max(sum(recent) / len(recent), 1e-6)
     length = min(float(cap), max(float(epoch), epoch - 1 + more))
-    return length if epoch <= FIT_AFTER + 1 else min(length, current)
+    return length if early else min(length, current)
 
 
-def _fitted_length(cfg: TrainConfig, epoch: int, last_s: float, loop: _Loop) -> float:
+def _fitted_length(cfg: TrainConfig, epoch: int, times: list[float], loop: _Loop) -> float:
     """`fitted_length` for `cfg.fit_by` now; all DDP ranks take the shortest any found."""
     length = fitted_length(epoch, loop.length, max(cfg.epochs, cfg.fit_cap),
-                           cfg.fit_by - time.time(), last_s)
+                           cfg.fit_by - time.time(), times)
     if loop.world_size > 1:
         import torch.distributed as dist
 

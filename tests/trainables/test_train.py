@@ -499,18 +499,20 @@ def test_a_fitted_run_resumes_at_the_length_it_had_set(tiny, tmp_path):
     assert finished(path, cfg) and not finished(path, dataclasses.replace(cfg, fit_by=0.0))
 
 
-@pytest.mark.parametrize("epoch, current, left_s, expect", [
-    (2, 9, 100.0, 10.7),  # after epoch 1, 10 s epochs: 1 done + 9.7 more (97 % of 100 s)
-    (2, 9, 1000.0, 30),   # time to spare: the cap
-    (3, 10, 10.0, 3),     # short of time: at least the whole epoch about to run
-    (4, 10, 1000.0, 10),  # late: never longer than set ...
-    (6, 12, 40.0, 8.88),  # ... but shorter when epochs slowed down: 5 done + 3.88 more
+@pytest.mark.parametrize("epoch, current, left_s, times, expect", [
+    (2, 9, 100.0, [10.0], 10.7),  # after epoch 1, 10 s: 1 done + 9.7 more (97 % of 100 s)
+    (2, 9, 1000.0, [10.0], 30),   # time to spare: the cap
+    (3, 10, 10.0, [20.0, 10.0], 3),  # short of time: at least the whole epoch about to run
+    # in the first half, at the last three epochs' pace (not the first's): 4 done + 6.79 more
+    (5, 10, 70.0, [30.0, 10.0, 10.0, 10.0], 10.79),
+    (7, 10, 1000.0, [10.0] * 6, 10),  # in the second half: never longer than set ...
+    (7, 12, 40.0, [10.0] * 6, 9.88),  # ... but shorter when time runs short: 6 done + 3.88
 ])
-def test_a_fitted_length_grows_only_early_and_shrinks_when_time_runs_short(
-        epoch, current, left_s, expect):
+def test_a_fitted_length_grows_only_in_its_first_half_and_shrinks_when_time_runs_short(
+        epoch, current, left_s, times, expect):
     from trainables.train import fitted_length
 
-    got = fitted_length(epoch, current, cap=30, left_s=left_s, last_s=10.0)
+    got = fitted_length(epoch, current, cap=30, left_s=left_s, times=times)
     assert got == pytest.approx(expect)
 
 
