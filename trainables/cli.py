@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import sys
+import time
 import types
 import typing
 from collections.abc import Callable
@@ -63,11 +64,11 @@ _Loader.add_implicit_resolver(
 def process_start() -> float:
     """When this process started (UNIX time, to the second: Linux's /proc), else now: a
     --time-budget counts the command's start-up (imports: ~5 s) too."""
-    import time
+    from pathlib import Path
 
     try:
-        ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
-        boot = next(int(line.split()[1]) for line in open("/proc/stat")
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
                     if line.startswith("btime "))
         started = boot + ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError, StopIteration):
