@@ -127,7 +127,10 @@ def _epochs(cfg: TrainConfig, loop: _Loop, keeper: _Keeper, data: ImageData,
 # which read 15 % slow against the real loop on blood-cell scans, and its margins left a fifth
 # of the budget unused. In its second half a run's length only shortens, when epochs slow down
 # (a refit on blood-cell scans went from 263 to ~220 images/s over 23 epochs and ended 15 s
-# late): moving the end late in a schedule bends it, and overrunning the budget is worse.
+# late): moving the end late in a schedule bends it, and overrunning the budget is worse. The
+# pace is the mean of three epochs, so one slow epoch does not cut the run for good (a K = 1
+# run on clothing photos cut its length after one 18 s epoch among 14-15 s ones, and ended 18 s
+# early).
 FIT_AFTER = 2
 FIT_GROW = 0.5  # share of the run during which its length may still grow
 FIT_MARGIN = 0.97  # of the time left, for epochs that run slower than the ones timed
@@ -137,11 +140,11 @@ def fitted_length(epoch: int, current: float, cap: int, left_s: float,
                   times: list[float]) -> float:
     """A fitted run's length in epochs (a fraction: its last epoch ends early) when epoch
     `epoch` is next, `left_s` remain before its deadline and its epochs so far took `times`:
-    the epochs done and as much more as fits (at least this whole epoch, at most `cap`). In its
-    first half (and its first FIT_AFTER epochs) at the mean pace of its last three epochs (the
-    first only alone); later at the last epoch's pace and never longer than `current`."""
+    the epochs done and as much more as fits at the mean pace of its last three epochs (the
+    first only alone), at least this whole epoch and at most `cap`; in its second half (after
+    its first FIT_AFTER epochs) never longer than `current`."""
     early = epoch <= FIT_AFTER + 1 or epoch - 1 < FIT_GROW * current
-    recent = (times[1:] or times)[-3:] if early else times[-1:]
+    recent = (times[1:] or times)[-3:]
     more = left_s * FIT_MARGIN / max(sum(recent) / len(recent), 1e-6)
     length = min(float(cap), max(float(epoch), epoch - 1 + more))
     return length if early else min(length, current)

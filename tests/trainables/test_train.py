@@ -507,6 +507,8 @@ def test_a_fitted_run_resumes_at_the_length_it_had_set(tiny, tmp_path):
     (5, 10, 70.0, [30.0, 10.0, 10.0, 10.0], 10.79),
     (7, 10, 1000.0, [10.0] * 6, 10),  # in the second half: never longer than set ...
     (7, 12, 40.0, [10.0] * 6, 9.88),  # ... but shorter when time runs short: 6 done + 3.88
+    # one slow epoch counts as a third: 7 done + 30 s * 0.97 / 12.67 s (not / 18 s: 8.62)
+    (8, 10, 30.0, [10.0] * 6 + [18.0], 7 + 30 * 0.97 / (38 / 3)),
 ])
 def test_a_fitted_length_grows_only_in_its_first_half_and_shrinks_when_time_runs_short(
         epoch, current, left_s, times, expect):
