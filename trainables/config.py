@@ -148,9 +148,9 @@ class TrainConfig:
     gpu_share: float = setting("gpu_share", "Share of one GPU this run has (0.5: two trials share "
                                             "it).", searchable=False, flag=False)
     fit_by: float = setting("fit_by", "A deadline (UNIX time) for the training to end by: after "
-                                      "each epoch the run sets its epochs to what fits, as "
-                                      "measured (at most fit_cap; it lengthens only in its "
-                                      "first two epochs, later only shortens; 0: train "
+                                      "each epoch the run sets its length to what fits, as "
+                                      "measured, to the batch (at most fit_cap; it lengthens "
+                                      "only in its first half, later only shortens; 0: train "
                                       "`epochs`).",
                             searchable=False, flag=False)
     fit_cap: int = setting("fit_cap", "The most epochs `fit_by` may stretch the run to (0: "
