@@ -52,7 +52,7 @@ def refit(store: ExperimentStore, data, split: Split, starts: dict[str, Start],
         data, pool, np.zeros(0, np.int64), split_hash=split.hash), path, name="refit")
     result = train([job], ray_dir=store.ray_dir, progress=progress)[0]
     trained = Checkpoint.load(path).train_config  # its epochs, where a deadline fitted them
-    length = trained.epochs - 1 + trained.last_share  # its last epoch may be a share of one
+    length = trained.length  # its last epoch may be a share of one
     record = {"checkpoint": store.relative(path),
               "epochs": int(length) if length.is_integer() else round(length, 2),
               "train_images": len(pool), "seconds": round(time.time() - tick, 1),

@@ -152,7 +152,7 @@ def fitted_length(epoch: int, current: float, cap: int, left_s: float,
 
 def _fitted_length(cfg: TrainConfig, epoch: int, times: list[float], loop: _Loop) -> float:
     """`fitted_length` for `cfg.fit_by` now; all DDP ranks take the shortest any found."""
-    length = fitted_length(epoch, loop.length, max(cfg.epochs, cfg.fit_cap),
+    length = fitted_length(epoch, loop.cfg.length, max(cfg.epochs, cfg.fit_cap),
                            cfg.fit_by - time.time(), times)
     if loop.world_size > 1:
         import torch.distributed as dist
@@ -187,7 +187,7 @@ class _Keeper:
         saved = TrainConfig.from_dict(state["config"])
         if not self.cfg.made(saved):
             return 0  # another configuration's leftovers: start afresh
-        loop.set_length(saved.epochs - 1 + saved.last_share)  # what a deadline gave it, if any
+        loop.set_length(saved.length)  # the length a deadline gave it, if it had one
         self.cfg = loop.cfg
         loop.load_state(state)
         self.best = dict(state["best"])
@@ -389,11 +389,6 @@ class _Loop:
         self.schedule.after_update()
         if self.ema is not None:
             self.ema.update(unwrap(self.model), step=self.schedule.updates)
-
-    @property
-    def length(self) -> float:
-        """The run's length in epochs, its last one's share included."""
-        return self.cfg.epochs - 1 + self.cfg.last_share
 
     def batches_in(self, epoch: int) -> int:
         """Batches the epoch trains: all of them, but the last epoch's share in the last."""
