@@ -27,7 +27,7 @@ from ensemble.folds import FoldPool
 from ensemble.members import Member, SearchState
 from ensemble.soup import greedy_soup, has_batchnorm, recalibrate_bn, uniform_soup
 from models.artifact import Vote, load_model
-from models.predict import timed_predict
+from models.predict import predict, timed_predict
 from models.vote import hard_vote, soft_vote
 from trainables.checkpoint import Checkpoint
 from trainables.errors import UserError
@@ -97,8 +97,8 @@ class Pool:
                 if Path(snap).stem == f"epoch_{p.member.epoch}":
                     continue  # the member's own weights, already a candidate
                 model, ckpt = load_model(snap, torch.device("cpu"))
-                probs, _ = timed_predict(model, self.state.data.images[self.state.split.val],
-                                         ckpt, self.tta)
+                probs = predict(model, self.state.data.images[self.state.split.val], ckpt,
+                                self.tta)
                 scored.append((f"{p.member.name}-{Path(snap).stem}", snap,
                                ensemble_metrics(probs, self.y_val)))
         scored.sort(key=lambda t: rank_key(t[2][self.metric], t[2]["loss"]))
@@ -227,9 +227,8 @@ class _Soup(Combiner):
         cooker = pool.soup_cooker
         states = [Checkpoint.load(path).model for _, path in ingredients]
         soup, chosen = self.cook(states, cooker)
-        model, recal = cooker.best_variant(soup)
+        model, recal, val = cooker.best_variant(soup)
         images, split = pool.state.data.images, pool.state.split
-        val, _ = timed_predict(model, images[split.val], cooker.base, pool.tta)
         test, ms = timed_predict(model, images[split.test], cooker.base, pool.tta)
         picked = [ingredients[i] for i in chosen]
         val_metrics = ensemble_metrics(val, pool.y_val)
@@ -353,7 +352,7 @@ class Student(Combiner):
     def fit(self, pool: Pool) -> Combined:
         model, ckpt = load_model(self.checkpoint, torch.device("cpu"))
         images, split = pool.state.data.images, pool.state.split
-        val, _ = timed_predict(model, images[split.val], ckpt, pool.tta)
+        val = predict(model, images[split.val], ckpt, pool.tta)
         test, ms = timed_predict(model, images[split.test], ckpt, pool.tta)
         return Combined(self.name, [self.name], [1.0], ensemble_metrics(val, pool.y_val),
                         ensemble_metrics(test, pool.y_test),
@@ -386,7 +385,7 @@ class RefitRow(Combiner):
             val = source.val
         else:  # the trial is not among the members: predict its val here
             trial_model, trial_ckpt = load_model(self.trial, torch.device("cpu"))
-            val, _ = timed_predict(trial_model, images[split.val], trial_ckpt, pool.tta)
+            val = predict(trial_model, images[split.val], trial_ckpt, pool.tta)
         model, ckpt = load_model(self.checkpoint, torch.device("cpu"))
         test, ms = timed_predict(model, images[split.test], ckpt, pool.tta)
         return Combined(self.name, [self.name], [1.0], ensemble_metrics(val, pool.y_val),
@@ -446,27 +445,37 @@ class _SoupCooker:
             idx = np.random.default_rng(0).choice(idx, BN_IMAGES, replace=False)
         self.bn_images = state.data.images[np.sort(idx)]
         self.y_val = state.data.labels[state.split.val]
+        self._best: tuple[dict, tuple[torch.nn.Module, bool, np.ndarray], tuple] | None = None
 
-    def _score(self, model: torch.nn.Module) -> tuple[float, float]:
-        probs, _ = timed_predict(model, self.state.data.images[self.state.split.val], self.base,
-                                 self.tta)
+    def _val(self, model: torch.nn.Module) -> tuple[np.ndarray, tuple[float, float]]:
+        """Val probabilities and their (accuracy, -NLL)."""
+        probs = predict(model, self.state.data.images[self.state.split.val], self.base, self.tta)
         m = ensemble_metrics(probs, self.y_val)
-        return m["accuracy"], -m["loss"]
+        return probs, (m["accuracy"], -m["loss"])
 
-    def best_variant(self, soup: dict) -> tuple[torch.nn.Module, bool]:
+    def best_variant(self, soup: dict) -> tuple[torch.nn.Module, bool, np.ndarray]:
+        """The soup as a model, raw or BN-recalibrated, whichever scores better on val: the
+        model, whether it was recalibrated, and its val probabilities. The best soup seen so
+        far is kept, so the greedy soup's result is not scored twice."""
+        if self._best is not None and self._best[0] is soup:
+            return self._best[1]
         raw = copy.deepcopy(self.model)
         raw.load_state_dict(soup)
-        if not has_batchnorm(raw):
-            return raw.eval(), False
-        recal = recalibrate_bn(copy.deepcopy(raw), self.bn_images, mean=self.base.mean,
-                               std=self.base.std)
-        if self._score(recal) > self._score(raw):
-            return recal, True
-        return raw.eval(), False
+        raw.eval()
+        val, score = self._val(raw)
+        out = raw, False, val
+        if has_batchnorm(raw):
+            recal = recalibrate_bn(copy.deepcopy(raw), self.bn_images, mean=self.base.mean,
+                                   std=self.base.std)
+            recal_val, recal_score = self._val(recal)
+            if recal_score > score:
+                out, score = (recal, True, recal_val), recal_score
+        if self._best is None or score >= self._best[2]:
+            self._best = soup, out, score
+        return out
 
     def val_accuracy(self, soup: dict) -> float:
-        model, _ = self.best_variant(soup)
-        return self._score(model)[0]
+        return ensemble_metrics(self.best_variant(soup)[2], self.y_val)["accuracy"]
 
 
 # ---------------------------------------------------------------------- using them
@@ -480,7 +489,7 @@ def predict_members(state: SearchState, members: list[Member], tta: list[str]
     test_x = state.data.images[state.split.test]
     for m in members:
         model, ckpt = load_model(m.checkpoint, torch.device("cpu"))
-        val, _ = timed_predict(model, val_x, ckpt, tta)
+        val = predict(model, val_x, ckpt, tta)
         test, ms = timed_predict(model, test_x, ckpt, tta)
         out.append(MemberPreds(m, val, test, ms, sum(p.numel() for p in model.parameters()),
                                ckpt.arch))

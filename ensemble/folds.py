@@ -27,7 +27,7 @@ import torch
 from ensemble.combine import ensemble_metrics
 from ensemble.members import Member, SearchState
 from models.artifact import load_model
-from models.predict import predictions_frame, timed_predict
+from models.predict import predict, predictions_frame, timed_predict
 from trainables.checkpoint import Checkpoint
 from trainables.errors import UserError
 from trainables.files import atomic_write, write_json
@@ -272,7 +272,7 @@ def predict_folds(state: SearchState, plan: FoldPlan, members: list[Member],
         for fold, path in enumerate(row):
             model, ckpt = load_model(path, torch.device("cpu"))
             held = plan.fold_of == fold
-            oof[held], _ = timed_predict(model, images[plan.pool[held]], ckpt, tta)
+            oof[held] = predict(model, images[plan.pool[held]], ckpt, tta)
             scores.append(ensemble_metrics(oof[held], state.data.labels[plan.pool[held]]))
             probs, cost = timed_predict(model, images[test], ckpt, tta)
             tests.append(probs)

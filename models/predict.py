@@ -59,13 +59,20 @@ def predict_views(model: nn.Module, images: np.ndarray, *, mean: list[float], st
     return probs / (1 + len(tta))
 
 
+def predict(model: nn.Module, images: np.ndarray, ckpt: Checkpoint, tta: list[str]
+            ) -> np.ndarray:
+    """Predictions with the checkpoint's normalisation, untimed: for val scores, whose cost
+    nobody reads (no warm-up batch)."""
+    return predict_views(model, images, mean=ckpt.mean, std=ckpt.std, tta=tta)
+
+
 def timed_predict(model: nn.Module, images: np.ndarray, ckpt: Checkpoint, tta: list[str]
                   ) -> tuple[np.ndarray, float]:
     """Predictions and the measured milliseconds per image (after a full warm-up batch, so
     one-off kernel set-up is not billed to whichever member happens to run first)."""
     predict_views(model, images[:256], mean=ckpt.mean, std=ckpt.std, tta=[])
     start = time.perf_counter()
-    probs = predict_views(model, images, mean=ckpt.mean, std=ckpt.std, tta=tta)
+    probs = predict(model, images, ckpt, tta)
     return probs, 1000 * (time.perf_counter() - start) / max(len(images), 1)
 
 

@@ -109,6 +109,14 @@ def test_soups_of_warm_started_trials(search, built):
     assert len(last["members"]) == 2 and all("epoch_" in m for m in last["members"])
     soup = Checkpoint.load(built / "last-epochs_soup.pt")
     assert soup.soup is not None and len(soup.soup["ingredients"]) == 2
+    # each soup's val figures are those of the model saved for it (scored once, not recomputed)
+    data = load_image_data(search["exp"] / "data.npz")
+    val = json.loads((search["exp"] / "split.json").read_text())["val"]
+    for name, row in (("greedy soup", greedy), ("uniform soup", uniform)):
+        model = ensemble.load(built / f"{name.replace(' ', '_')}.pt")
+        acc = float((model.predict_proba(data.images[val]).argmax(1)
+                     == data.labels[val]).mean())
+        assert acc == pytest.approx(row["val"]["accuracy"]), name
 
 
 def test_soup_checkpoint_loads_as_a_training_checkpoint(built):
