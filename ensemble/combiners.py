@@ -445,7 +445,8 @@ class _SoupCooker:
             idx = np.random.default_rng(0).choice(idx, BN_IMAGES, replace=False)
         self.bn_images = state.data.images[np.sort(idx)]
         self.y_val = state.data.labels[state.split.val]
-        self._best: tuple[dict, tuple[torch.nn.Module, bool, np.ndarray], tuple] | None = None
+        self._best: tuple[dict, tuple[torch.nn.Module, bool, np.ndarray],
+                         tuple[float, float]] | None = None
 
     def _val(self, model: torch.nn.Module) -> tuple[np.ndarray, tuple[float, float]]:
         """Val probabilities and their (accuracy, -NLL)."""
