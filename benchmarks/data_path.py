@@ -8,7 +8,8 @@ process without Ray, per repeat:
 
 - loader: the training batches of the host path (`trainables.batches`: OpenCV applies the 'light'
   policy's per-image parameters) built by --workers loader processes, persistent over --epochs
-  passes of the shuffled train split (the first, which starts the workers, untimed), no model;
+  passes of the shuffled train split (the first, which starts the workers, untimed; more passes
+  where those take under 3 s), no model;
   images/s per worker count, side by side, and
   their ratio to the first count (does the loader scale with the CPUs it is given?); beside it
   OpenCV's warpAffine alone on as many threads, native code without the GIL, whose ratio is what
@@ -53,28 +54,33 @@ def load(source: Path, image_size: int, per_class: int | None):
 
 
 def loader_rate(data, train: np.ndarray, batch_size: int, passes: int, seed: int,
-                workers: int = 1) -> float:
-    """Images/s of the host loader alone: `workers` processes building 'light' batches."""
+                workers: int = 1, min_seconds: float = 3.0) -> float:
+    """Images/s of the host loader alone: `workers` processes building 'light' batches, over
+    `passes` passes after the first or, when that is quicker, as many as fill `min_seconds`
+    (a pass of the sign photos takes a tenth of a second at 64 px: too short to time)."""
     import torch
 
     from trainables.batch_augment import batch_transform
     from trainables.batches import TrainBatches
 
-    orders = {e: np.random.default_rng([seed, e]).permutation(train) for e in range(passes)}
+    def order_of(e: int) -> np.ndarray:
+        return np.random.default_rng([seed, e]).permutation(train)
+
     batches = TrainBatches(data.images, data.labels, batch_size=batch_size,
                            n_batches=max(1, len(train) // batch_size),
                            device=torch.device("cpu"),
-                           order_of=orders.__getitem__, seed_of=lambda e: seed * 100 + e,
+                           order_of=order_of, seed_of=lambda e: seed * 100 + e,
                            mean=torch.zeros(1, 3, 1, 1), std=torch.ones(1, 3, 1, 1),
                            channels_last=False, augment=batch_transform("light"),
                            tensor_augment=False, resident=False, workers=workers, prefetch=2)
     try:  # the first pass starts the workers: timed only when it is the only one
-        seen, start = 0, time.perf_counter()
-        for p in range(passes):
+        seen, start, p = 0, time.perf_counter(), 0
+        while p < passes or (p > 1 and time.perf_counter() - start < min_seconds):
             if p == 1:
                 seen, start = 0, time.perf_counter()
             for x, _y in batches.host_epoch(p):  # uint8 batches as the workers hand them over
                 seen += len(x)
+            p += 1
         return seen / (time.perf_counter() - start)
     finally:
         batches.close()

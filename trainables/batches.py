@@ -13,8 +13,8 @@ Every random parameter of an epoch's augmentation is drawn at once from the seed
 - On the CPU (`--augment-device cpu`, and always on a CPU node): OpenCV applies the same
   parameters image by image in native code (`BatchAugment.apply_numpy`, several times faster
   than albumentations' per-image Python), in the training process or in `--loader-workers`
-  processes (torch's DataLoader, persistent across epochs), so no thread holds the GIL of the
-  training step.
+  processes (torch's DataLoader, persistent and prefetching across epochs, handing over small
+  batches in groups through shared memory), so no thread holds the GIL of the training step.
 
 Whatever the placement or the number of workers, a batch holds the same images with the same
 augmentation parameters: everything random is a function of the seed, the epoch and the
@@ -23,6 +23,7 @@ batch's place.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -37,6 +38,13 @@ from trainables.batch_augment import BatchAugment, Params
 # the rest is the model's (weights, optimizer state, activations of a batch, cuDNN workspace).
 # Trials sharing one GPU (--gpus-per-worker 0.5) divide it between them.
 RESIDENT_SHARE = 0.5
+
+# Loader workers hand over batches in groups of about this many bytes (at most GROUP_MAX
+# batches): each hand-over costs the training process the DataLoader's queues and bookkeeping
+# (~0.5 ms), a quarter of a core at 64 px, where a batch of 64 images is 0.8 MB and takes a
+# worker 2-3 ms; at 128 px and above a batch is a group of its own.
+GROUP_BYTES = 3_000_000
+GROUP_MAX = 8
 
 
 def fits_on_device(nbytes: int, free_bytes: int, *, sharing: int = 1,
@@ -69,7 +77,8 @@ class TrainBatches:
         images, labels: The decoded (N, H, W, 3) uint8 images and (N,) labels (numpy arrays,
             e.g. zero-copy views of Ray's object store).
         order_of: The run's training images of an epoch, in order (data indices); batch b of the
-            epoch is order[b * batch_size:(b + 1) * batch_size].
+            epoch is order[b * batch_size:(b + 1) * batch_size]. Defined for every epoch:
+            loader workers build the next epoch's first batches ahead.
         seed_of: The seed of an epoch's augmentation parameters.
         augment: The augmentation policy's `BatchAugment`, or None (no augmentation).
         tensor_augment: Augment with tensor ops on `device` (what a GPU does), else with OpenCV
@@ -101,6 +110,7 @@ class TrainBatches:
             self.dev_labels = _as_tensor(labels).to(device)
         else:
             self.keys = _EpochKeys(self)
+            self.stream, self.at = None, (0, 0)  # the loader's iterator, its next batch
             self.pin_memory = pin_memory and cuda
             self.loader = _loader(self, workers, prefetch)
             self.side_stream = torch.cuda.Stream() if cuda else None
@@ -120,8 +130,7 @@ class TrainBatches:
                 x = self.dev_images.index_select(0, sel).permute(0, 3, 1, 2)
                 yield self._finish(x, params, rows), self.dev_labels.index_select(0, sel), 0.0
             return
-        self.keys.epoch = epoch
-        batches = iter(self.loader)
+        batches = self._host_batches(epoch)
         ahead, waited = self._copy(batches, epoch)
         for b in range(count):
             x, y = ahead
@@ -141,6 +150,7 @@ class TrainBatches:
         if loader is not None and getattr(loader, "_iterator", None) is not None:
             loader._iterator._shutdown_workers()
             loader._iterator = None
+        self.stream = None
 
     # ------------------------------------------------------------------ helpers
 
@@ -167,16 +177,30 @@ class TrainBatches:
         """The epoch's host batches as the loader hands them over (uint8 NCHW, int64), not yet
         copied, normalised or (on the tensor path) augmented: what a benchmark of the loader
         alone reads."""
-        self.keys.epoch = epoch
-        batches = iter(self.loader)
+        batches = self._host_batches(epoch)
         for _ in range(self.n_batches):
             yield self.next_batch(batches)
 
+    def _host_batches(self, epoch: int):
+        """The loader's iterator, at batch 0 of `epoch`. Its keys run on past the epoch's end,
+        so loader workers build the next epoch's first batches while this process validates;
+        it starts again only where the last epoch was left early (a fitted run's end)."""
+        if self.stream is None or self.at != (epoch, 0):
+            self.keys.epoch, self.at = epoch, (epoch, 0)
+            self.pending: list[tuple[int, int]] = []  # a group's batches not yet asked for
+            self.stream = iter(self.loader)
+        return self.stream
+
     def next_batch(self, batches) -> tuple[torch.Tensor, torch.Tensor]:
-        """The loader's next host batch as (uint8 NCHW, int64 labels); a worker's lies in its
-        shared slot until `count` later batches have been asked for."""
-        x, y = next(batches)
-        return self.slots.batch(x, y) if self.slots is not None else (x, y)
+        """The loader's next host batch as (uint8 NCHW, int64 labels); a worker's images lie in
+        its shared slot until `count` later batches have been asked for."""
+        epoch, b = self.at
+        self.at = (epoch, b + 1) if b + 1 < self.n_batches else (epoch + 1, 0)
+        if self.slots is None:
+            return next(batches)
+        if not self.pending:  # a worker's next group: [(slot, size), ...] in batch order
+            self.pending = list(reversed(next(batches)))
+        return self.slots.batch(*self.pending.pop())
 
     def _finish(self, x: torch.Tensor, params: Params | None, rows: slice) -> torch.Tensor:
         """uint8 NCHW on the device -> augmented, normalised float NCHW."""
@@ -194,27 +218,32 @@ def epoch_generator(seed: int) -> torch.Generator:
 
 
 class _EpochKeys(torch.utils.data.Sampler):
-    """The batches of the current epoch, as keys (epoch, batch, seed, size, indices) for
-    `_HostBatches` (set `epoch` before iterating, as with DistributedSampler.set_epoch)."""
+    """The batches of epoch `epoch` and of every epoch after it, in groups of `group`, as keys
+    (epoch, first batch, seed, epoch size, each batch's indices) for `_HostBatches` (set
+    `epoch` before iterating, as with DistributedSampler.set_epoch). The loader asks for keys
+    only as far ahead as it prefetches."""
 
-    def __init__(self, owner: TrainBatches) -> None:
-        self.owner, self.epoch = owner, 0
+    def __init__(self, owner: TrainBatches, group: int = 1) -> None:
+        self.owner, self.epoch, self.group = owner, 0, group
 
     def __iter__(self):
-        o = self.owner
-        order = o.order_of(self.epoch)
-        seed = o.seed_of(self.epoch)
-        for b in range(o.n_batches):
-            yield self.epoch, b, seed, len(order), order[b * o.batch_size:(b + 1) * o.batch_size]
+        o, size = self.owner, self.owner.batch_size
+        for epoch in itertools.count(self.epoch):
+            order, seed = o.order_of(epoch), o.seed_of(epoch)
+            for b in range(0, o.n_batches, self.group):
+                stop = min(b + self.group, o.n_batches)
+                yield (epoch, b, seed, len(order),
+                       [order[i * size:(i + 1) * size] for i in range(b, stop)])
 
-    def __len__(self) -> int:
-        return self.owner.n_batches
+    def __len__(self) -> int:  # an epoch's keys (the iterator runs on into the next epochs)
+        return -(-self.owner.n_batches // self.group)
 
 
 class _HostBatches(torch.utils.data.Dataset):
-    """Builds one batch from its key on the host: gathered from the decoded arrays, and (when
-    the augmentation runs on the CPU) augmented with OpenCV, as uint8 NCHW and int64 labels.
-    Runs in a loader worker process or in the training process."""
+    """Builds the batches of a key on the host: gathered from the decoded arrays, and (when
+    the augmentation runs on the CPU) augmented with OpenCV. In the training process (one batch
+    per key) as uint8 NCHW and int64 labels; in a loader worker into shared slots, handing over
+    [(slot, size), ...]."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, augment: BatchAugment | None,
                  batch_size: int, slots: _Slots | None = None) -> None:
@@ -223,8 +252,15 @@ class _HostBatches(torch.utils.data.Dataset):
         self.side = int(images.shape[1])
         self.drawn: tuple[int, Params] | None = None  # the epoch's parameters, drawn once
 
-    def __getitem__(self, key) -> tuple[torch.Tensor, torch.Tensor] | tuple[int, np.ndarray]:
-        epoch, b, seed, n, idx = key
+    def __getitem__(self, key) -> tuple[torch.Tensor, torch.Tensor] | list[tuple[int, int]]:
+        epoch, first, seed, n, batches = key
+        if self.slots is None:
+            (idx,) = batches
+            return self._batch(epoch, first, seed, n, idx)
+        return [self._batch(epoch, first + i, seed, n, idx) for i, idx in enumerate(batches)]
+
+    def _batch(self, epoch: int, b: int, seed: int, n: int, idx: np.ndarray
+               ) -> tuple[torch.Tensor, torch.Tensor] | tuple[int, int]:
         slot = self.slots.slot(epoch, b) if self.slots is not None else None
         out = None if slot is None else self.slots.images[slot, :len(idx)].numpy()
         if self.augment is None:
@@ -235,9 +271,10 @@ class _HostBatches(torch.utils.data.Dataset):
             start = b * self.batch_size
             x = self.augment.apply_numpy(np.take(self.images, idx, axis=0),
                                          self.drawn[1].rows(start, start + len(idx)), out=out)
+        if slot is not None:  # only the slot's number and the batch's size travel back
+            self.slots.labels[slot, :len(idx)].numpy()[:] = self.labels[idx]
+            return slot, len(idx)
         y = np.asarray(self.labels[idx], np.int64)
-        if slot is not None:  # only the slot's number and the labels travel back
-            return slot, y
         return torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(y)
 
     def __len__(self) -> int:
@@ -246,26 +283,31 @@ class _HostBatches(torch.utils.data.Dataset):
 
 class _Slots:
     """A ring of batch buffers in shared memory, allocated once, that loader workers write
-    their batches into: only a slot's number crosses between processes. (torch's DataLoader
-    otherwise moves each batch through a fresh shared-memory segment and a file descriptor,
-    which at 64 px cost the training process as much as building the batch: one worker
-    delivered half of what the same work gave in-process.)
+    their batches (images and labels) into: only a slot's number and the batch's size cross
+    between processes. (torch's DataLoader otherwise moves every tensor of a batch, the labels
+    too, through a fresh shared-memory segment and a file descriptor, which at 64 px cost the
+    training process as much as building the batch: one worker delivered half of what the same
+    work gave in-process.)
 
     Batch b of epoch e goes to slot (e * n_batches + b) % count. A slot is reused only after
     `count` later batches have been asked for; the loader keeps at most workers x prefetch
-    batches in flight and the training side holds two (the one it finishes, the one ahead).
+    groups of batches in flight, the training side the rest of its current group and two more
+    (the one it finishes, the one ahead).
     """
 
     def __init__(self, count: int, batch_size: int, side: int, n_batches: int) -> None:
         self.count, self.n_batches = count, n_batches
         self.images = torch.empty((count, batch_size, side, side, 3),
                                   dtype=torch.uint8).share_memory_()
+        self.labels = torch.empty((count, batch_size), dtype=torch.int64).share_memory_()
 
     def slot(self, epoch: int, b: int) -> int:
         return (epoch * self.n_batches + b) % self.count
 
-    def batch(self, slot: int, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.images[slot, :len(y)].permute(0, 3, 1, 2), y
+    def batch(self, slot: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The images as a view of the slot, the labels copied out (a step may keep them)."""
+        return (self.images[slot, :n].permute(0, 3, 1, 2),
+                torch.from_numpy(self.labels.numpy()[slot, :n].copy()))
 
 
 def _loader(o: TrainBatches, workers: int, prefetch: int) -> torch.utils.data.DataLoader:
@@ -273,7 +315,11 @@ def _loader(o: TrainBatches, workers: int, prefetch: int) -> torch.utils.data.Da
     batches ahead into shared slots (each with one thread, OpenCV's included), or none (built
     in this process when asked)."""
     prefetch = max(1, prefetch)
-    o.slots = _Slots(workers * prefetch + 3, o.batch_size, o.side, o.n_batches) \
+    group = 1
+    if workers > 0:
+        group = max(1, min(GROUP_MAX, round(GROUP_BYTES / (o.batch_size * o.side ** 2 * 3))))
+    o.keys.group = group
+    o.slots = _Slots((workers * prefetch + 1) * group + 3, o.batch_size, o.side, o.n_batches) \
         if workers > 0 else None
     dataset = _HostBatches(o.images, o.labels, None if o.tensor_augment else o.augment,
                            o.batch_size, o.slots)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from trainables import batches as batches_module
 from trainables.batch_augment import batch_transform
 from trainables.batches import TrainBatches, fits_on_device, gpu_sharing
 from trainables.config import TrainConfig
@@ -32,9 +33,11 @@ def test_images_stay_resident_on_the_gpu_when_they_fit_their_share():
 
 def _batches(images, labels, workers: int, policy: str = "strong", *, tensor: bool = False,
              resident: bool = False) -> TrainBatches:
-    rng_orders = {e: np.random.default_rng(e).permutation(len(images)) for e in range(1, 4)}
+    def order_of(e: int) -> np.ndarray:  # any epoch: loader workers run ahead into the next
+        return np.random.default_rng(e).permutation(len(images))
+
     return TrainBatches(images, labels, batch_size=BS, n_batches=len(images) // BS,
-                        device=torch.device("cpu"), order_of=rng_orders.__getitem__,
+                        device=torch.device("cpu"), order_of=order_of,
                         seed_of=lambda e: 100 + e, mean=torch.zeros(3).view(1, 3, 1, 1),
                         std=torch.ones(3).view(1, 3, 1, 1), channels_last=False,
                         augment=batch_transform(policy, hflip=True), tensor_augment=tensor,
@@ -83,6 +86,29 @@ def test_batches_do_not_depend_on_the_loader_workers(policy):
     for b, (_, y) in enumerate(first):  # labels follow the epoch's order
         assert torch.equal(y, torch.from_numpy(labels[order[b * BS:(b + 1) * BS]]))
     assert not torch.equal(runs[0][0][0][0], runs[0][1][0][0])  # epochs differ
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+def test_an_epoch_left_early_does_not_shift_the_next(monkeypatch):
+    """Loader workers build the next epoch's batches ahead, in groups; a run that leaves an
+    epoch early (a fitted run's last), mid-group, or skips one still gets each epoch's own
+    batches."""
+    monkeypatch.setattr(batches_module, "GROUP_MAX", 3)  # 8 batches: groups of 3, 3, 2
+    images, labels = _images(64)
+    want = {e: [(x.clone(), y.clone()) for x, y, _ in _batches(images, labels, 0).epoch(e)]
+            for e in (1, 2, 4)}
+    batches = _batches(images, labels, 2)
+    try:
+        got = {1: [(x.clone(), y.clone()) for x, y, _ in batches.epoch(1, 4)]}
+        for e in (2, 4):
+            got[e] = [(x.clone(), y.clone()) for x, y, _ in batches.epoch(e)]
+    finally:
+        batches.close()
+    assert batches.keys.group == 3
+    assert [len(got[e]) for e in (1, 2, 4)] == [4, 8, 8]
+    for e in (1, 2, 4):
+        for (xa, ya), (xb, yb) in zip(want[e], got[e]):
+            assert torch.equal(xa, xb) and torch.equal(ya, yb)
 
 
 def test_a_batch_on_the_host_is_the_order_s_images():
