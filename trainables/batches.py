@@ -111,6 +111,7 @@ class TrainBatches:
         else:
             self.keys = _EpochKeys(self)
             self.stream, self.at = None, (0, 0)  # the loader's iterator, its next batch
+            self.pending: list[tuple[int, int]] = []  # a group's batches not yet asked for
             self.pin_memory = pin_memory and cuda
             self.loader = _loader(self, workers, prefetch)
             self.side_stream = torch.cuda.Stream() if cuda else None
@@ -186,8 +187,7 @@ class TrainBatches:
         so loader workers build the next epoch's first batches while this process validates;
         it starts again only where the last epoch was left early (a fitted run's end)."""
         if self.stream is None or self.at != (epoch, 0):
-            self.keys.epoch, self.at = epoch, (epoch, 0)
-            self.pending: list[tuple[int, int]] = []  # a group's batches not yet asked for
+            self.keys.epoch, self.at, self.pending = epoch, (epoch, 0), []
             self.stream = iter(self.loader)
         return self.stream
 
@@ -223,8 +223,8 @@ class _EpochKeys(torch.utils.data.Sampler):
     `epoch` before iterating, as with DistributedSampler.set_epoch). The loader asks for keys
     only as far ahead as it prefetches."""
 
-    def __init__(self, owner: TrainBatches, group: int = 1) -> None:
-        self.owner, self.epoch, self.group = owner, 0, group
+    def __init__(self, owner: TrainBatches) -> None:
+        self.owner, self.epoch, self.group = owner, 0, 1  # `_loader` sets the group
 
     def __iter__(self):
         o, size = self.owner, self.owner.batch_size
@@ -306,8 +306,7 @@ class _Slots:
 
     def batch(self, slot: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The images as a view of the slot, the labels copied out (a step may keep them)."""
-        return (self.images[slot, :n].permute(0, 3, 1, 2),
-                torch.from_numpy(self.labels.numpy()[slot, :n].copy()))
+        return self.images[slot, :n].permute(0, 3, 1, 2), self.labels[slot, :n].clone()
 
 
 def _loader(o: TrainBatches, workers: int, prefetch: int) -> torch.utils.data.DataLoader:
