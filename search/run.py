@@ -40,7 +40,10 @@ def run(cfg: SearchConfig, started: float | None = None) -> int:
     if not exp.resumed:
         cfg = stages.suit_data(cfg, data)
     starts = base_starts(cfg, exp.store, data.num_classes, resumed=exp.resumed)  # and weights
+    opening = None if exp.resumed else stages.prepare_tracking(cfg)  # while Ray starts
     owns_ray = start_ray(cfg.address, cfg.num_cpus) or exp.started_ray
+    if opening is not None:
+        opening.join()  # before the machine's speed is timed, which must run alone
     try:
         cfg, plan, budget = stages.plan(cfg, data, split, starts, clock, resumed=exp.resumed)
         exp.create(cfg, data, split)  # only once the search is sure to start

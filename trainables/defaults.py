@@ -161,6 +161,11 @@ FINISH_S = 10.0
 # RESULTS.md §0f, §0h).
 REFIT_STRETCH = 2.0
 SLACK = 0.92  # keep a margin for trial start-up and the unexpected
+# The machine's speed is first timed once (3 steps after two warm-up steps, ~2 s for resnet10t
+# at 64 px on 2 cores); when no search would fit even at this many times that pace, the budget
+# goes to the recipe and the rest of the timing (two more, ~2.4 s) is skipped. The first timing
+# read 1.00-1.19x the fastest of three (resnet10t at 32, 64 and 128 px, three runs each).
+SPEED_DOUBT = 1.5
 
 
 def warm_epochs(longest: int) -> int:

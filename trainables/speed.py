@@ -9,45 +9,65 @@ import torch
 from trainables.config import TrainConfig
 
 
+class SpeedProbe:
+    """Times training steps of `cfg.model` at `image_size` with `threads` CPU threads (or on the
+    GPU when there is one): forward, backward and an AdamW step under the run's autocast, after
+    two warm-up steps. `seconds_per_image` may be asked again to time more: the fastest timing
+    so far counts (one timing after one warm-up step varied 1.6x between two runs on one machine,
+    and the plan then left 40 % of the budget unused). The caller's thread count is restored."""
+
+    def __init__(self, cfg: TrainConfig, num_classes: int, image_size: int, *, threads: int,
+                 batch_size: int = 32) -> None:
+        from trainables.models import create_model
+        from trainables.train import amp_dtype, default_device
+
+        self.threads, self.batch_size = max(1, threads), batch_size
+        self.device = default_device()
+        self.model = create_model(cfg.model, num_classes).to(self.device).train()
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        self.amp = amp_dtype(cfg.amp, self.device)
+        self.x = torch.randn(batch_size, 3, image_size, image_size, device=self.device)
+        self.y = torch.randint(0, num_classes, (batch_size,), device=self.device)
+        self.timings: list[float] = []  # seconds per image, one per timing
+        self.warm = False
+
+    def _step(self) -> None:
+        with torch.autocast(self.device.type, dtype=self.amp or torch.float32,
+                            enabled=self.amp is not None):
+            loss = torch.nn.functional.cross_entropy(self.model(self.x), self.y)
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def _timed(self, steps: int) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        tick = time.perf_counter()
+        for _ in range(steps):
+            self._step()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - tick
+
+    def seconds_per_image(self, steps: int = 3, repeats: int = 3) -> float:
+        """Times `repeats` more timings of `steps` steps; the fastest so far, per image."""
+        before = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            if not self.warm:
+                self._step()
+                self._step()
+                self.warm = True
+            for _ in range(repeats):
+                self.timings.append(self._timed(steps) / (steps * self.batch_size))
+            return min(self.timings)
+        finally:
+            torch.set_num_threads(before)
+
+
 def seconds_per_image(cfg: TrainConfig, num_classes: int, image_size: int, *, threads: int,
                       batch_size: int = 32, steps: int = 3, repeats: int = 3) -> float:
-    """Training seconds per image of `cfg.model` at `image_size` with `threads` CPU threads (or
-    on the GPU when there is one): forward, backward and an AdamW step under the run's autocast,
-    the fastest of `repeats` timings of `steps` steps after two warm-up steps (one timing after
-    one warm-up step varied 1.6x between two runs on one machine, and the plan then left 40 %
-    of the budget unused). A few seconds; the caller's thread count is restored."""
-    from trainables.models import create_model
-    from trainables.train import amp_dtype, default_device
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(1, threads))
-    try:
-        device = default_device()
-        model = create_model(cfg.model, num_classes).to(device).train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        amp = amp_dtype(cfg.amp, device)
-        x = torch.randn(batch_size, 3, image_size, image_size, device=device)
-        y = torch.randint(0, num_classes, (batch_size,), device=device)
-
-        def step() -> None:
-            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                loss = torch.nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        def timed() -> float:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            tick = time.perf_counter()
-            for _ in range(steps):
-                step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            return time.perf_counter() - tick
-
-        step()
-        step()
-        return min(timed() for _ in range(repeats)) / (steps * batch_size)
-    finally:
-        torch.set_num_threads(before)
+    """Training seconds per image: the fastest of `repeats` timings of `steps` steps after two
+    warm-up steps (`SpeedProbe`). A few seconds."""
+    return SpeedProbe(cfg, num_classes, image_size, threads=threads,
+                      batch_size=batch_size).seconds_per_image(steps, repeats)
