@@ -149,8 +149,8 @@ class TrainConfig:
                                             "it).", searchable=False, flag=False)
     fit_by: float = setting("fit_by", "A deadline (UNIX time) for the training to end by: after "
                                       "each epoch the run sets its length to what fits, as "
-                                      "measured, to the batch (at most fit_cap; it lengthens "
-                                      "only in its first half, later only shortens; 0: train "
+                                      "measured, to the batch (at most fit_cap; longer when "
+                                      "epochs speed up, shorter when they slow down; 0: train "
                                       "`epochs`).",
                             searchable=False, flag=False)
     fit_cap: int = setting("fit_cap", "The most epochs `fit_by` may stretch the run to (0: "

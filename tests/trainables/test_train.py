@@ -499,23 +499,22 @@ def test_a_fitted_run_resumes_at_the_length_it_had_set(tiny, tmp_path):
     assert finished(path, cfg) and not finished(path, dataclasses.replace(cfg, fit_by=0.0))
 
 
-@pytest.mark.parametrize("epoch, current, left_s, times, expect", [
-    (2, 9, 100.0, [10.0], 10.7),  # after epoch 1, 10 s: 1 done + 9.7 more (97 % of 100 s)
-    (2, 9, 1000.0, [10.0], 30),   # time to spare: the cap
-    (3, 10, 10.0, [20.0, 10.0], 3),  # short of time: at least the whole epoch about to run
-    # in the first half, at the last three epochs' pace (not the first's): 4 done + 6.79 more
-    (5, 10, 70.0, [30.0, 10.0, 10.0, 10.0], 10.79),
-    (7, 10, 1000.0, [10.0] * 6, 10),  # in the second half: never longer than set ...
-    (7, 12, 40.0, [10.0] * 6, 9.88),  # ... but shorter when time runs short: 6 done + 3.88
+@pytest.mark.parametrize("epoch, left_s, times, expect", [
+    (2, 100.0, [10.0], 10.7),  # after epoch 1, 10 s: 1 done + 9.7 more (97 % of 100 s)
+    (2, 1000.0, [10.0], 30),   # time to spare: the cap
+    (3, 10.0, [20.0, 10.0], 3),  # short of time: at least the whole epoch about to run
+    # at the last three epochs' pace (not the first's): 4 done + 6.79 more
+    (5, 70.0, [30.0, 10.0, 10.0, 10.0], 10.79),
+    (7, 40.0, [10.0] * 6, 9.88),  # late in the run, shorter when time runs short: 6 + 3.88 ...
+    (9, 40.0, [12.0] * 5 + [8.0] * 3, 12.85),  # ... and longer when epochs sped up: 8 + 4.85
     # one slow epoch counts as a third: 7 done + 30 s * 0.97 / 12.67 s (not / 18 s: 8.62)
-    (8, 10, 30.0, [10.0] * 6 + [18.0], 7 + 30 * 0.97 / (38 / 3)),
+    (8, 30.0, [10.0] * 6 + [18.0], 7 + 30 * 0.97 / (38 / 3)),
 ])
-def test_a_fitted_length_grows_only_in_its_first_half_and_shrinks_when_time_runs_short(
-        epoch, current, left_s, times, expect):
+def test_a_fitted_length_follows_the_pace_of_its_last_epochs_both_ways(
+        epoch, left_s, times, expect):
     from trainables.train import fitted_length
 
-    got = fitted_length(epoch, current, cap=30, left_s=left_s, times=times)
-    assert got == pytest.approx(expect)
+    assert fitted_length(epoch, cap=30, left_s=left_s, times=times) == pytest.approx(expect)
 
 
 def test_a_run_whose_last_epoch_is_partial_trains_that_share_and_ends_its_schedule(
