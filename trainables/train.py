@@ -134,16 +134,22 @@ def _epochs(cfg: TrainConfig, loop: _Loop, keeper: _Keeper, data: ImageData,
 # tail only a little (the updates done stay done; 80 % into a cosine, a 5 % longer run lifts the
 # learning rate from 10 % to 13 % of its peak).
 FIT_MARGIN = 0.97  # of the time left, for epochs that run slower than the ones timed
+# The least of its next epoch a fitted run trains (one batch at least): a run that set its
+# length to 12.9 epochs and whose 12th epoch ran slow has time for a share of the 13th, not all
+# of it (a whole 13th epoch ended a K = 1 run on the sign photos 5 s after its deadline)
+LEAST_SHARE = 1e-3
 
 
 def fitted_length(epoch: int, cap: int, left_s: float, times: list[float]) -> float:
     """A fitted run's length in epochs (a fraction: its last epoch ends early) when epoch
     `epoch` is next, `left_s` remain before its deadline and its epochs so far took `times`:
     the epochs done and as much more as fits at the mean pace of its last three epochs (the
-    first only alone), at least this whole epoch and at most `cap`."""
+    first only alone), at most `cap`, and at least a batch of this epoch (`_Loop.set_length`
+    rounds a share up to one): a run that reached this epoch has time for less than all of it
+    when the epochs before ran slower than they were expected to."""
     recent = (times[1:] or times)[-3:]
     more = left_s * FIT_MARGIN / max(sum(recent) / len(recent), 1e-6)
-    return min(float(cap), max(float(epoch), epoch - 1 + more))
+    return min(float(cap), epoch - 1 + max(more, LEAST_SHARE))
 
 
 def _fitted_length(cfg: TrainConfig, epoch: int, times: list[float], loop: _Loop) -> float:

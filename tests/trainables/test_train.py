@@ -502,7 +502,8 @@ def test_a_fitted_run_resumes_at_the_length_it_had_set(tiny, tmp_path):
 @pytest.mark.parametrize("epoch, left_s, times, expect", [
     (2, 100.0, [10.0], 10.7),  # after epoch 1, 10 s: 1 done + 9.7 more (97 % of 100 s)
     (2, 1000.0, [10.0], 30),   # time to spare: the cap
-    (3, 10.0, [20.0, 10.0], 3),  # short of time: at least the whole epoch about to run
+    (3, 10.0, [20.0, 10.0], 2.97),  # short of time: a share of the epoch about to run ...
+    (3, -5.0, [20.0, 10.0], 2.001),  # ... at least a batch of it, even past the deadline
     # at the last three epochs' pace (not the first's): 4 done + 6.79 more
     (5, 70.0, [30.0, 10.0, 10.0, 10.0], 10.79),
     (7, 40.0, [10.0] * 6, 9.88),  # late in the run, shorter when time runs short: 6 + 3.88 ...
