@@ -174,7 +174,8 @@ def speed(cfg: SearchConfig, data: ImageData, models: list[str], threads: int,
 def prepare_tracking(cfg: SearchConfig) -> threading.Thread:
     """Opens a new search's MLflow store in the background, while Ray starts: creating a new
     sqlite store's tables (MLflow's migrations) takes ~3.5 s on 2 cores, as long as Ray's start.
-    `open_tracking` joins it; what fails here fails there again, with its sentence."""
+    The caller joins it before timing the machine; what fails here fails again in
+    `open_tracking`, with its sentence."""
     from trainables.tracking import client_for, resolve_tracking_uri
 
     def open_store() -> None:
@@ -187,7 +188,6 @@ def prepare_tracking(cfg: SearchConfig) -> threading.Thread:
     thread = threading.Thread(target=open_store, name="open-mlflow-store")
     thread.start()
     return thread
-
 
 
 def open_tracking(cfg: SearchConfig, store: ExperimentStore, data: ImageData, split: Split,
