@@ -64,10 +64,3 @@ class SpeedProbe:
         finally:
             torch.set_num_threads(before)
 
-
-def seconds_per_image(cfg: TrainConfig, num_classes: int, image_size: int, *, threads: int,
-                      batch_size: int = 32, steps: int = 3, repeats: int = 3) -> float:
-    """Training seconds per image: the fastest of `repeats` timings of `steps` steps after two
-    warm-up steps (`SpeedProbe`). A few seconds."""
-    return SpeedProbe(cfg, num_classes, image_size, threads=threads,
-                      batch_size=batch_size).seconds_per_image(steps, repeats)
