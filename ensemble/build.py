@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from ensemble.folds import fit_folds, fold_report, plan_folds
 from ensemble.members import SearchState, open_search, retrain_seeds, top_members
 from ensemble.report import log_to_mlflow, table_lines, write_report
 from models.predict import check_tta, load, predictions_frame
-from trainables.cli import CommonOptions, add_options, opt, run_main, start_ray, typed
+from trainables.cli import CommonOptions, add_options, exit_now, opt, run_main, start_ray, typed
 from trainables.data import read_unlabelled
 from trainables.errors import UserError
 from trainables.files import atomic_write
@@ -252,4 +251,4 @@ def _tracking(cfg: EnsembleConfig, state: SearchState) -> tuple[str, str | None]
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

@@ -12,14 +12,13 @@ are more than a call); nothing is shared through a mutable bag.
 from __future__ import annotations
 
 import logging
-import sys
 import time
 
 from search import stages
 from search.config import SearchConfig, parse_config
 from search.experiment import Experiment
 from search.start import base_starts
-from trainables.cli import process_start, run_main, start_ray
+from trainables.cli import exit_now, process_start, run_main, start_ray
 
 log = logging.getLogger("search")
 
@@ -78,4 +77,4 @@ def run(cfg: SearchConfig, started: float | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

@@ -83,3 +83,28 @@ def test_a_budget_counts_from_the_command_start_not_from_after_its_imports():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(REPO)}, check=True).stdout
     assert 1.0 <= float(out) < 60
+
+
+EXIT_NOW = """
+import atexit, sys, threading, time
+from pathlib import Path
+from trainables.cli import exit_now
+out = Path(sys.argv[1])
+atexit.register(lambda: (out / "atexit").write_text("ran"))
+threading.Thread(target=lambda: (time.sleep(0.3), (out / "thread").write_text("done"))).start()
+sys.stdout.write("said before the exit")  # no newline: left in the buffer
+exit_now(3)
+(out / "after").write_text("must not run")
+"""
+
+
+def test_exit_now_keeps_what_a_normal_exit_does_and_the_code(tmp_path):
+    # what the entry points' __main__ blocks end with: threads waited for, atexit handlers run,
+    # buffered output flushed, the exit code kept; only the interpreter's teardown is skipped
+    done = subprocess.run([sys.executable, "-c", EXIT_NOW, str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3, done.stderr
+    assert done.stdout == "said before the exit"
+    assert (tmp_path / "thread").read_text() == "done"
+    assert (tmp_path / "atexit").read_text() == "ran"
+    assert not (tmp_path / "after").exists()
