@@ -19,6 +19,7 @@ from search.config import SearchConfig, parse_config
 from search.experiment import Experiment
 from search.start import base_starts
 from trainables.cli import exit_now, process_start, run_main, start_ray
+from trainables.jobs import warm_worker
 
 log = logging.getLogger("search")
 
@@ -45,6 +46,7 @@ def run(cfg: SearchConfig, started: float | None = None) -> int:
         opening.join()  # before the machine's speed is timed, which must run alone
     try:
         cfg, plan, budget = stages.plan(cfg, data, split, starts, clock, resumed=exp.resumed)
+        warm_worker()  # after the speed timing, which runs alone; while the reports are written
         exp.create(cfg, data, split)  # only once the search is sure to start
         store = exp.store
         tracking = stages.open_tracking(cfg, store, data, split, plan)

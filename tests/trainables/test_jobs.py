@@ -42,6 +42,28 @@ def local_ray():
     ray.shutdown()
 
 
+def test_a_job_after_warm_worker_runs_in_the_warmed_process(local_ray):
+    import ray
+
+    from trainables import jobs
+
+    def where() -> tuple[int, bool]:  # defined here: sent to the worker by value
+        import os
+        import sys
+
+        return os.getpid(), "trainables.train" in sys.modules and "timm.optim" in sys.modules
+
+    jobs.warm_worker()
+    (ref,) = jobs._warming
+    jobs._wait_for_warm_up()  # what `train` does before it submits
+    assert not jobs._warming and ray.wait([ref], timeout=0)[0]  # it ended, and is spent
+    warm_pid = ray.get(ref)
+    # a job-shaped task (the whole 2-CPU node) lands in that process, its imports done
+    probe = ray.remote(where).options(num_cpus=2)
+    assert ray.get(probe.remote()) == (warm_pid, True)
+    jobs._wait_for_warm_up()  # nothing left to wait for: returns at once
+
+
 @pytest.fixture
 def start_and_data(make_folder):
     data = load_data(make_folder(classes=3, per_class=8), image_size=32)
