@@ -19,7 +19,7 @@ from search.config import SearchConfig, parse_config
 from search.experiment import Experiment
 from search.start import base_starts
 from trainables.cli import exit_now, process_start, run_main, start_ray
-from trainables.jobs import warm_worker
+from trainables.jobs import forget_warm_up, warm_worker
 
 log = logging.getLogger("search")
 
@@ -72,6 +72,7 @@ def run(cfg: SearchConfig, started: float | None = None) -> int:
                        registered, tracking, clock)
         return 0
     finally:
+        forget_warm_up()
         if owns_ray:
             import ray
 

@@ -191,8 +191,14 @@ def _wait_for_warm_up() -> None:
     import ray
 
     refs = list(_warming)
-    _warming.clear()
+    forget_warm_up()
     ray.wait(refs, num_returns=len(refs), timeout=WARM_WAIT_S)
+
+
+def forget_warm_up() -> None:
+    """Drops a warm-up no job waited for (a search of trials only): its Ray may be shut down
+    before the process's next job, which must not wait on it."""
+    _warming.clear()
 
 
 
