@@ -17,7 +17,7 @@ import time
 from search import stages
 from search.config import SearchConfig, parse_config
 from search.experiment import Experiment
-from search.start import base_starts
+from search.start import base_starts, needs_warm_start
 from trainables.cli import exit_now, process_start, run_main, start_ray
 from trainables.jobs import forget_warm_up, warm_worker
 
@@ -46,7 +46,8 @@ def run(cfg: SearchConfig, started: float | None = None) -> int:
         opening.join()  # before the machine's speed is timed, which must run alone
     try:
         cfg, plan, budget = stages.plan(cfg, data, split, starts, clock, resumed=exp.resumed)
-        warm_worker()  # after the speed timing, which runs alone; while the reports are written
+        if cfg.recipe_only or needs_warm_start(cfg, starts):  # a job (a Ray task) comes next:
+            warm_worker()  # its imports while the reports are written, after the speed timing
         exp.create(cfg, data, split)  # only once the search is sure to start
         store = exp.store
         tracking = stages.open_tracking(cfg, store, data, split, plan)

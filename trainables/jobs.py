@@ -5,7 +5,8 @@ start, the refit, seed retrains, fold models, students) goes through `train`, wh
 where and with what each job runs (`whole_node`, the one resource rule), skips jobs that have
 finished (`trainables.store.finished`, the one rule for that), continues interrupted ones from
 their last epoch, and returns each job's best metrics and per-epoch reports. A new kind of
-retraining is a list of `TrainJob`s.
+retraining is a list of `TrainJob`s. `warm_worker` has a Ray worker import the training code
+ahead of the first job, which then runs in that process.
 
 `fit_with` is the one place that starts the training loop with given resources: inline in the
 calling process for one worker, as DDP over Ray Train workers for several. Trials use it too.
@@ -178,7 +179,9 @@ def warm_worker() -> None:
     still writes its reports: the next training job (the recipe, the warm start, a refit) is a
     task, Ray runs it in that same process, and it starts without ~4 s of cold imports (torch,
     timm: 3.8 s on a 2-core machine). The task reserves no CPU; `train` waits for it to end,
-    so a job does not start beside it in a cold process. Trials run in actors of their own."""
+    so a job does not start beside it in a cold process. Only where a job comes next: trials
+    run in Tune's actors, which Ray starts in processes of their own, and Ray may end idle
+    workers while they run, so a refit after trials may find no warm one."""
     import ray
 
     _warming.append(ray.remote(_import_training).options(num_cpus=0).remote())
@@ -199,7 +202,6 @@ def forget_warm_up() -> None:
     """Drops a warm-up no job waited for (a search of trials only): its Ray may be shut down
     before the process's next job, which must not wait on it."""
     _warming.clear()
-
 
 
 @dataclass
