@@ -176,8 +176,8 @@ def _import_training() -> int:
 
 def warm_worker() -> None:
     """Has one of Ray's idle worker processes import the training code now, while this process
-    still writes its reports: the next training job (the recipe, the warm start, a refit) is a
-    task, Ray runs it in that same process, and it starts without ~4 s of cold imports (torch,
+    still writes its reports: the next training job (the recipe, or the warm start) is a task,
+    Ray runs it in that same process, and it starts without ~4 s of cold imports (torch,
     timm: 3.8 s on a 2-core machine). The task reserves no CPU; `train` waits for it to end,
     so a job does not start beside it in a cold process. Only where a job comes next: trials
     run in Tune's actors, which Ray starts in processes of their own, and Ray may end idle
