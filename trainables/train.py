@@ -285,6 +285,9 @@ class _Loop:
         self.mean = torch.tensor(inputs.mean, device=device)  # built once, not per batch
         self.std = torch.tensor(inputs.std, device=device)
         self.start_memory_mb = peak_memory_mb()  # before a batch of data is read
+        # after the first update: the libraries a step loads (OpenCV, the kernels), the model's
+        # gradients and optimizer state, one batch; what the peak adds beyond it is the data's
+        self.warm_memory_mb: float | None = None
         self.batches = _batches(self, cfg, data, device)
         train_labels = data.labels[inputs.train_idx]
         self.mixup, self.criterion = _loss(cfg, data.num_classes, train_labels, device,
@@ -316,7 +319,8 @@ class _Loop:
                    "train_images": seen * self.world_size,  # what this epoch really trained
                    "train_images_per_s": seen * self.world_size / max(train_s, 1e-9),
                    "data_wait_share": waited / max(train_s, 1e-9),
-                   "start_memory_mb": self.start_memory_mb, "peak_memory_mb": peak_memory_mb()}
+                   "start_memory_mb": self.start_memory_mb, "warm_memory_mb": self.warm_memory_mb,
+                   "peak_memory_mb": peak_memory_mb()}
         if not len(self.inputs.val_idx):
             return metrics, np.zeros((0, self.data.num_classes), np.float32)
         images = self.batches.dev_images if self.batches.resident else self.data.images
@@ -378,6 +382,8 @@ class _Loop:
                 self.scaler.scale(loss / cfg.accum_steps).backward()
             if step_now:
                 self._update()
+                if self.warm_memory_mb is None:
+                    self.warm_memory_mb = peak_memory_mb()
             total += loss.detach().float() * len(x)
             seen += len(x)
         return float(total) / max(seen, 1), seen, waited
