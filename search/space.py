@@ -122,6 +122,8 @@ def first_points(space: dict[str, Any]) -> list[dict[str, Any]]:
 def recommended_value(name: str, spec: dict | list) -> Any:
     want = RECOMMENDED.get(name, _DEFAULTS.get(name))
     if isinstance(spec, list):
+        if want in ("low", "high") and all(isinstance(v, (int, float)) for v in spec):
+            return min(spec) if want == "low" else max(spec)
         return want if want in spec else spec[0]
     low, high = spec["low"], spec["high"]
     if want in ("low", "high"):

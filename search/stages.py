@@ -25,7 +25,7 @@ from search.tracking import SearchRun
 from trainables.checkpoint import Checkpoint
 from trainables.config import TrainConfig
 from trainables.data import ImageData
-from trainables.defaults import FINISH_S, REFIT_STRETCH, SLACK, SPACE, SPEED_DOUBT
+from trainables.defaults import FINISH_S, GPU_BATCHES, REFIT_STRETCH, SLACK, SPACE, SPEED_DOUBT
 from trainables.errors import UserError
 from trainables.metrics import classification_metrics
 from trainables.split import Split
@@ -95,6 +95,15 @@ def suit_data(cfg: SearchConfig, data: ImageData) -> SearchConfig:
                                train=dataclasses.replace(cfg.train, dihedral=True))
 
 
+def suit_machine(cfg: SearchConfig, gpus: float) -> SearchConfig:
+    """Batch sizes for the hardware where the user did not choose them: a search whose trials or
+    solo jobs (recipe, warm start, refit) train on a GPU draws from `GPU_BATCHES`, so its
+    recipe, the smallest batch offered, trains 64 images a step there; on CPUs it trains 32."""
+    if gpus <= 0 or cfg.space.get("batch_size") != SPACE["batch_size"]:
+        return cfg
+    return dataclasses.replace(cfg, space={**cfg.space, "batch_size": list(GPU_BATCHES)})
+
+
 # ---------------------------------------------------------------------- plan
 
 
@@ -108,6 +117,8 @@ def plan(cfg: SearchConfig, data: ImageData, split: Split, starts: dict[str, Sta
     from search.start import needs_warm_start
     from trainables.jobs import cluster_nodes, whole_node
 
+    if not resumed:  # a continued search keeps the space its first run planned with
+        cfg = suit_machine(cfg, max(cfg.gpus_per_worker, whole_node(cluster_nodes()).gpus))
     if cfg.recipe_only and not resumed and cfg.budget_s is None:
         cfg = budget.recipe_config(cfg)
     resources = plan_for_cluster(cfg)
@@ -117,7 +128,7 @@ def plan(cfg: SearchConfig, data: ImageData, split: Split, starts: dict[str, Sta
     solo = whole_node(cluster_nodes()).threads
     sizes = split.sizes()
     # trials are timed at the smallest batch they may draw, what trains alone (the recipe, the
-    # warm start, mostly the refit) at the recipe's own batch (64: 4 % faster than 32 here)
+    # warm start, mostly the refit) at the recipe's own batch
     recipe_batch = int(budget.recipe_space(cfg).get("batch_size", cfg.train.batch_size))
 
     def plan_at(measured: budget.Speed) -> budget.BudgetPlan:

@@ -185,7 +185,8 @@ def test_every_searchable_name_is_a_train_setting():
 
 def test_recommended_point_in_the_default_space():
     point = recommended_point(resolve_space(DEFAULT_SPACE, 10))
-    assert point == {k: v for k, v in RECOMMENDED.items() if k != "epochs"} | {"epochs": 10}
+    assert point == {k: v for k, v in RECOMMENDED.items() if k not in ("epochs", "batch_size")} \
+        | {"epochs": 10, "batch_size": 32}  # the longest, the smallest batch offered
 
 
 def test_a_search_first_measures_the_recipe_against_flips_only():
@@ -202,7 +203,7 @@ def test_a_search_first_measures_the_recipe_against_flips_only():
 def test_recommended_point_is_fitted_into_a_users_space():
     space = resolve_space({
         "lr": {"low": 1e-5, "high": 1e-3, "log": True},    # recommended 3e-3 is above: clipped
-        "batch_size": [16, 128],                            # 64 not offered: the first choice
+        "batch_size": [128, 16],                            # the smallest offered, any order
         "scheduler": ["cosine", "onecycle"],                # offered: kept
         "label_smoothing": {"low": 0.15, "high": 0.2},      # default 0.1 below: clipped
         "mixup": {"low": 0.0, "high": 0.4},                 # default 0.0 in range: kept

@@ -1,4 +1,5 @@
-"""Settings the data decides: images without an up or down train with the exact symmetries."""
+"""Settings the data and the machine decide: images without an up or down train with the exact
+symmetries; the recipe's batch follows the hardware."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import numpy as np
 
 from conftest import every_way, upright_scenes
 from search.config import parse_config
-from search.stages import suit_data
+from search.stages import suit_data, suit_machine
 from trainables.data import ImageData
 
 
@@ -31,3 +32,17 @@ def test_images_without_an_up_train_with_quarter_turns_unless_the_user_chose():
         assert not suit_data(parse_config(["--data", "x", *told]), free).train.dihedral
     own = parse_config(["--data", "x", "--space", "augment=[light,none]"])
     assert suit_data(own, free).space["augment"] == ["light", "none"]  # their choices stay
+
+
+def test_the_recipe_trains_batches_of_32_on_cpus_and_64_on_a_gpu_unless_the_user_chose():
+    from search.budget import recipe_space
+
+    cfg = parse_config(["--data", "x"])
+    assert suit_machine(cfg, gpus=0) == cfg and recipe_space(cfg)["batch_size"] == 32
+    on_gpu = suit_machine(cfg, gpus=1)
+    assert on_gpu.space["batch_size"] == [64, 128, 256] and recipe_space(on_gpu)["batch_size"] == 64
+    assert suit_machine(parse_config(["--data", "x", "--gpus-per-worker", "0.5"]), gpus=0.5) \
+        .space["batch_size"][0] == 64
+    own = parse_config(["--data", "x", "--space", "batch_size=[16,32]"])
+    assert suit_machine(own, gpus=1).space["batch_size"] == [16, 32]  # their choices stay
+    assert recipe_space(own)["batch_size"] == 16
