@@ -117,15 +117,16 @@ def plan(cfg: SearchConfig, data: ImageData, split: Split, starts: dict[str, Sta
     from search.start import needs_warm_start
     from trainables.jobs import cluster_nodes, whole_node
 
+    node = whole_node(cluster_nodes())  # what the recipe, warm start and refit train on
     if not resumed:  # a continued search keeps the space its first run planned with
-        cfg = suit_machine(cfg, max(cfg.gpus_per_worker, whole_node(cluster_nodes()).gpus))
+        cfg = suit_machine(cfg, max(cfg.gpus_per_worker, node.gpus))
     if cfg.recipe_only and not resumed and cfg.budget_s is None:
         cfg = budget.recipe_config(cfg)
     resources = plan_for_cluster(cfg)
     if cfg.budget_s is None or resumed:
         return cfg, resources, None
     models = list(starts)
-    solo = whole_node(cluster_nodes()).threads
+    solo = node.threads
     sizes = split.sizes()
     # trials are timed at the smallest batch they may draw, what trains alone (the recipe, the
     # warm start, mostly the refit) at the recipe's own batch
