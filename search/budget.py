@@ -20,8 +20,11 @@ from trainables.defaults import (
     EVAL_COST,
     FINISH_S,
     GOOD_EPOCHS,
+    GPU_BATCHES,
+    LONG_RECIPE_EPOCHS,
     MAX_EPOCHS,
     SLACK,
+    SPACE,
     TRIALS_PER_SLOT,
     WARM_SHARE,
     warm_epochs,
@@ -143,7 +146,7 @@ def apply(cfg: SearchConfig, plan: BudgetPlan) -> SearchConfig:
     """The config with the plan's epochs, trials and warm start; an epochs range the user did
     not set follows the new --max-epochs. A recipe-only plan makes a --recipe-only config."""
     if plan.recipe:
-        return recipe_config(cfg, plan.max_epochs)
+        return recipe_config(cfg, plan.max_epochs, batch=long_recipe_batch(cfg, plan.max_epochs))
     space = dict(cfg.space)
     if space.get("epochs") == default_epochs(cfg.max_epochs):
         space["epochs"] = None
@@ -166,13 +169,27 @@ def recipe_space(cfg: SearchConfig) -> dict:
     return space | {"model": model}
 
 
-def recipe_config(cfg: SearchConfig, epochs: int | None = None) -> SearchConfig:
+def long_recipe_batch(cfg: SearchConfig, epochs: int) -> int | None:
+    """The batch a budgeted recipe of `epochs` epochs trains in place of its own (the smallest
+    offered), or None to keep it: a run of LONG_RECIPE_EPOCHS or more takes the next batch the
+    machine's default space offers (64 on a CPU), fewer but faster updates once a run has
+    enough of them. A batch list the user chose is theirs."""
+    offered = cfg.space.get("batch_size")
+    if epochs < LONG_RECIPE_EPOCHS or offered not in (SPACE["batch_size"], GPU_BATCHES):
+        return None
+    return sorted(offered)[1]
+
+
+def recipe_config(cfg: SearchConfig, epochs: int | None = None,
+                  batch: int | None = None) -> SearchConfig:
     """The --recipe-only config: `recipe_space` (so config.yaml says what trained), `epochs`
-    (default: the recommended length) and the start the recipe would have had without a warm
-    start, which it has no time for."""
+    (default: the recommended length), `batch` (default: the recipe's) and the start the recipe
+    would have had without a warm start, which it has no time for."""
     space = recipe_space(cfg)
     if epochs is not None:
         space["epochs"] = epochs
+    if batch is not None:
+        space["batch_size"] = batch
     init = cfg.init
     if init in ("auto", "warm"):
         init = "pretrained" if cfg.pretrained or cfg.pretrained_file else "random"

@@ -159,7 +159,9 @@ def plan(cfg: SearchConfig, data: ImageData, split: Split, starts: dict[str, Sta
     pace = f"{1000 * measured.solo:.1f} ms per training image alone on the machine"
     if not the_plan.recipe or measured.trial != measured.solo:
         pace = f"{1000 * measured.trial:.1f} ms per training image per trial, " + pace
-    log.info("time budget %s: %s (measured %s)", cfg.time_budget, the_plan.describe(), pace)
+    batch = f", batches of {cfg.space['batch_size']}" if the_plan.recipe else ""
+    log.info("time budget %s: %s%s (measured %s)", cfg.time_budget, the_plan.describe(), batch,
+             pace)
     return cfg, plan_for_cluster(cfg), the_plan
 
 

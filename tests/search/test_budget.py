@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from search.budget import Speed, apply, plan_budget
+from search.budget import BudgetPlan, Speed, apply, plan_budget
 from search.config import parse_config
 from search.resources import ResourcePlan
 from trainables.cli import parse_duration
-from trainables.defaults import GOOD_EPOCHS
+from trainables.defaults import GOOD_EPOCHS, LONG_RECIPE_EPOCHS
 from trainables.errors import UserError
 
 PLAN = ResourcePlan(workers=1, cpus_per_worker=1.0, gpus_per_worker=0.0, trial_cpus=0.0,
@@ -114,6 +114,20 @@ def test_a_budget_of_one_script_trains_the_recipe_once_on_the_whole_machine():
                            **CLOTHES).recipe
     assert not plan_budget(cfg, remaining_s=4 * 800, speed=speed, plan=PLAN, warm=1,
                            **CLOTHES).recipe
+
+
+def test_a_long_budgeted_recipe_trains_the_next_batch_of_the_space():
+    """Batches of 32 where the recipe is short, 64 (128 on a GPU's space) for a long one; the
+    user's own batch list is kept."""
+    def batch(args: list[str], epochs: int) -> int:
+        cfg = parse_config(["--data", "x", "--time-budget", "400", *args])
+        plan = BudgetPlan(epochs, 1, None, 400.0, 0.0, 0.0, 380.0, 1.0, recipe=True)
+        return apply(cfg, plan).space["batch_size"]
+
+    long, short = LONG_RECIPE_EPOCHS, LONG_RECIPE_EPOCHS - 1
+    assert batch([], long) == 64 and batch([], short) == 32
+    assert batch(["--space", "batch_size=[16,32,64]"], long) == 16
+    assert batch(["--space", "batch_size=[64,128,256]"], long) == 128  # a GPU's (suit_machine)
 
 
 def test_budgeted_runs_end_before_the_finish_and_within_their_cap():
