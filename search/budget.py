@@ -172,8 +172,9 @@ def recipe_space(cfg: SearchConfig) -> dict:
 def long_recipe_batch(cfg: SearchConfig, epochs: int) -> int | None:
     """The batch a budgeted recipe of `epochs` epochs trains in place of its own (the smallest
     offered), or None to keep it: a run of LONG_RECIPE_EPOCHS or more takes the next batch the
-    machine's default space offers (64 on a CPU), fewer but faster updates once a run has
-    enough of them. A batch list the user chose is theirs."""
+    machine's default space offers (64 on a CPU): at K = 2's length it kept both the blood scans
+    and the clothing photos under ~0.9x a plain script's errors, where 32 left the scans at 0.93x
+    (benchmarks/RESULTS.md §0n). A batch list the user chose is theirs."""
     offered = cfg.space.get("batch_size")
     if epochs < LONG_RECIPE_EPOCHS or offered not in (SPACE["batch_size"], GPU_BATCHES):
         return None

@@ -153,11 +153,11 @@ TRIALS_PER_SLOT = 2.0  # full-length trials each concurrency slot should fit (AS
 GOOD_EPOCHS = 12
 # A budgeted recipe this long or longer takes the next batch its space offers (64 on a CPU): at
 # K = 2's length (21 epochs at 32 against 23 at 64, the same time) the blood-cell scans made
-# 72 test errors over three seeds at 64 against 81 at 32 (the script 80), the clothing photos
-# 241 against 223 (the script 270): 0.90x / 0.89x the script's errors at 64 against 1.01x /
-# 0.83x at 32; at K = 1's length (11 against 13 epochs) 32 made fewer on both
-# (benchmarks/RESULTS.md §0n). Where the images have exact symmetries or not did not decide it
-# (the scans without them: 27 against 33 errors at 64, seed 0)
+# 72 test errors over three seeds at 64 against 81 at 32, the clothing photos 241 against 223:
+# 0.81x / 0.90x the script's errors at 64 against 0.93x / 0.83x at 32 (means of the seeds'
+# ratios); at K = 1's length (11 against 13 epochs) 32 made fewer on both (benchmarks/RESULTS.md
+# §0m, §0n). Whether the images train with exact symmetries did not decide which batch a
+# dataset wanted (§0n)
 LONG_RECIPE_EPOCHS = 16
 MAX_EPOCHS = 40  # the longest trial a plan gives, however large the budget
 EVAL_COST = 0.35  # predicting an image costs about this share of training on it
