@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -49,9 +50,10 @@ class EnsembleConfig(CommonOptions):
                      "are fit on out-of-fold predictions (0: off).")
     group_col: str | None = opt(None, "With --folds: CSV column of groups that must stay in "
                                 "one fold (default: the search's --group-col).")
-    tta: list = opt([], "Test-time augmentation view to average over (repeatable): hflip, vflip, "
-                    "shift, crop. Only use views that keep labels.", cli_list=True,
-                    metavar="VIEW")
+    tta: list = opt(["auto"], "Test-time augmentation: auto (each model averages over a "
+                    "horizontal flip where it trained with flips, else nothing), none, or views "
+                    "to average over (repeatable): hflip, vflip, shift, crop. Only use views "
+                    "that keep labels.", cli_list=True, metavar="VIEW")
     predict: str | None = opt(None, "Unlabelled images to predict with the chosen ensemble: a "
                               "folder or a CSV with an image column.")
     output: str | None = opt(None, "Predictions CSV to write for --predict (default: "
@@ -80,8 +82,7 @@ def parse_args(argv: list[str] | None = None) -> EnsembleConfig:
     if cfg.output and Path(cfg.output).expanduser().is_dir():
         raise UserError(f"--output {cfg.output} is a folder; pass the path of the CSV file to "
                         f"write, e.g. {Path(cfg.output) / 'predictions.csv'}")
-    check_tta(cfg.tta)
-    return cfg
+    return dataclasses.replace(cfg, tta=check_tta(cfg.tta))
 
 
 def main(argv: list[str] | None = None) -> int:

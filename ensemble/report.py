@@ -29,6 +29,12 @@ def table_lines(rows: list[Combined], chosen: Combined | None) -> list[str]:
     return lines
 
 
+def tta_words(tta: list[str]) -> str:
+    if tta == ["auto"]:
+        return "auto (each model averages over a horizontal flip where it trained with flips)"
+    return ", ".join(tta) or "none"
+
+
 def write_report(out: Path, doc: dict[str, Any], rows: list[Combined], chosen: Combined) -> None:
     """report.json, report.md and comparison.png in `out`."""
     write_json(out / "report.json", doc)
@@ -37,7 +43,7 @@ def write_report(out: Path, doc: dict[str, Any], rows: list[Combined], chosen: C
           f"Members ({len(doc['members'])}): " + ", ".join(m["name"] for m in doc["members"]),
           (f"Split {doc['split_hash']}: val {doc['split_sizes']['val']} images (every choice "
            f"is made here), test {doc['split_sizes']['test']} images (reported only)."),
-          f"TTA views: {', '.join(doc['tta']) or 'none'}.", "", *table_lines(rows, chosen), "",
+          f"TTA views: {tta_words(doc['tta'])}.", "", *table_lines(rows, chosen), "",
           (f"Chosen on val: **{chosen.name}** (of the rows within one standard error of the "
            "highest val score, the lowest val NLL, then fewest parameters). Vote weights are "
            "fit on val, so the weighted vote's val score is optimistic; its test score is not."),

@@ -80,7 +80,7 @@ def plan_budget(cfg: SearchConfig, *, remaining_s: float, speed: Speed, n_train:
     epoch_trial = (n_train + EVAL_COST * n_val) * speed.trial  # one epoch of one trial
     epoch_solo = (n_train + EVAL_COST * n_val) * speed.solo
     refit_epoch = (n_train + n_val) * speed.solo if cfg.refit else 0.0
-    end_s = FINISH_S + EVAL_COST * n_test * speed.solo
+    end_s = FINISH_S + 2 * EVAL_COST * n_test * speed.solo  # test, plain and flipped
     usable = remaining_s * SLACK - end_s
     cap = epochs_cap(cfg)
 

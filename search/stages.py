@@ -518,12 +518,14 @@ class Tested:
 
 
 def test(data: ImageData, split: Split, chosen: Selection | None, final) -> Tested:
+    """Each model predicts test as it will when loaded: averaged over the views its own
+    training made label-preserving (models.predict.AUTO), as ensemble.build does by default."""
     from models import load_model
-    from trainables.train import predict_proba
+    from models.predict import AUTO, predict
 
     def evaluate(source) -> tuple[dict[str, float], np.ndarray]:
         model, ckpt = load_model(source, torch.device("cpu"))
-        probs = predict_proba(model, data.images, split.test, mean=ckpt.mean, std=ckpt.std)
+        probs = predict(model, data.images[split.test], ckpt, [AUTO])
         return classification_metrics(probs, data.labels[split.test]), probs
 
     trial, probs = evaluate(chosen.checkpoint) if chosen else (None, None)  # None: recipe

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from trainables.config import TrainConfig
 
 FORMAT = 1
+AUTO_TTA = "auto"  # predict with the views the model's own training made label-preserving
 
 
 def save_checkpoint(state: dict, path: str | Path) -> None:
@@ -55,7 +56,9 @@ class Checkpoint:
         init_id: Content hash of the shared start it was fine-tuned from (soups need one start).
         split_hash: The split it was trained on (members of one ensemble must share it).
         val_indices, val_probs: The val images (data indices) and its probabilities of them.
-        tta: Test-time augmentation views to average over when predicting (saved ensembles).
+        tta: Test-time augmentation views to average over when predicting: `auto` (the
+            default) the views its own training made label-preserving (models.predict), or
+            those a saved ensemble chose.
         soup: For a soup, how it was made: combiner, ingredients, bn_recalibrated.
     """
 
@@ -71,7 +74,7 @@ class Checkpoint:
     split_hash: str = ""
     val_indices: np.ndarray | None = None
     val_probs: np.ndarray | None = None
-    tta: list[str] = field(default_factory=list)
+    tta: list[str] = field(default_factory=lambda: [AUTO_TTA])
     soup: dict[str, Any] | None = None
 
     @property
@@ -107,7 +110,7 @@ class Checkpoint:
         if self.val_indices is not None:
             doc["val_indices"] = torch.tensor(np.asarray(self.val_indices, np.int64))
             doc["val_probs"] = torch.from_numpy(np.asarray(self.val_probs, np.float32))
-        if self.tta:
+        if self.tta != [AUTO_TTA]:
             doc["tta"] = list(self.tta)
         if self.soup is not None:
             doc |= {"kind": "soup", **self.soup}
@@ -125,7 +128,7 @@ class Checkpoint:
                    split_hash=doc.get("split_hash", ""),
                    val_indices=None if val_idx is None else val_idx.numpy(),
                    val_probs=None if val_probs is None else val_probs.numpy(),
-                   tta=list(doc.get("tta") or []), soup=soup)
+                   tta=list(doc.get("tta", [AUTO_TTA])), soup=soup)
 
     def save(self, path: str | Path) -> None:
         save_checkpoint(self.to_dict(), path)

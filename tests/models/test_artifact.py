@@ -6,6 +6,7 @@ import dataclasses
 import shutil
 
 import numpy as np
+import pytest
 import torch
 
 from models import Vote, load, load_model, read
@@ -46,3 +47,35 @@ def test_a_checkpoint_is_read_as_one_network_and_rebuilt(tmp_path):
     assert not net.training and back.arch == "resnet10t"
     for k, v in net.state_dict().items():
         assert torch.equal(v, saved.model[k]), k
+
+
+def test_a_model_predicts_over_the_flips_its_training_made_harmless(tmp_path):
+    """A bare training checkpoint (the refit a search ships) averages its plain and mirrored
+    predictions where it trained with flips or the square's symmetries, and not otherwise."""
+    from models.predict import predict_views
+
+    images = np.random.default_rng(1).integers(0, 255, (6, 16, 16, 3), dtype=np.uint8)
+    mirrored = np.ascontiguousarray(images[:, :, ::-1])
+    for hflip, dihedral in ((True, False), (False, True), (False, False)):
+        path = tmp_path / f"{hflip}-{dihedral}.pt"
+        Checkpoint(initial_state("resnet10t", 3, seed=0),
+                   dataclasses.asdict(TrainConfig(hflip=hflip, dihedral=dihedral)),
+                   ["a", "b", "c"], 16, [0.5] * 3, [0.25] * 3).save(path)
+        net, ckpt = load_model(path, torch.device("cpu"))
+        plain, flipped = (predict_views(net, x, mean=ckpt.mean, std=ckpt.std, tta=[])
+                          for x in (images, mirrored))
+        assert not np.allclose(plain, flipped, atol=1e-4)  # the view changes this network's answer
+        expected = (plain + flipped) / 2 if hflip or dihedral else plain
+        assert read(path).tta == ["auto"]
+        assert np.allclose(load(path).predict_proba(images), expected, atol=1e-5)
+
+
+def test_tta_options_are_auto_none_or_known_views():
+    from models.predict import check_tta
+    from trainables.errors import UserError
+
+    assert check_tta(["auto"]) == ["auto"] and check_tta(["none"]) == []
+    assert check_tta(["hflip", "shift"]) == ["hflip", "shift"]
+    for bad in (["auto", "hflip"], ["rotate"], []):
+        with pytest.raises(UserError, match="pass auto"):
+            check_tta(bad)

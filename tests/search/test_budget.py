@@ -145,10 +145,10 @@ def test_budgeted_runs_end_before_the_finish_and_within_their_cap():
     assert cfg.fit_cap == 30 and cfg.epochs == 9
     assert cfg.fit_by == pytest.approx(time.time() + 60 - FINISH_S, abs=1)
     assert fit_to_clock(TrainConfig(epochs=9), clock, cap=4).fit_cap == 9
-    # the plan's end: FINISH_S and the test predictions at the measured speed
+    # the plan's end: FINISH_S and the test predictions (plain and mirrored) at the measured speed
     plan = plan_budget(parse_config(["--data", "x", "--time-budget", "100"]), remaining_s=60,
                        speed=Speed(trial=0.01, solo=0.005), plan=PLAN, warm=0, **CLOTHES)
-    assert plan.end_s == pytest.approx(FINISH_S + EVAL_COST * CLOTHES["n_test"] * 0.005)
+    assert plan.end_s == pytest.approx(FINISH_S + 2 * EVAL_COST * CLOTHES["n_test"] * 0.005)
     cfg = fit_to_clock(TrainConfig(epochs=9), clock, cap=30, end_s=plan.end_s)
     assert cfg.fit_by == pytest.approx(time.time() + 60 - plan.end_s, abs=1)
     assert epochs_cap(parse_config(["--max-epochs", "7"])) == 7
