@@ -29,7 +29,8 @@ AUTO = AUTO_TTA
 
 def tta_view(x: torch.Tensor, view: str) -> torch.Tensor:
     """A label-preserving view of a uint8 NCHW batch (which views preserve labels is data-specific:
-    flips change digits and hand signs, so none is on by default)."""
+    a flip changes a digit or a letter, so `auto` adds the mirror only where a model trained
+    with flips)."""
     if view == "hflip":
         return x.flip(-1)
     if view == "vflip":
