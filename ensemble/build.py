@@ -25,7 +25,7 @@ from ensemble.combiners import (
 from ensemble.folds import fit_folds, fold_report, plan_folds
 from ensemble.members import SearchState, open_search, retrain_seeds, top_members
 from ensemble.report import log_to_mlflow, table_lines, write_report
-from models.predict import check_tta, load, predictions_frame
+from models.predict import AUTO, check_tta, load, predictions_frame
 from trainables.cli import CommonOptions, add_options, exit_now, opt, run_main, start_ray, typed
 from trainables.data import read_unlabelled
 from trainables.errors import UserError
@@ -50,7 +50,7 @@ class EnsembleConfig(CommonOptions):
                      "are fit on out-of-fold predictions (0: off).")
     group_col: str | None = opt(None, "With --folds: CSV column of groups that must stay in "
                                 "one fold (default: the search's --group-col).")
-    tta: list = opt(["auto"], "Test-time augmentation: auto (each model averages over a "
+    tta: list = opt([AUTO], "Test-time augmentation: auto (each model averages over a "
                     "horizontal flip where it trained with flips, else nothing), none, or views "
                     "to average over (repeatable): hflip, vflip, shift, crop. Only use views "
                     "that keep labels.", cli_list=True, metavar="VIEW")

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ensemble.combiners import Combined
+from models.predict import AUTO
 from trainables.files import atomic_write, write_json
 
 COLUMNS = ("val acc", "test acc", "test F1", "test NLL", "test ECE", "members", "params",
@@ -30,7 +31,7 @@ def table_lines(rows: list[Combined], chosen: Combined | None) -> list[str]:
 
 
 def tta_words(tta: list[str]) -> str:
-    if tta == ["auto"]:
+    if tta == [AUTO]:
         return "auto (each model averages over a horizontal flip where it trained with flips)"
     return ", ".join(tta) or "none"
 

@@ -14,17 +14,12 @@ from torch import nn
 
 from models.artifact import Vote, load_model, read
 from models.vote import hard_vote, soft_vote
-from trainables.checkpoint import AUTO_TTA, Checkpoint
+from trainables.checkpoint import AUTO_TTA as AUTO
+from trainables.checkpoint import Checkpoint
 from trainables.errors import UserError
 from trainables.train import predict_proba
 
 TTA_VIEWS = ("hflip", "vflip", "shift", "crop")
-# Each model averages over the views its own training made it invariant to: a horizontal flip
-# where it trained with flips (`hflip`) or with all eight symmetries of the square (`dihedral`),
-# none where it did not (digits, letters, signs a user keeps unflipped). On 16 kept recipes
-# (blood scans and clothing photos, K = 2's length, benchmarks/RESULTS.md §0o) the flipped view
-# cut test errors by 14 % and 4 %; the eight symmetries on the scans did less than the one flip.
-AUTO = AUTO_TTA
 
 
 def tta_view(x: torch.Tensor, view: str) -> torch.Tensor:
@@ -50,8 +45,10 @@ def tta_view(x: torch.Tensor, view: str) -> torch.Tensor:
 def check_tta(views: list[str]) -> list[str]:
     """The --tta views as given: `auto` (each model's own symmetries), `none`, or a list of
     TTA_VIEWS; `none` comes back as no views."""
-    if views in ([AUTO], ["none"]):
-        return [] if views == ["none"] else views
+    if views == ["none"]:
+        return []
+    if views == [AUTO]:
+        return views
     unknown = [v for v in views if v not in TTA_VIEWS]
     if unknown or not views:
         what = f"unknown --tta view(s) {', '.join(unknown)}" if unknown else "--tta is empty"
@@ -60,6 +57,11 @@ def check_tta(views: list[str]) -> list[str]:
     return views
 
 
+# Each model averages over the views its own training made it invariant to: a horizontal flip
+# where it trained with flips (`hflip`) or with all eight symmetries of the square (`dihedral`),
+# none where it did not (digits, letters, signs a user keeps unflipped). On 16 kept recipes
+# (blood scans and clothing photos, K = 2's length, benchmarks/RESULTS.md §0o) the flipped view
+# cut test errors by 14 % and 4 %; the eight symmetries on the scans did less than the one flip.
 def own_views(ckpt: Checkpoint) -> list[str]:
     """The views a model's training made label-preserving: the horizontal flip where it trained
     with flips or with the square's eight symmetries, else none."""
