@@ -137,9 +137,16 @@ def main(argv: list[str] | None = None) -> None:
     add_keep_arg(p)
     p.add_argument("--ensemble-reserve", type=float, default=0.06,
                    help="share of K x T kept for ensemble.build (the rest is --time-budget)")
+    p.add_argument("--table", nargs="+", type=Path, metavar="RUNS",
+                   help="run nothing: print the table of kept runs (the runs.jsonl files of "
+                        "earlier --keep folders; a later line replaces an earlier one of the "
+                        "same dataset, seed and K)")
     p.add_argument("--search-args", nargs=argparse.REMAINDER, default=[],
                    help="extra search.run options, e.g. --search-args --init random")
     args = p.parse_args(argv)
+    if args.table:
+        _table(read_runs(args.table))
+        return
     datasets = args.data or suite()
     print(header(f"product vs fixed script ({', '.join(d.name for d in datasets)})",
                  len(args.seeds), f"K = {', '.join(f'{k:g}' for k in args.k)}, "
@@ -168,6 +175,25 @@ def main(argv: list[str] | None = None) -> None:
                                             "product": ours}, default=str) + "\n")
                     _print_run(k, ours, budget)
     _table(table)
+
+
+def read_runs(files: list[Path]) -> dict[tuple[str, float], list]:
+    """The kept runs of `files` (runs.jsonl lines) as the table's rows: per dataset (in the
+    order first seen) and K (ascending), one run per seed, the last line read for it."""
+    runs: dict[tuple[str, float, int], dict] = {}
+    for path in files:
+        if not path.is_file():
+            raise SystemExit(f"no kept runs at {path}: pass the runs.jsonl of a --keep folder")
+        for line in path.read_text().splitlines():
+            if line.strip():
+                rec = json.loads(line)
+                runs[(rec["data"], float(rec["k"]), int(rec["seed"]))] = rec
+    order = list(dict.fromkeys(name for name, _, _ in runs))
+    table: dict[tuple[str, float], list] = {}
+    for name, k, seed in sorted(runs, key=lambda key: (order.index(key[0]), key[1], key[2])):
+        rec = runs[(name, k, seed)]
+        table.setdefault((name, k), []).append((rec["script"], rec["product"], rec["budget_s"]))
+    return table
 
 
 def _print_run(k: float, ours: dict, budget: float) -> None:

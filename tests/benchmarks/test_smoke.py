@@ -4,6 +4,7 @@ so that `pytest -n 2` can run the two halves side by side.)"""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -76,3 +77,29 @@ def test_scaling_quick(capsys) -> None:
     assert has_header(out, "multi-node scaling")
     assert "1 node(s):" in out and "2 node(s):" in out and "trials ran on" in out
     assert "loop: 1 node" in out and "ratio" in out
+
+
+def test_vs_script_table_from_kept_runs(tmp_path, capsys) -> None:
+    """--table prints the suite's table from kept runs.jsonl files without running anything: one
+    run per dataset, seed and K (a later line replaces an earlier one), errors relative to the
+    script's own."""
+    from benchmarks import vs_script
+
+    def run(data, seed, k, script_acc, final_acc):
+        test = {"accuracy": final_acc, "f1": final_acc, "loss": 0.5}
+        return json.dumps({"data": data, "seed": seed, "k": k, "budget_s": 100.0 * k,
+                           "script": {"acc": script_acc, "f1": script_acc, "s": 100.0},
+                           "product": {"final": test, "ensemble": test, "chosen": "refit",
+                                       "total_s": 90.0 * k}})
+
+    first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    first.write_text("\n".join([run("blood", 0, 4, 0.9, 0.5), run("blood", 1, 4, 0.9, 0.95),
+                                run("signs", 0, 1, 0.8, 0.8)]) + "\n")
+    second.write_text(run("blood", 0, 4, 0.9, 0.95) + "\n" + run("blood", 0, 2, 0.9, 0.91) + "\n")
+    vs_script.main(["--table", str(first), str(second)])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert [r.split(" | ")[:2] for r in rows[1:]] == [["| blood", "2"], ["| blood", "4"],
+                                                      ["| signs", "1"]]
+    assert "| 0.5000 ± 0.0000 |" in rows[2]  # both blood K=4 seeds at half the script's errors
+    with pytest.raises(SystemExit, match="runs.jsonl"):
+        vs_script.main(["--table", str(tmp_path / "missing.jsonl")])
