@@ -520,35 +520,44 @@ def distillation_loss(logits: torch.Tensor, teacher_probs: torch.Tensor, labels:
 
 class DistillLoss(nn.Module):
     """A student's criterion: `distillation_loss` against the teacher's probabilities of the
-    batch's images, found by their indices into the data (targets are (labels, indices))."""
+    batch's images, found by their indices into the data (targets are (labels, indices,
+    check)). The teacher's probabilities move to the device once where they are small."""
+
+    ON_DEVICE_BYTES = 256 * 2**20
 
     def __init__(self, soft_targets: np.ndarray, labels: np.ndarray, hard_loss: nn.Module, *,
                  temperature: float, alpha: float) -> None:
         super().__init__()
-        # kept on the CPU: only a batch's rows move to the device
         self.soft_targets = torch.as_tensor(np.asarray(soft_targets, np.float32))
         self.labels = torch.as_tensor(np.asarray(labels, np.int64))
         self.hard_loss, self.temperature, self.alpha = hard_loss, temperature, alpha
 
-    def forward(self, logits: torch.Tensor, target: tuple[torch.Tensor, np.ndarray]
+    def forward(self, logits: torch.Tensor, target: tuple[torch.Tensor, np.ndarray, bool]
                 ) -> torch.Tensor:
-        y, idx = target
+        y, idx, check = target
         idx = torch.as_tensor(np.asarray(idx, np.int64))
-        if not torch.equal(self.labels[idx], y.cpu()):
+        # the labels read back only where asked (an epoch's first batch): every step would be
+        # a host synchronisation per step
+        if check and not torch.equal(self.labels[idx], y.cpu()):
             raise RuntimeError("a training batch's labels do not match its indices: batches no "
                                "longer come in `order`, which distillation relies on")
-        teacher = self.soft_targets[idx].to(logits.device, non_blocking=True)
-        return distillation_loss(logits, teacher, y, temperature=self.temperature,
-                                 alpha=self.alpha, hard_loss=self.hard_loss)
+        if (self.soft_targets.device != logits.device
+                and self.soft_targets.nbytes <= self.ON_DEVICE_BYTES):
+            self.soft_targets = self.soft_targets.to(logits.device)
+        teacher = self.soft_targets[idx.to(self.soft_targets.device, non_blocking=True)]
+        return distillation_loss(logits, teacher.to(logits.device, non_blocking=True), y,
+                                 temperature=self.temperature, alpha=self.alpha,
+                                 hard_loss=self.hard_loss)
 
 
 def _target(criterion: nn.Module, y: torch.Tensor, order: np.ndarray, batch: int,
             batch_size: int) -> Any:
-    """What the criterion compares the logits with: the labels, or for a student the labels
-    and the batch's indices into the data (batch b of `train_batches` is order[b*bs:(b+1)*bs])."""
+    """What the criterion compares the logits with: the labels, or for a student the labels,
+    the batch's indices into the data (batch b of `train_batches` is order[b*bs:(b+1)*bs]) and
+    whether to check that they agree (an epoch's first batch)."""
     if not isinstance(criterion, DistillLoss):
         return y
-    return y, order[batch * batch_size:(batch + 1) * batch_size]
+    return y, order[batch * batch_size:(batch + 1) * batch_size], batch == 0
 
 
 def _class_weights(mode: str, labels: np.ndarray, num_classes: int) -> np.ndarray | None:
