@@ -356,6 +356,10 @@ def test_every_training_setting_reaches_the_trial():
     cfg = parse_config(["--momentum", "0.8", "--grad-clip", "1.0"])
     fixed = trial_train_config(cfg, ResourcePlan(1, 1.0, 0.0, 0.0, 2))
     assert fixed.momentum == 0.8 and fixed.grad_clip == 1.0 and fixed.seed == cfg.seed
+    assert fixed.threads == 1 and fixed.gpu_share == 1.0
+    # two trials on one GPU each keep half of the share of its memory for resident images
+    halves = trial_train_config(cfg, ResourcePlan(1, 4.0, 0.5, 0.0, 2))
+    assert halves.gpu_share == 0.5 and halves.threads == 4
     trial = dataclasses.replace(fixed, **{"lr": 0.004, "scheduler": "step"})
     assert trial.lr == 0.004 and trial.momentum == 0.8
     assert set(OPTIONS) == {n for n, f in SETTINGS.items() if f.metadata["flag"]}

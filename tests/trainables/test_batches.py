@@ -124,6 +124,34 @@ def test_a_batch_on_the_host_is_the_order_s_images():
         assert torch.allclose(x * 255, torch.from_numpy(images[idx]).permute(0, 3, 1, 2).float())
 
 
+def _reads_and_draws(fn) -> dict[str, int]:
+    from torch.profiler import ProfilerActivity, profile
+
+    watched = ("aten::_local_scalar_dense", "aten::item", "aten::uniform_", "aten::random_",
+               "aten::randperm", "aten::normal_", "aten::bernoulli_")
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    counts = dict.fromkeys(watched, 0)
+    for e in prof.events():
+        if e.name in watched:
+            counts[e.name] += 1
+    return counts
+
+
+def test_resident_tensor_batches_read_nothing_back_and_draw_nothing_per_batch():
+    """The GPU's engine (resident images, batched tensor augmentation), run here on the CPU:
+    an epoch of 10 batches makes the host reads and random draws of an epoch of 5, i.e. none
+    per batch (the epoch's parameters are drawn at once)."""
+    def one_epoch(n: int) -> dict[str, int]:
+        images, labels = _images(n)
+        batches = _batches(images, labels, 0, tensor=True, resident=True)
+        return _reads_and_draws(lambda: [x.sum() for x, _, _ in batches.epoch(1)])
+
+    few, many = one_epoch(5 * BS), one_epoch(10 * BS)
+    assert many == few, (few, many)
+    assert few["aten::uniform_"] + few["aten::bernoulli_"] >= 1  # the epoch's draw
+
+
 @pytest.fixture
 def tiny(make_folder) -> TrialInputs:
     data = load_data(make_folder(classes=3, per_class=12), image_size=SIDE)
@@ -184,3 +212,38 @@ def test_a_training_step_reads_nothing_back_and_draws_nothing(tiny):
     many = _per_run(dataclasses.replace(cfg, batch_size=4), tiny)
     assert many == few, (few, many)
     assert few["aten::uniform_"] >= 1  # the epoch's parameters were drawn
+
+
+NO_RAY = """
+import sys
+sys.modules["ray"] = None  # as where Ray is not installed: `import ray` raises ImportError
+import numpy as np
+from trainables.config import TrainConfig
+from trainables.data import ImageData
+from trainables.inputs import TrialInputs
+from trainables.models import initial_state
+from trainables.train import fit
+
+rng = np.random.default_rng(0)
+data = ImageData(images=rng.integers(0, 256, (24, 32, 32, 3), dtype=np.uint8),
+                 labels=np.arange(24) % 3, class_names=["a", "b", "c"], ids=[])
+inputs = TrialInputs(data=data, init_state=initial_state("resnet10t", 3, seed=0),
+                     train_idx=np.arange(16), val_idx=np.arange(16, 24))
+reports = []
+fit(TrainConfig(epochs=2, batch_size=8, threads=1, amp="off", augment="light"), inputs, None,
+    report=reports.append)
+print("epochs", len(reports), "val_loss" in reports[-1])
+"""
+
+
+def test_fit_on_plain_arrays_runs_where_ray_is_not_installed():
+    """benchmarks.gpu runs `fit` on a lent machine that cannot hold Ray's wheel."""
+    import subprocess
+    import sys
+
+    from benchmarks.common import REPO
+
+    proc = subprocess.run([sys.executable, "-c", NO_RAY], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split()[-3:] == ["epochs", "2", "True"]
