@@ -83,11 +83,13 @@ def autocast() -> str:
     return str(amp_dtype("auto", torch.device("cpu")) or "off").replace("torch.", "")
 
 
-def parse_epoch_args(doc: str, argv: list[str] | None, *, epochs: int
+def parse_epoch_args(doc: str, argv: list[str] | None, *, epochs: int,
+                     parents: tuple[argparse.ArgumentParser, ...] = ()
                      ) -> tuple[argparse.Namespace, int | None]:
-    """Options shared by the epoch-timing benchmarks; --quick shrinks everything for a smoke
-    test. Returns the options and, with --quick, how many photos per class to use."""
-    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    """Options shared by the epoch-timing benchmarks (plus a benchmark's own, in `parents`);
+    --quick shrinks everything for a smoke test. Returns the options and, with --quick, how
+    many photos per class to use."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0], parents=list(parents))
     p.add_argument("--epochs", type=int, default=epochs)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--image-size", type=int, default=64)

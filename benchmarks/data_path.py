@@ -1,7 +1,7 @@
 """Data path: can the batch loader keep the model fed? Loader and model speeds, and the real loop.
 
     python -m benchmarks.data_path [--epochs 3] [--batch-size 64] [--image-size 64] [--repeats 3]
-                                   [--workers 1 2] [--loader-only] [--quick]
+                                   [--workers 1 2] [--loader-only | --engines] [--quick]
 
 On the sign-language photos (decoded once at --image-size, the search's split, seed 0), in this
 process without Ray, per repeat:
@@ -20,6 +20,12 @@ process without Ray, per repeat:
   images/s;
 - real loop: `trainables.train.fit` (epochs=--epochs, 1 thread) with a report callback; the
   data_wait_share (share of training time blocked on the next batch) of epochs 2..E.
+
+--engines compares, instead of all that, the two ways a batch is augmented on the CPU, in the
+training process: OpenCV image by image (the CPU default) and the batched tensor kernels the GPU
+path runs (`--augment-device cuda`'s engine, here on the CPU), on --workers as threads (torch's
+and OpenCV's);
+images/s of finished batches (augmented, normalised float), side by side.
 
 --loader-only skips the model step and the real loop (e.g. at --image-size 224, where a CPU
 trains slowly). The loader/step ratio should be >> 1 and the wait share <= 5 %. --quick: 2 epochs,
@@ -84,6 +90,62 @@ def loader_rate(data, train: np.ndarray, batch_size: int, passes: int, seed: int
         return seen / (time.perf_counter() - start)
     finally:
         batches.close()
+
+
+def engine_rate(data, train: np.ndarray, batch_size: int, seed: int, *, tensor: bool,
+                threads: int, min_seconds: float = 3.0) -> float:
+    """Images/s of finished training batches built in the training process on the CPU, by
+    OpenCV image by image (`tensor=False`) or by the batched tensor kernels on `threads` torch
+    threads (OpenCV on as many threads), over whole passes of the shuffled train split (the
+    first untimed)."""
+    import cv2
+    import torch
+
+    from trainables.batch_augment import batch_transform
+    from trainables.batches import TrainBatches
+
+    before = torch.get_num_threads(), cv2.getNumThreads()
+    torch.set_num_threads(threads)
+    cv2.setNumThreads(threads)
+    batches = TrainBatches(data.images, data.labels, batch_size=batch_size,
+                           n_batches=max(1, len(train) // batch_size),
+                           device=torch.device("cpu"),
+                           order_of=lambda e: np.random.default_rng([seed, e]).permutation(train),
+                           seed_of=lambda e: seed * 100 + e, mean=torch.zeros(1, 3, 1, 1),
+                           std=torch.ones(1, 3, 1, 1), channels_last=False,
+                           augment=batch_transform("light"), tensor_augment=tensor,
+                           resident=tensor, workers=0)
+    try:
+        seen, start, p = 0, time.perf_counter(), 0
+        while p < 2 or time.perf_counter() - start < min_seconds:
+            if p == 1:
+                seen, start = 0, time.perf_counter()
+            for x, _y, _ in batches.epoch(p):
+                seen += len(x)
+            p += 1
+        return seen / (time.perf_counter() - start)
+    finally:
+        batches.close()
+        torch.set_num_threads(before[0])
+        cv2.setNumThreads(before[1])
+
+
+def engines(data, split, args: argparse.Namespace, min_seconds: float) -> None:
+    """OpenCV against the tensor kernels on the CPU, per thread count, side by side per repeat."""
+    rows = []
+    for rep in range(args.repeats):
+        row = {(tensor, t): engine_rate(data, split.train, args.batch_size, rep, tensor=tensor,
+                                        threads=t, min_seconds=min_seconds)
+               for t in args.workers for tensor in (False, True)}
+        rows.append(row)
+        print(f"repeat {rep}: " + "; ".join(
+            f"{t} thread(s): OpenCV {row[False, t]:.0f}, tensor kernels {row[True, t]:.0f} img/s"
+            for t in args.workers), flush=True)
+    for t in args.workers:
+        print(f"{t} thread(s): OpenCV {mean_std([r[False, t] for r in rows])} img/s, tensor "
+              f"kernels {mean_std([r[True, t] for r in rows])} img/s; tensor / OpenCV "
+              f"{mean_std([r[True, t] / r[False, t] for r in rows])} (> 1: the tensor kernels "
+              "should be the CPU default)", flush=True)
 
 
 def albumentations_rate(data, train: np.ndarray, seconds: float = 2.0) -> float:
@@ -166,14 +228,16 @@ def real_loop(data, split, args: argparse.Namespace, mean: list[float], std: lis
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, int | None]:
-    """The epoch benchmarks' options plus the loader thread sweep."""
+    """The epoch benchmarks' options plus the loader worker sweep."""
     extra = argparse.ArgumentParser(add_help=False)
-    extra.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    extra.add_argument("--loader-only", action="store_true")
-    more, rest = extra.parse_known_args(argv)
-    args, per_class = parse_epoch_args(__doc__, rest, epochs=3)
-    args.workers, args.loader_only = more.workers, more.loader_only
-    return args, per_class
+    extra.add_argument("--workers", type=int, nargs="+", default=[1, 2],
+                       help="loader processes to compare (with --engines: torch threads)")
+    only = extra.add_mutually_exclusive_group()
+    only.add_argument("--loader-only", action="store_true",
+                      help="the loader alone: no model step, no real loop")
+    only.add_argument("--engines", action="store_true",
+                      help="only OpenCV against the tensor kernels on the CPU (--workers: threads)")
+    return parse_epoch_args(__doc__, argv, epochs=3, parents=(extra,))
 
 
 def one_repeat(data, split, args: argparse.Namespace, mean: list[float], std: list[float],
@@ -226,15 +290,26 @@ def summarize(rows: list[dict[str, float]], args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args, per_class = parse_args(argv)
-    what = "loader" if args.loader_only else "resnet10t 1 thread"
-    print(header(f"data path (sign-language photos, 'light' augmentation, {what})",
-                 args.repeats, f"{args.epochs} epochs, batch {args.batch_size}, "
-                 f"{args.image_size} px, loader workers {args.workers}, autocast {autocast()}"
-                 + (f", first {per_class} photos/class" if per_class else "")), flush=True)
+    subset = f", first {per_class} photos/class" if per_class else ""
+    if args.engines:
+        print(header("augmentation engines on the CPU (sign-language photos, 'light')",
+                     args.repeats, f"batch {args.batch_size}, {args.image_size} px, threads "
+                     f"{args.workers}{subset}"), flush=True)
+    else:
+        what = "loader" if args.loader_only else "resnet10t 1 thread"
+        print(header(f"data path (sign-language photos, 'light' augmentation, {what})",
+                     args.repeats, f"{args.epochs} epochs, batch {args.batch_size}, "
+                     f"{args.image_size} px, loader workers {args.workers}, autocast "
+                     f"{autocast()}{subset}"), flush=True)
     from trainables.models import create_model, normalization
 
     data, split = load(Path(args.data) if args.data else require_signs(), args.image_size,
                        per_class)
+    if args.engines:
+        print(f"{len(split.train)} training images; finished batches built in the training "
+              "process", flush=True)
+        engines(data, split, args, min_seconds=0.3 if per_class else 3.0)
+        return
     mean, std = normalization(create_model("resnet10t", data.num_classes))
     steps = max(3, len(split.train) // args.batch_size)
     print(f"{len(split.train)} training images"

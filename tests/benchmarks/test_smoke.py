@@ -63,6 +63,16 @@ def test_data_path_loader_workers_quick(make_folder, capsys) -> None:
     assert "model step" not in out and "data_wait_share" not in out  # --loader-only
 
 
+def test_data_path_engines_quick(make_folder, capsys) -> None:
+    data = make_folder(classes=3, per_class=14)
+    data_path.main(["--quick", "--data", str(data), "--workers", "1", "--engines"])
+    out = capsys.readouterr().out
+    assert has_header(out, "augmentation engines on the CPU")
+    assert "repeat 0: 1 thread(s): OpenCV " in out and ", tensor kernels " in out
+    assert "\n1 thread(s): OpenCV " in out and "; tensor / OpenCV " in out  # the summary
+    assert "loader img/s" not in out and "model step" not in out  # the engines only
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer without CUDA")
 def test_gpu_without_cuda_says_so_and_exits_0() -> None:
     proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--quick"], cwd=REPO,
