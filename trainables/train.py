@@ -536,8 +536,8 @@ class DistillLoss(nn.Module):
                 ) -> torch.Tensor:
         y, idx, check = target
         idx = torch.as_tensor(np.asarray(idx, np.int64))
-        # the labels read back only where asked (an epoch's first batch): every step would be
-        # a host synchronisation per step
+        # the labels are read back only where asked (an epoch's first batch): reading them on
+        # every step would make each step wait for the device
         if check and not torch.equal(self.labels[idx], y.cpu()):
             raise RuntimeError("a training batch's labels do not match its indices: batches no "
                                "longer come in `order`, which distillation relies on")

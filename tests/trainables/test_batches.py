@@ -124,17 +124,25 @@ def test_a_batch_on_the_host_is_the_order_s_images():
         assert torch.allclose(x * 255, torch.from_numpy(images[idx]).permute(0, 3, 1, 2).float())
 
 
-def _reads_and_draws(fn) -> dict[str, int]:
+WATCHED = ("aten::_local_scalar_dense", "aten::item", "aten::uniform_", "aten::random_",
+           "aten::randperm", "aten::normal_", "aten::bernoulli_")
+
+
+def _reads_and_draws(fn, *, skip_optimizer: bool = False) -> dict[str, int]:
+    """Host reads (`.item()`) and random draws while `fn` runs; with `skip_optimizer`, not those
+    inside an optimizer's own step (torch's CPU optimizers read their step counters)."""
     from torch.profiler import ProfilerActivity, profile
 
-    watched = ("aten::_local_scalar_dense", "aten::item", "aten::uniform_", "aten::random_",
-               "aten::randperm", "aten::normal_", "aten::bernoulli_")
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
-    counts = dict.fromkeys(watched, 0)
+    counts = dict.fromkeys(WATCHED, 0)
     for e in prof.events():
-        if e.name in watched:
-            counts[e.name] += 1
+        if e.name in WATCHED:
+            parent, in_optimizer = e.cpu_parent, False
+            while skip_optimizer and parent is not None:
+                in_optimizer |= parent.name.startswith("Optimizer.step")
+                parent = parent.cpu_parent
+            counts[e.name] += not in_optimizer
     return counts
 
 
@@ -185,23 +193,8 @@ def test_cuda_augmentation_without_cuda_warns_and_augments_on_the_cpu(tiny):
 
 
 def _per_run(cfg: TrainConfig, inputs: TrialInputs) -> dict[str, int]:
-    """Host reads (`.item()`) and random draws of one epoch of training, outside the
-    optimizer's own step (torch's CPU optimizers read their step counters)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    watched = ("aten::_local_scalar_dense", "aten::uniform_", "aten::random_",
-               "aten::randperm", "aten::normal_")
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fit(cfg, inputs, None)
-    counts = dict.fromkeys(watched, 0)
-    for e in prof.events():
-        if e.name in watched:
-            parent, in_optimizer = e.cpu_parent, False
-            while parent is not None:
-                in_optimizer |= parent.name.startswith("Optimizer.step")
-                parent = parent.cpu_parent
-            counts[e.name] += not in_optimizer
-    return counts
+    """Host reads and random draws of one run of `fit`, outside the optimizer's own step."""
+    return _reads_and_draws(lambda: fit(cfg, inputs, None), skip_optimizer=True)
 
 
 def test_a_training_step_reads_nothing_back_and_draws_nothing(tiny):
