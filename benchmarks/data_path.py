@@ -59,35 +59,46 @@ def load(source: Path, image_size: int, per_class: int | None):
     return data, split
 
 
-def loader_rate(data, train: np.ndarray, batch_size: int, passes: int, seed: int,
-                workers: int = 1, min_seconds: float = 3.0) -> float:
-    """Images/s of the host loader alone: `workers` processes building 'light' batches, over
-    `passes` passes after the first or, when that is quicker, as many as fill `min_seconds`
-    (a pass of the sign photos takes a tenth of a second at 64 px: too short to time)."""
+def _light_batches(data, train: np.ndarray, batch_size: int, seed: int, *, workers: int = 0,
+                   tensor: bool = False):
+    """The host's (or with `tensor`, the resident tensor path's) 'light' training batches of
+    the train split on the CPU, shuffled per pass from `seed`."""
     import torch
 
     from trainables.batch_augment import batch_transform
     from trainables.batches import TrainBatches
 
-    def order_of(e: int) -> np.ndarray:
-        return np.random.default_rng([seed, e]).permutation(train)
+    return TrainBatches(data.images, data.labels, batch_size=batch_size,
+                        n_batches=max(1, len(train) // batch_size), device=torch.device("cpu"),
+                        order_of=lambda e: np.random.default_rng([seed, e]).permutation(train),
+                        seed_of=lambda e: seed * 100 + e, mean=torch.zeros(1, 3, 1, 1),
+                        std=torch.ones(1, 3, 1, 1), channels_last=False,
+                        augment=batch_transform("light"), tensor_augment=tensor,
+                        resident=tensor, workers=workers, prefetch=2)
 
-    batches = TrainBatches(data.images, data.labels, batch_size=batch_size,
-                           n_batches=max(1, len(train) // batch_size),
-                           device=torch.device("cpu"),
-                           order_of=order_of, seed_of=lambda e: seed * 100 + e,
-                           mean=torch.zeros(1, 3, 1, 1), std=torch.ones(1, 3, 1, 1),
-                           channels_last=False, augment=batch_transform("light"),
-                           tensor_augment=False, resident=False, workers=workers, prefetch=2)
-    try:  # the first pass starts the workers: timed only when it is the only one
-        seen, start, p = 0, time.perf_counter(), 0
-        while p < passes or (p > 1 and time.perf_counter() - start < min_seconds):
-            if p == 1:
-                seen, start = 0, time.perf_counter()
-            for x, _y in batches.host_epoch(p):  # uint8 batches as the workers hand them over
-                seen += len(x)
-            p += 1
-        return seen / (time.perf_counter() - start)
+
+def _passes_rate(one_pass, passes: int, min_seconds: float) -> float:
+    """Images/s over `passes` passes after the first (which starts loader workers: timed only
+    when it is the only one) or, when that is quicker, as many as fill `min_seconds`.
+    `one_pass(p)` yields pass p's batches."""
+    seen, start, p = 0, time.perf_counter(), 0
+    while p < passes or (p > 1 and time.perf_counter() - start < min_seconds):
+        if p == 1:
+            seen, start = 0, time.perf_counter()
+        for batch in one_pass(p):
+            seen += len(batch[0])
+        p += 1
+    return seen / (time.perf_counter() - start)
+
+
+def loader_rate(data, train: np.ndarray, batch_size: int, passes: int, seed: int,
+                workers: int = 1, min_seconds: float = 3.0) -> float:
+    """Images/s of the host loader alone: `workers` processes building 'light' batches, over
+    `passes` passes after the first or, when that is quicker, as many as fill `min_seconds`
+    (a pass of the sign photos takes a tenth of a second at 64 px: too short to time)."""
+    batches = _light_batches(data, train, batch_size, seed, workers=workers)
+    try:  # uint8 batches as the workers hand them over
+        return _passes_rate(batches.host_epoch, passes, min_seconds)
     finally:
         batches.close()
 
@@ -101,29 +112,12 @@ def engine_rate(data, train: np.ndarray, batch_size: int, seed: int, *, tensor: 
     import cv2
     import torch
 
-    from trainables.batch_augment import batch_transform
-    from trainables.batches import TrainBatches
-
     before = torch.get_num_threads(), cv2.getNumThreads()
     torch.set_num_threads(threads)
     cv2.setNumThreads(threads)
-    batches = TrainBatches(data.images, data.labels, batch_size=batch_size,
-                           n_batches=max(1, len(train) // batch_size),
-                           device=torch.device("cpu"),
-                           order_of=lambda e: np.random.default_rng([seed, e]).permutation(train),
-                           seed_of=lambda e: seed * 100 + e, mean=torch.zeros(1, 3, 1, 1),
-                           std=torch.ones(1, 3, 1, 1), channels_last=False,
-                           augment=batch_transform("light"), tensor_augment=tensor,
-                           resident=tensor, workers=0)
+    batches = _light_batches(data, train, batch_size, seed, tensor=tensor)
     try:
-        seen, start, p = 0, time.perf_counter(), 0
-        while p < 2 or time.perf_counter() - start < min_seconds:
-            if p == 1:
-                seen, start = 0, time.perf_counter()
-            for x, _y, _ in batches.epoch(p):
-                seen += len(x)
-            p += 1
-        return seen / (time.perf_counter() - start)
+        return _passes_rate(batches.epoch, 2, min_seconds)
     finally:
         batches.close()
         torch.set_num_threads(before[0])
